@@ -1,0 +1,50 @@
+//! The `llara` command line: clap derive, `anyhow` at the boundary.
+
+pub mod config;
+pub mod data;
+
+use anyhow::Result;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "llara",
+    version,
+    about = "LLaRA end to end: datasets, sequential recommenders, LLM prompt tuning, evaluation",
+    propagate_version = true
+)]
+pub struct Cli {
+    /// TOML file whose keys mirror the command's flags; flags on the command line win.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Only print warnings and errors.
+    #[arg(long, short, global = true)]
+    pub quiet: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Build, generate and inspect dataset folders.
+    #[command(subcommand)]
+    Data(data::DataCommand),
+}
+
+/// Parses `args` (the program name first), applying `--config`.
+pub fn parse(args: Vec<OsString>) -> Result<Cli> {
+    let cmd = config::command_with_config(Cli::command(), &args)?;
+    let matches = match cmd.try_get_matches_from(args) {
+        Ok(m) => m,
+        Err(e) => e.exit(),
+    };
+    Ok(Cli::from_arg_matches(&matches)?)
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Data(cmd) => data::run(cmd),
+    }
+}

@@ -1,0 +1,101 @@
+//! Atomic outputs: everything a command writes goes to a temporary sibling path first and is renamed
+//! into place at the end, so an interrupted or failed run never leaves a half-written artifact.
+
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+/// A folder being written. Created as a hidden temporary sibling of `dest`; [`StagedDir::commit`]
+/// renames it to `dest`. Dropping it without committing removes it.
+pub struct StagedDir {
+    tmp: Option<tempfile::TempDir>,
+    dest: PathBuf,
+    overwrite: bool,
+}
+
+impl StagedDir {
+    /// Prepares to write `dest`. Fails if `dest` exists and `overwrite` is false.
+    pub fn new(dest: &Path, overwrite: bool) -> io::Result<Self> {
+        if dest.exists() && !overwrite {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!(
+                    "output {} already exists (pass --force to replace it)",
+                    dest.display()
+                ),
+            ));
+        }
+        let parent = match dest.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        fs::create_dir_all(&parent)?;
+        let name = dest
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "out".into());
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!(".{name}.tmp-"))
+            .tempdir_in(&parent)?;
+        Ok(Self {
+            tmp: Some(tmp),
+            dest: dest.to_path_buf(),
+            overwrite,
+        })
+    }
+
+    /// The temporary folder to write into.
+    pub fn path(&self) -> &Path {
+        self.tmp
+            .as_ref()
+            .expect("staged dir used after commit")
+            .path()
+    }
+
+    /// Renames the temporary folder to its destination (replacing an old one when allowed).
+    pub fn commit(mut self) -> io::Result<PathBuf> {
+        let tmp = self.tmp.take().expect("staged dir committed twice");
+        let tmp_path = tmp.keep();
+        let result = (|| {
+            if self.dest.exists() {
+                if !self.overwrite {
+                    return Err(io::Error::new(
+                        io::ErrorKind::AlreadyExists,
+                        format!("output {} appeared while writing", self.dest.display()),
+                    ));
+                }
+                // Move the old output aside first, so that at every moment `dest` is either the old
+                // complete output or the new complete output.
+                let old = tmp_path.with_extension("old");
+                fs::rename(&self.dest, &old)?;
+                fs::rename(&tmp_path, &self.dest)?;
+                if old.is_dir() {
+                    fs::remove_dir_all(&old)?;
+                } else {
+                    fs::remove_file(&old)?;
+                }
+            } else {
+                fs::rename(&tmp_path, &self.dest)?;
+            }
+            Ok(())
+        })();
+        if result.is_err() {
+            let _ = fs::remove_dir_all(&tmp_path);
+        }
+        result.map(|_| self.dest.clone())
+    }
+}
+
+/// Writes a single file atomically: a temporary sibling, flushed and synced, then renamed.
+pub fn write_atomic(dest: &Path, bytes: &[u8]) -> io::Result<()> {
+    let parent = match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    fs::create_dir_all(&parent)?;
+    let mut tmp = tempfile::NamedTempFile::new_in(&parent)?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(dest).map_err(|e| e.error)?;
+    Ok(())
+}

@@ -1,0 +1,9 @@
+//! llara: LLaRA (Large Language-Recommendation Assistant) as one Rust crate.
+//!
+//! The pipeline has one module per stage; see `ARCHITECTURE.md` for the code map.
+//! - [`data`]: dataset folders (items, chronological histories, splits, fixed candidate sets).
+//! - [`fsutil`]: atomic output (temporary folder renamed at the end).
+
+pub mod cli;
+pub mod data;
+pub mod fsutil;
