@@ -370,7 +370,8 @@ fn bad_inputs_fail_cleanly() {
 fn bad_llara_jsonl_inputs_fail_cleanly() {
     let items = b"0\tA\n1\tB\n2\tC\n3\tD\n4\tE\n";
     let good = b"{\"history\": [0, 1, 2], \"next\": 3}\n";
-    let cases: [(&str, &[u8], &[u8], &[&str]); 7] = [
+    type Case<'a> = (&'a str, &'a [u8], &'a [u8], &'a [&'a str]);
+    let cases: [Case; 7] = [
         (
             "malformed json",
             items,

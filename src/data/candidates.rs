@@ -81,11 +81,16 @@ pub fn sample_split(
     seed: u64,
 ) -> Result<Vec<Vec<u32>>> {
     use rayon::prelude::*;
-    rows.par_iter()
+    let sets: Vec<std::result::Result<Vec<u32>, String>> = rows
+        .par_iter()
         .enumerate()
-        .map(|(i, row)| {
-            let mut rng = row_rng(seed, split, i);
-            sample_row(row, n_items, count, &mut rng).map_err(|msg| {
+        .map(|(i, row)| sample_row(row, n_items, count, &mut row_rng(seed, split, i)))
+        .collect();
+    // Collected first so that the error reported is always the first failing row's.
+    sets.into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            r.map_err(|msg| {
                 DataError::Invalid(format!("{split} row {}: {msg} (lower --candidates)", i + 1))
             })
         })
