@@ -6,4 +6,7 @@
 
 pub mod cli;
 pub mod data;
+pub mod device;
+pub mod eval;
 pub mod fsutil;
+pub mod sr;

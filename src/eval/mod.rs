@@ -1,0 +1,3 @@
+//! Evaluation shared by every model: ranking metrics on the fixed candidate sets.
+
+pub mod metrics;

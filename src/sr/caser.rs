@@ -1,0 +1,80 @@
+//! Caser as LLaRA ships it: item embeddings (padding zeroed) → horizontal convolutions of heights
+//! 2, 3, 4 (ReLU, max-pool over time) + one vertical convolution over the positions → concatenate →
+//! dropout → linear head.
+
+use super::nn::{embed, maybe_dropout, Dropout, Linear};
+use super::{Batch, Config};
+use candle_core::{Result, Tensor, D};
+use candle_nn::VarBuilder;
+
+pub struct Caser {
+    pub item_embeddings: Tensor,
+    /// Per height h: weight `[filters, h * H]` (from PyTorch's `[filters, 1, h, H]`) and bias.
+    pub horizontal: Vec<(usize, Tensor, Tensor)>,
+    /// `[T]` weights and `[1]` bias of the vertical convolution.
+    pub vertical_w: Tensor,
+    pub vertical_b: Tensor,
+    pub s_fc: Linear,
+    pub hidden: usize,
+    pub state_size: usize,
+}
+
+impl Caser {
+    pub fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let f = cfg.num_filters;
+        let mut horizontal = Vec::new();
+        for (i, &height) in cfg.filter_sizes.iter().enumerate() {
+            let c = vb.pp(format!("horizontal_cnn.{i}"));
+            let w = c
+                .get((f, 1, height, h), "weight")?
+                .reshape((f, height * h))?;
+            horizontal.push((height, w, c.get(f, "bias")?));
+        }
+        let v = vb.pp("vertical_cnn");
+        Ok(Self {
+            item_embeddings: vb.get((cfg.item_num + 1, h), "item_embeddings.weight")?,
+            horizontal,
+            vertical_w: v
+                .get((1, 1, cfg.state_size, 1), "weight")?
+                .reshape(cfg.state_size)?,
+            vertical_b: v.get(1, "bias")?,
+            s_fc: Linear::load(vb.pp("s_fc"), h + f * cfg.filter_sizes.len(), cfg.item_num)?,
+            hidden: h,
+            state_size: cfg.state_size,
+        })
+    }
+
+    /// The features fed to the head: `[B, filters * heights + H]`.
+    pub fn state(&self, batch: &Batch, mut dropout: Option<&mut Dropout>) -> Result<Tensor> {
+        let t = self.state_size;
+        let emb = embed(&self.item_embeddings, &batch.seq)?.broadcast_mul(&batch.mask)?; // [B, T, H]
+        let mut parts = Vec::with_capacity(self.horizontal.len() + 1);
+        for (height, w, b) in &self.horizontal {
+            let windows = t - height + 1;
+            let shifted: Vec<Tensor> = (0..*height)
+                .map(|k| emb.narrow(1, k, windows))
+                .collect::<Result<_>>()?;
+            let unfolded = Tensor::cat(&shifted, D::Minus1)?; // [B, windows, h*H]
+            let conv = unfolded
+                .broadcast_matmul(&w.t()?)?
+                .broadcast_add(b)?
+                .relu()?; // [B, windows, F]
+            parts.push(conv.max(1)?);
+        }
+        // Vertical: weighted sum over positions, per feature.
+        let v = emb
+            .transpose(1, 2)?
+            .broadcast_mul(&self.vertical_w)?
+            .sum(D::Minus1)?
+            .broadcast_add(&self.vertical_b)?
+            .relu()?; // [B, H]
+        parts.push(v);
+        let out = Tensor::cat(&parts, 1)?;
+        maybe_dropout(&out, &mut dropout)
+    }
+
+    pub fn forward(&self, batch: &Batch, dropout: Option<&mut Dropout>) -> Result<Tensor> {
+        self.s_fc.forward(&self.state(batch, dropout)?)
+    }
+}

@@ -1,0 +1,413 @@
+//! Training a recommender as LLaRA's authors did (the DROS recipe): Adam (L2 weight decay), binary
+//! cross-entropy of the target's logit against one uniformly sampled negative (or full softmax
+//! cross-entropy), evaluation on the valid candidate sets after every epoch, the best epoch kept by
+//! HR@1 (ties: NDCG@5), early stopping with patience. Every random draw (initialisation, shuffling,
+//! negatives, dropout) comes from ChaCha8 streams derived from the seed.
+
+use super::adam::Adam;
+use super::nn::Dropout;
+use super::{Arch, Batch, Config, Result, SeqRec, SrError};
+use crate::data::{Dataset, Row};
+use crate::eval::metrics::{full_rank_of, rank_of, RankAccumulator, RankMetrics};
+use candle_core::{DType, Device, Tensor, Var, D};
+use candle_nn::{VarBuilder, VarMap};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Normal, Uniform};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::time::Instant;
+
+/// The training objective.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Loss {
+    /// Binary cross-entropy: the target against one uniformly sampled negative (LLaRA's recipe).
+    Bce,
+    /// Softmax cross-entropy over every item.
+    Ce,
+}
+
+/// Hyper-parameters of a training run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainOptions {
+    pub model: Arch,
+    pub hidden: usize,
+    pub lr: f64,
+    pub l2: f64,
+    pub batch_size: usize,
+    pub epochs: usize,
+    pub patience: usize,
+    pub dropout: f64,
+    pub num_heads: usize,
+    pub loss: Loss,
+    pub seed: u64,
+}
+
+/// One epoch's record (a line of `train_log.jsonl`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EpochLog {
+    pub epoch: usize,
+    pub loss: f64,
+    pub valid: RankMetrics,
+    pub seconds: f64,
+    pub examples_per_second: f64,
+}
+
+/// What training produces.
+pub struct Trained {
+    pub varmap: VarMap,
+    pub config: Config,
+    pub log: Vec<EpochLog>,
+    pub best_epoch: usize,
+    pub valid: RankMetrics,
+    pub test: RankMetrics,
+}
+
+fn seeded(seed: u64, purpose: u64) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(purpose);
+    rng
+}
+
+/// Parameters with PyTorch's (and LLaRA's) initialisation, drawn from the seed.
+pub fn init_params(cfg: &Config, seed: u64) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    enum I {
+        Normal(f64),
+        Uniform(f64),
+        Const(f32),
+    }
+    let h = cfg.hidden_size;
+    let n = cfg.item_num;
+    let lin = |name: &str, inp: usize, out: usize, wshape: Vec<usize>| {
+        let b = 1.0 / (inp as f64).sqrt();
+        vec![
+            (
+                format!("{name}.weight"),
+                wshape.iter().product::<usize>().max(out * inp),
+                wshape,
+                I::Uniform(b),
+            ),
+            (format!("{name}.bias"), out, vec![out], I::Uniform(b)),
+        ]
+    };
+    let ln = |name: &str| {
+        vec![
+            (format!("{name}.weight"), h, vec![h], I::Const(1.0)),
+            (format!("{name}.bias"), h, vec![h], I::Const(0.0)),
+        ]
+    };
+    let mut specs: Vec<(String, usize, Vec<usize>, I)> = Vec::new();
+    match cfg.model {
+        Arch::Sasrec => {
+            specs.push((
+                "item_embeddings.weight".into(),
+                (n + 1) * h,
+                vec![n + 1, h],
+                I::Normal(1.0),
+            ));
+            specs.push((
+                "positional_embeddings.weight".into(),
+                cfg.state_size * h,
+                vec![cfg.state_size, h],
+                I::Normal(1.0),
+            ));
+            for l in ["ln_1", "ln_2", "ln_3", "feed_forward.layer_norm"] {
+                specs.extend(ln(l));
+            }
+            for l in ["mh_attn.linear_q", "mh_attn.linear_k", "mh_attn.linear_v"] {
+                specs.extend(lin(l, h, h, vec![h, h]));
+            }
+            for l in ["feed_forward.w_1", "feed_forward.w_2"] {
+                specs.extend(lin(l, h, h, vec![h, h, 1]));
+            }
+            specs.extend(lin("s_fc", h, n, vec![n, h]));
+        }
+        Arch::Gru4rec => {
+            specs.push((
+                "item_embeddings.weight".into(),
+                (n + 1) * h,
+                vec![n + 1, h],
+                I::Normal(0.01),
+            ));
+            let b = 1.0 / (h as f64).sqrt();
+            for (name, shape) in [
+                ("gru.weight_ih_l0", vec![3 * h, h]),
+                ("gru.weight_hh_l0", vec![3 * h, h]),
+                ("gru.bias_ih_l0", vec![3 * h]),
+                ("gru.bias_hh_l0", vec![3 * h]),
+            ] {
+                specs.push((name.into(), shape.iter().product(), shape, I::Uniform(b)));
+            }
+            specs.extend(lin("s_fc", h, n, vec![n, h]));
+        }
+        Arch::Caser => {
+            specs.push((
+                "item_embeddings.weight".into(),
+                (n + 1) * h,
+                vec![n + 1, h],
+                I::Normal(0.01),
+            ));
+            let f = cfg.num_filters;
+            for (i, &k) in cfg.filter_sizes.iter().enumerate() {
+                let std = (2.0 / ((k * h) as f64 + (f * k * h) as f64)).sqrt(); // xavier normal
+                specs.push((
+                    format!("horizontal_cnn.{i}.weight"),
+                    f * k * h,
+                    vec![f, 1, k, h],
+                    I::Normal(std),
+                ));
+                specs.push((
+                    format!("horizontal_cnn.{i}.bias"),
+                    f,
+                    vec![f],
+                    I::Const(0.1),
+                ));
+            }
+            let t = cfg.state_size;
+            let std = (2.0 / (2 * t) as f64).sqrt();
+            specs.push((
+                "vertical_cnn.weight".into(),
+                t,
+                vec![1, 1, t, 1],
+                I::Normal(std),
+            ));
+            specs.push(("vertical_cnn.bias".into(), 1, vec![1], I::Const(0.1)));
+            let d = h + f * cfg.filter_sizes.len();
+            specs.extend(lin("s_fc", d, n, vec![n, d]));
+        }
+    }
+    let mut rng = seeded(seed, 1);
+    specs
+        .into_iter()
+        .map(|(name, count, shape, init)| {
+            let values: Vec<f32> = match init {
+                I::Normal(std) => {
+                    let d = Normal::new(0.0, std).expect("valid normal");
+                    (0..count).map(|_| d.sample(&mut rng) as f32).collect()
+                }
+                I::Uniform(b) => {
+                    let d = Uniform::new(-b, b).expect("valid uniform");
+                    (0..count).map(|_| d.sample(&mut rng) as f32).collect()
+                }
+                I::Const(c) => vec![c; count],
+            };
+            (name, shape, values)
+        })
+        .collect()
+}
+
+/// A fresh model's variables.
+pub fn init_varmap(cfg: &Config, seed: u64, device: &Device) -> Result<VarMap> {
+    let varmap = VarMap::new();
+    {
+        let mut data = varmap.data().lock().expect("varmap lock");
+        for (name, shape, values) in init_params(cfg, seed) {
+            let t = Tensor::from_vec(values, shape, device)?;
+            data.insert(name, Var::from_tensor(&t)?);
+        }
+    }
+    Ok(varmap)
+}
+
+/// Scores for every row, in batches: `Vec<[item_num]>`.
+pub fn score_rows(
+    model: &SeqRec,
+    cfg: &Config,
+    rows: &[Row],
+    device: &Device,
+) -> Result<Vec<Vec<f32>>> {
+    let mut out = Vec::with_capacity(rows.len());
+    for chunk in rows.chunks(512) {
+        let refs: Vec<&Row> = chunk.iter().collect();
+        let batch = Batch::from_rows(&refs, cfg, device)?;
+        let scores = model.forward(&batch, None)?.to_dtype(DType::F32)?;
+        out.extend(scores.to_vec2::<f32>()?);
+    }
+    Ok(out)
+}
+
+/// HR/NDCG on fixed candidate sets (and full-catalogue HR@10/NDCG@10 excluding history items).
+pub fn evaluate(
+    model: &SeqRec,
+    cfg: &Config,
+    rows: &[Row],
+    candidates: &[Vec<u32>],
+    device: &Device,
+) -> Result<RankMetrics> {
+    let scores = score_rows(model, cfg, rows, device)?;
+    let mut acc = RankAccumulator::default();
+    for ((row, cands), s) in rows.iter().zip(candidates).zip(&scores) {
+        acc.push(rank_of(s, cands, row.next));
+        acc.push_full(full_rank_of(s, &row.history, row.next));
+    }
+    Ok(acc.finish())
+}
+
+/// `softplus(x) = log(1 + e^x)`, stable for large |x|.
+fn softplus(x: &Tensor) -> candle_core::Result<Tensor> {
+    x.relu()? + ((x.abs()?.neg()?.exp()? + 1.0)?.log()?)
+}
+
+fn batch_loss(
+    model: &SeqRec,
+    cfg: &Config,
+    rows: &[&Row],
+    loss: Loss,
+    rng: &mut ChaCha8Rng,
+    dropout: &mut Dropout,
+    device: &Device,
+) -> Result<Tensor> {
+    let batch = Batch::from_rows(rows, cfg, device)?;
+    let logits = model.forward(&batch, Some(dropout))?; // [B, N]
+    let b = rows.len();
+    let targets: Vec<u32> = rows.iter().map(|r| r.next).collect();
+    let target_t = Tensor::from_vec(targets.clone(), (b, 1), device)?;
+    let pos = logits.gather(&target_t, 1)?;
+    Ok(match loss {
+        Loss::Bce => {
+            let n = cfg.item_num as u32;
+            let negs: Vec<u32> = targets
+                .iter()
+                .map(|&t| loop {
+                    let c = rng.random_range(0..n);
+                    if c != t || n == 1 {
+                        break c;
+                    }
+                })
+                .collect();
+            let neg = logits.gather(&Tensor::from_vec(negs, (b, 1), device)?, 1)?;
+            (softplus(&pos.neg()?)?.mean_all()? + softplus(&neg)?.mean_all()?)?
+        }
+        Loss::Ce => {
+            let lse = {
+                let max = logits.max_keepdim(D::Minus1)?.detach();
+                (logits
+                    .broadcast_sub(&max)?
+                    .exp()?
+                    .sum_keepdim(D::Minus1)?
+                    .log()?
+                    + max)?
+            };
+            (lse - pos)?.mean_all()?
+        }
+    })
+}
+
+/// Trains on `ds.splits.train`, selects on valid, reports test. `on_batch(done, total, loss)` is
+/// called after every step (for progress bars).
+pub fn train(
+    ds: &Dataset,
+    o: &TrainOptions,
+    device: &Device,
+    mut on_epoch_start: impl FnMut(usize, usize),
+    mut on_batch: impl FnMut(usize, f64),
+    mut on_epoch_end: impl FnMut(&EpochLog, bool),
+) -> Result<Trained> {
+    if o.batch_size == 0 || o.epochs == 0 {
+        return Err(SrError::Invalid(
+            "--batch-size and --epochs must be at least 1".into(),
+        ));
+    }
+    let mut cfg = Config::new(o.model, ds.n_items(), o.hidden);
+    cfg.dropout = o.dropout;
+    cfg.num_heads = o.num_heads;
+    cfg.state_size = ds.meta.max_history;
+    cfg.validate().map_err(SrError::Invalid)?;
+    let varmap = init_varmap(&cfg, o.seed, device)?;
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+    let model = SeqRec::load(vb, &cfg)?;
+    let mut names: Vec<String> = varmap
+        .data()
+        .lock()
+        .expect("varmap lock")
+        .keys()
+        .cloned()
+        .collect();
+    names.sort();
+    let vars: Vec<Var> = {
+        let data = varmap.data().lock().expect("varmap lock");
+        names.iter().map(|n| data[n].clone()).collect()
+    };
+    let mut opt = Adam::new(vars.clone(), o.lr, o.l2)?;
+    let mut shuffle_rng = seeded(o.seed, 2);
+    let mut neg_rng = seeded(o.seed, 3);
+    let mut dropout = Dropout::new(o.dropout, seeded(o.seed, 4));
+
+    let train_rows = &ds.splits.train;
+    let n_batches = train_rows.len().div_ceil(o.batch_size);
+    let mut order: Vec<usize> = (0..train_rows.len()).collect();
+    let mut log = Vec::new();
+    let mut best: Option<(usize, RankMetrics, HashMap<String, Tensor>)> = None;
+    let mut since_best = 0usize;
+    for epoch in 1..=o.epochs {
+        on_epoch_start(epoch, n_batches);
+        let start = Instant::now();
+        order.shuffle(&mut shuffle_rng);
+        let mut total = 0.0;
+        for (i, idx) in order.chunks(o.batch_size).enumerate() {
+            let rows: Vec<&Row> = idx.iter().map(|&k| &train_rows[k]).collect();
+            let loss = batch_loss(
+                &model,
+                &cfg,
+                &rows,
+                o.loss,
+                &mut neg_rng,
+                &mut dropout,
+                device,
+            )?;
+            let grads = loss.backward()?;
+            opt.step(&grads)?;
+            let l = loss.to_scalar::<f32>()? as f64;
+            if !l.is_finite() {
+                return Err(SrError::Invalid(format!(
+                    "the loss became {l} at epoch {epoch}, step {}; lower --lr",
+                    i + 1
+                )));
+            }
+            total += l;
+            on_batch(i + 1, l);
+        }
+        let seconds = start.elapsed().as_secs_f64();
+        let valid = evaluate(&model, &cfg, &ds.splits.valid, &ds.candidates_valid, device)?;
+        let entry = EpochLog {
+            epoch,
+            loss: total / n_batches as f64,
+            valid,
+            seconds,
+            examples_per_second: train_rows.len() as f64 / seconds,
+        };
+        let improved = best.as_ref().is_none_or(|(_, m, _)| valid.better_than(m));
+        if improved {
+            let snapshot = names
+                .iter()
+                .zip(&vars)
+                .map(|(n, v)| Ok((n.clone(), v.as_tensor().copy()?)))
+                .collect::<Result<HashMap<_, _>>>()?;
+            best = Some((epoch, valid, snapshot));
+            since_best = 0;
+        } else {
+            since_best += 1;
+        }
+        on_epoch_end(&entry, improved);
+        log.push(entry);
+        if since_best >= o.patience.max(1) && epoch < o.epochs {
+            tracing::info!("early stop after epoch {epoch}: no better valid HR@1/NDCG@5 for {since_best} epochs");
+            break;
+        }
+    }
+    let (best_epoch, valid, snapshot) = best.expect("at least one epoch ran");
+    for (n, v) in names.iter().zip(&vars) {
+        v.set(&snapshot[n])?;
+    }
+    let test = evaluate(&model, &cfg, &ds.splits.test, &ds.candidates_test, device)?;
+    Ok(Trained {
+        varmap,
+        config: cfg,
+        log,
+        best_epoch,
+        valid,
+        test,
+    })
+}
