@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod data;
+pub mod sr;
 
 use anyhow::Result;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
@@ -31,6 +32,10 @@ pub enum Command {
     /// Build, generate and inspect dataset folders.
     #[command(subcommand)]
     Data(data::DataCommand),
+    /// Train a sequential recommender (SASRec, GRU4Rec, Caser) and score it on the fixed candidates.
+    TrainSr(Box<sr::TrainSrArgs>),
+    /// Score a trained recommender (a train-sr run or LLaRA's released weights) on a dataset's candidates.
+    EvalSr(sr::EvalSrArgs),
 }
 
 /// Parses `args` (the program name first), applying `--config`.
@@ -46,5 +51,7 @@ pub fn parse(args: Vec<OsString>) -> Result<Cli> {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Data(cmd) => data::run(cmd),
+        Command::TrainSr(a) => sr::train_sr(*a),
+        Command::EvalSr(a) => sr::eval_sr(a),
     }
 }

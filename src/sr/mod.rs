@@ -235,13 +235,38 @@ impl SeqRec {
         })
     }
 
+    /// The features the head scores: `[B, D]`. `dropout` is `Some` in training mode.
+    pub fn state(&self, batch: &Batch, dropout: Option<&mut nn::Dropout>) -> Result<Tensor> {
+        Ok(match self {
+            SeqRec::Sasrec(m) => m.state(batch, dropout)?,
+            SeqRec::Gru4rec(m) => m.state(batch)?,
+            SeqRec::Caser(m) => m.state(batch, dropout)?,
+        })
+    }
+
+    /// The linear head `s_fc` over the `item_num` items.
+    pub fn head(&self) -> &nn::Linear {
+        match self {
+            SeqRec::Sasrec(m) => &m.s_fc,
+            SeqRec::Gru4rec(m) => &m.s_fc,
+            SeqRec::Caser(m) => &m.s_fc,
+        }
+    }
+
     /// Scores `[B, item_num]`. `dropout` is `Some` in training mode.
     pub fn forward(&self, batch: &Batch, dropout: Option<&mut nn::Dropout>) -> Result<Tensor> {
-        Ok(match self {
-            SeqRec::Sasrec(m) => m.forward(batch, dropout)?,
-            SeqRec::Gru4rec(m) => m.forward(batch)?,
-            SeqRec::Caser(m) => m.forward(batch, dropout)?,
-        })
+        Ok(self.head().forward(&self.state(batch, dropout)?)?)
+    }
+
+    /// The head's scores of chosen items only: `state [B, D]`, `items [B, K]` u32 → `[B, K]`.
+    /// Equal to gathering from [`SeqRec::forward`], without computing every item's score.
+    pub fn score_items(&self, state: &Tensor, items: &Tensor) -> Result<Tensor> {
+        let head = self.head();
+        let (b, k) = items.dims2()?;
+        let flat = items.flatten_all()?;
+        let w = head.weight.index_select(&flat, 0)?.reshape((b, k, ()))?; // [B, K, D]
+        let bias = head.bias.index_select(&flat, 0)?.reshape((b, k))?;
+        Ok((w.broadcast_mul(&state.unsqueeze(1)?)?.sum(candle_core::D::Minus1)? + bias)?)
     }
 
     /// The item embedding table `[item_num + 1, hidden]` (LLaRA's behaviour-token source).

@@ -260,27 +260,31 @@ fn batch_loss(
     device: &Device,
 ) -> Result<Tensor> {
     let batch = Batch::from_rows(rows, cfg, device)?;
-    let logits = model.forward(&batch, Some(dropout))?; // [B, N]
+    let state = model.state(&batch, Some(dropout))?; // [B, D]
     let b = rows.len();
     let targets: Vec<u32> = rows.iter().map(|r| r.next).collect();
-    let target_t = Tensor::from_vec(targets.clone(), (b, 1), device)?;
-    let pos = logits.gather(&target_t, 1)?;
     Ok(match loss {
         Loss::Bce => {
+            // Only the target's and the negative's logits enter the loss: score just those two.
             let n = cfg.item_num as u32;
-            let negs: Vec<u32> = targets
-                .iter()
-                .map(|&t| loop {
+            let mut pairs = Vec::with_capacity(2 * b);
+            for &t in &targets {
+                let neg = loop {
                     let c = rng.random_range(0..n);
                     if c != t || n == 1 {
                         break c;
                     }
-                })
-                .collect();
-            let neg = logits.gather(&Tensor::from_vec(negs, (b, 1), device)?, 1)?;
+                };
+                pairs.extend([t, neg]);
+            }
+            let scores = model.score_items(&state, &Tensor::from_vec(pairs, (b, 2), device)?)?;
+            let pos = scores.narrow(1, 0, 1)?;
+            let neg = scores.narrow(1, 1, 1)?;
             (softplus(&pos.neg()?)?.mean_all()? + softplus(&neg)?.mean_all()?)?
         }
         Loss::Ce => {
+            let logits = model.head().forward(&state)?; // [B, N]
+            let pos = logits.gather(&Tensor::from_vec(targets, (b, 1), device)?, 1)?;
             let lse = {
                 let max = logits.max_keepdim(D::Minus1)?.detach();
                 (logits

@@ -1,0 +1,268 @@
+//! `llara train-sr` and `llara eval-sr`.
+
+use crate::data::Dataset;
+use crate::eval::metrics::RankMetrics;
+use crate::fsutil::StagedDir;
+use crate::sr::train::{train, EpochLog, Loss, TrainOptions};
+use crate::sr::{load_model, Arch};
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use std::io::Write as _;
+use std::path::PathBuf;
+
+#[derive(Args, Debug, Clone, Serialize)]
+pub struct TrainSrArgs {
+    /// Dataset folder (from `llara data`).
+    #[arg(long, value_name = "DIR")]
+    pub data: PathBuf,
+    /// Architecture.
+    #[arg(long, value_enum, default_value = "sasrec")]
+    pub model: Arch,
+    /// Output run folder (written to a temporary folder and renamed at the end).
+    #[arg(long, value_name = "RUN")]
+    pub out: PathBuf,
+    /// Maximum epochs.
+    #[arg(long, default_value_t = 100)]
+    pub epochs: usize,
+    /// Stop after this many epochs without a better valid HR@1 (ties: NDCG@5).
+    #[arg(long, default_value_t = 10)]
+    pub patience: usize,
+    /// Embedding and hidden size.
+    #[arg(long, default_value_t = 64)]
+    pub hidden: usize,
+    /// Adam learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    /// L2 weight decay (added to the gradient, as PyTorch's Adam does).
+    #[arg(long, default_value_t = 1e-4)]
+    pub l2: f64,
+    #[arg(long, default_value_t = 256)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 0.1)]
+    pub dropout: f64,
+    /// SASRec attention heads.
+    #[arg(long, default_value_t = 1)]
+    pub num_heads: usize,
+    /// bce: target vs one sampled negative (LLaRA's recipe); ce: full softmax cross-entropy.
+    #[arg(long, value_enum, default_value = "bce")]
+    pub loss: Loss,
+    /// Seed of initialisation, shuffling, negatives and dropout.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Replace the output folder if it exists.
+    #[arg(long)]
+    #[serde(skip)]
+    pub force: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SplitName {
+    Valid,
+    Test,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct EvalSrArgs {
+    /// A train-sr run folder, or a .safetensors file with its .json config beside it.
+    #[arg(long, value_name = "RUN_OR_SAFETENSORS")]
+    pub model: PathBuf,
+    /// Dataset folder whose fixed candidate sets are scored.
+    #[arg(long, value_name = "DIR")]
+    pub data: PathBuf,
+    #[arg(long, value_enum, default_value = "test")]
+    pub split: SplitName,
+    /// Print one JSON object (keys as in metrics.json).
+    #[arg(long)]
+    pub json: bool,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+#[derive(Serialize)]
+struct RunConfig<'a> {
+    #[serde(flatten)]
+    model: &'a crate::sr::Config,
+    training: &'a TrainOptions,
+    dataset: DatasetRef,
+}
+
+#[derive(Serialize)]
+struct DatasetRef {
+    dir: String,
+    name: String,
+    content_hash: String,
+    seed: u64,
+}
+
+#[derive(Serialize)]
+struct MetricsFile<'a> {
+    #[serde(flatten)]
+    test: &'a RankMetrics,
+    split: &'static str,
+    valid: &'a RankMetrics,
+    best_epoch: usize,
+    epochs_run: usize,
+    train_seconds: f64,
+}
+
+fn style() -> ProgressStyle {
+    ProgressStyle::with_template(
+        "{prefix} [{bar:30}] {pos}/{len} batches  {msg}  ETA {eta}",
+    )
+    .expect("valid template")
+    .progress_chars("=> ")
+}
+
+pub fn train_sr(a: TrainSrArgs) -> Result<()> {
+    let device = crate::device::parse(&a.device).map_err(anyhow::Error::msg)?;
+    let ds = Dataset::open(&a.data).with_context(|| format!("--data {}", a.data.display()))?;
+    // Fail before training if the output cannot be written.
+    let staged = StagedDir::new(&a.out, a.force).with_context(|| format!("--out {}", a.out.display()))?;
+    let opts = TrainOptions {
+        model: a.model,
+        hidden: a.hidden,
+        lr: a.lr,
+        l2: a.l2,
+        batch_size: a.batch_size,
+        epochs: a.epochs,
+        patience: a.patience,
+        dropout: a.dropout,
+        num_heads: a.num_heads,
+        loss: a.loss,
+        seed: a.seed,
+    };
+    tracing::info!(
+        "training {} on {} ({} train rows, {} items), seed {}",
+        a.model.name(),
+        ds.meta.name,
+        ds.splits.train.len(),
+        ds.n_items(),
+        a.seed
+    );
+    let bar = ProgressBar::new(0).with_style(style());
+    let rows = ds.splits.train.len() as f64;
+    let batch_size = a.batch_size;
+    let started = std::cell::Cell::new(std::time::Instant::now());
+    let running = std::cell::Cell::new(0.0f64);
+    let lr = a.lr;
+    let start_all = std::time::Instant::now();
+    let trained = train(
+        &ds,
+        &opts,
+        &device,
+        |epoch, n| {
+            bar.reset();
+            bar.set_length(n as u64);
+            bar.set_prefix(format!("epoch {epoch:>3}"));
+            started.set(std::time::Instant::now());
+            running.set(0.0);
+        },
+        |done, loss| {
+            let avg = if done == 1 { loss } else { 0.9 * running.get() + 0.1 * loss };
+            running.set(avg);
+            let ex = (done * batch_size) as f64 / started.get().elapsed().as_secs_f64().max(1e-9);
+            bar.set_position(done as u64);
+            bar.set_message(format!("loss {avg:.4}  lr {lr:.0e}  {ex:.0} ex/s"));
+        },
+        |e: &EpochLog, improved| {
+            bar.suspend(|| {
+                tracing::info!(
+                    "epoch {:>3}  loss {:.4}  valid HR@1 {:.4}  NDCG@5 {:.4}  {:.1}s  {:.0} ex/s{}",
+                    e.epoch,
+                    e.loss,
+                    e.valid.hr1,
+                    e.valid.ndcg5,
+                    e.seconds,
+                    rows / e.seconds,
+                    if improved { "  *" } else { "" }
+                )
+            });
+        },
+    )?;
+    bar.finish_and_clear();
+    let train_seconds = start_all.elapsed().as_secs_f64();
+
+    let dir = staged.path();
+    trained
+        .varmap
+        .save(dir.join("model.safetensors"))
+        .context("writing model.safetensors")?;
+    let run_config = RunConfig {
+        model: &trained.config,
+        training: &opts,
+        dataset: DatasetRef {
+            dir: a.data.display().to_string(),
+            name: ds.meta.name.clone(),
+            content_hash: ds.meta.content_hash.clone(),
+            seed: ds.meta.seed,
+        },
+    };
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&run_config)? + "\n")?;
+    let metrics = MetricsFile {
+        test: &trained.test,
+        split: "test",
+        valid: &trained.valid,
+        best_epoch: trained.best_epoch,
+        epochs_run: trained.log.len(),
+        train_seconds,
+    };
+    std::fs::write(dir.join("metrics.json"), serde_json::to_string_pretty(&metrics)? + "\n")?;
+    let mut log = std::fs::File::create(dir.join("train_log.jsonl"))?;
+    for e in &trained.log {
+        writeln!(log, "{}", serde_json::to_string(e)?)?;
+    }
+    drop(log);
+    let toml = toml::to_string(&a).context("serializing the run's config")?;
+    std::fs::write(
+        dir.join("config.toml"),
+        format!("# The exact options of this run: `llara train-sr --config config.toml` reproduces it.\n{toml}"),
+    )?;
+    staged.commit().with_context(|| format!("--out {}", a.out.display()))?;
+    println!(
+        "{} on {}: best epoch {} of {} ({:.1}s); wrote {}",
+        a.model.name(),
+        ds.meta.name,
+        trained.best_epoch,
+        trained.log.len(),
+        train_seconds,
+        a.out.display()
+    );
+    print!(
+        "{}",
+        RankMetrics::table(&[("valid", &trained.valid), ("test", &trained.test)])
+    );
+    Ok(())
+}
+
+pub fn eval_sr(a: EvalSrArgs) -> Result<()> {
+    let device = crate::device::parse(&a.device).map_err(anyhow::Error::msg)?;
+    let ds = Dataset::open(&a.data).with_context(|| format!("--data {}", a.data.display()))?;
+    let (model, cfg) = load_model(&a.model, &device).with_context(|| format!("--model {}", a.model.display()))?;
+    if cfg.item_num != ds.n_items() {
+        bail!(
+            "--model {} scores {} items but the dataset {} has {}; use a model trained on this dataset",
+            a.model.display(),
+            cfg.item_num,
+            a.data.display(),
+            ds.n_items()
+        );
+    }
+    let (name, rows, cands) = match a.split {
+        SplitName::Valid => ("valid", &ds.splits.valid, &ds.candidates_valid),
+        SplitName::Test => ("test", &ds.splits.test, &ds.candidates_test),
+    };
+    let m = crate::sr::train::evaluate(&model, &cfg, rows, cands, &device)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&m)?);
+    } else {
+        println!("{} ({}) on {} {}:", a.model.display(), cfg.model.name(), ds.meta.name, name);
+        print!("{}", RankMetrics::table(&[(name, &m)]));
+    }
+    Ok(())
+}
