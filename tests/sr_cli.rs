@@ -11,7 +11,16 @@ fn json(path: &Path) -> serde_json::Value {
 
 fn small_synth(dir: &Path) -> std::path::PathBuf {
     let d = dir.join("synth");
-    ok(&["data", "synth", "--out", s(&d), "--users", "400", "--items", "100"]);
+    ok(&[
+        "data",
+        "synth",
+        "--out",
+        s(&d),
+        "--users",
+        "400",
+        "--items",
+        "100",
+    ]);
     d
 }
 
@@ -41,24 +50,59 @@ fn sasrec_trains_beats_popularity_and_is_reproducible() {
     let data = small_synth(tmp.path());
     let run = tmp.path().join("run");
     let args = |out: &Path| -> Vec<String> {
-        ["train-sr", "--data", s(&data), "--model", "sasrec", "--out", s(out), "--epochs", "8", "--patience", "8", "--seed", "3"]
-            .iter()
-            .map(|x| x.to_string())
-            .collect()
+        [
+            "train-sr",
+            "--data",
+            s(&data),
+            "--model",
+            "sasrec",
+            "--out",
+            s(out),
+            "--epochs",
+            "8",
+            "--patience",
+            "8",
+            "--seed",
+            "3",
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect()
     };
     let a: Vec<String> = args(&run);
     let stdout = ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
-    assert!(stdout.contains("HR@1") && stdout.contains("test"), "{stdout}");
-    for f in ["model.safetensors", "config.json", "metrics.json", "train_log.jsonl", "config.toml"] {
+    assert!(
+        stdout.contains("HR@1") && stdout.contains("test"),
+        "{stdout}"
+    );
+    for f in [
+        "model.safetensors",
+        "config.json",
+        "metrics.json",
+        "train_log.jsonl",
+        "config.toml",
+    ] {
         assert!(run.join(f).exists(), "{f} missing");
     }
     let m = json(&run.join("metrics.json"));
-    for k in ["hr@1", "hr@5", "hr@10", "ndcg@5", "ndcg@10", "rows", "full_hr@10", "full_ndcg@10"] {
+    for k in [
+        "hr@1",
+        "hr@5",
+        "hr@10",
+        "ndcg@5",
+        "ndcg@10",
+        "rows",
+        "full_hr@10",
+        "full_ndcg@10",
+    ] {
         assert!(m.get(k).is_some(), "metrics.json lacks {k}: {m}");
     }
     let hr1 = m["hr@1"].as_f64().unwrap();
     let pop = popularity_hr1(&data);
-    assert!(hr1 > 0.3 && hr1 > pop + 0.1, "SASRec HR@1 {hr1} vs popularity {pop}");
+    assert!(
+        hr1 > 0.3 && hr1 > pop + 0.1,
+        "SASRec HR@1 {hr1} vs popularity {pop}"
+    );
     let log = std::fs::read_to_string(run.join("train_log.jsonl")).unwrap();
     assert_eq!(log.lines().count(), 8);
     let first: serde_json::Value = serde_json::from_str(log.lines().next().unwrap()).unwrap();
@@ -70,7 +114,9 @@ fn sasrec_trains_beats_popularity_and_is_reproducible() {
     assert_eq!(cfg["model"], "sasrec");
     assert_eq!(cfg["item_num"], 100);
     assert_eq!(cfg["training"]["seed"], 3);
-    let tensors = candle_core::safetensors::load(run.join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let tensors =
+        candle_core::safetensors::load(run.join("model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
     assert_eq!(tensors["item_embeddings.weight"].dims(), &[101, 64]);
     assert_eq!(tensors["feed_forward.w_1.weight"].dims(), &[64, 64, 1]);
     assert_eq!(tensors["s_fc.weight"].dims(), &[100, 64]);
@@ -92,7 +138,13 @@ fn sasrec_trains_beats_popularity_and_is_reproducible() {
     );
     // The run's config.toml reproduces it too.
     let run3 = tmp.path().join("run3");
-    ok(&["train-sr", "--config", s(&run.join("config.toml")), "--out", s(&run3)]);
+    ok(&[
+        "train-sr",
+        "--config",
+        s(&run.join("config.toml")),
+        "--out",
+        s(&run3),
+    ]);
     assert_eq!(
         std::fs::read(run.join("model.safetensors")).unwrap(),
         std::fs::read(run3.join("model.safetensors")).unwrap()
@@ -106,7 +158,21 @@ fn gru4rec_and_caser_train_and_ce_loss() {
     let pop = popularity_hr1(&data);
     for (model, loss) in [("gru4rec", "bce"), ("caser", "bce"), ("sasrec", "ce")] {
         let run = tmp.path().join(format!("{model}-{loss}"));
-        ok(&["train-sr", "--data", s(&data), "--model", model, "--loss", loss, "--out", s(&run), "--epochs", "6", "--lr", "3e-3"]);
+        ok(&[
+            "train-sr",
+            "--data",
+            s(&data),
+            "--model",
+            model,
+            "--loss",
+            loss,
+            "--out",
+            s(&run),
+            "--epochs",
+            "6",
+            "--lr",
+            "3e-3",
+        ]);
         let m = json(&run.join("metrics.json"));
         let hr1 = m["hr@1"].as_f64().unwrap();
         assert!(hr1 > pop, "{model}/{loss}: HR@1 {hr1} vs popularity {pop}");
@@ -120,11 +186,32 @@ fn sr_errors_are_clear() {
     let tmp = tempfile::tempdir().unwrap();
     let data = small_synth(tmp.path());
     let run = tmp.path().join("run");
-    ok(&["train-sr", "--data", s(&data), "--model", "gru4rec", "--out", s(&run), "--epochs", "1", "--hidden", "8"]);
+    ok(&[
+        "train-sr",
+        "--data",
+        s(&data),
+        "--model",
+        "gru4rec",
+        "--out",
+        s(&run),
+        "--epochs",
+        "1",
+        "--hidden",
+        "8",
+    ]);
 
     // Item count of the weights != the dataset's.
     let other = tmp.path().join("other");
-    ok(&["data", "synth", "--out", s(&other), "--users", "100", "--items", "50"]);
+    ok(&[
+        "data",
+        "synth",
+        "--out",
+        s(&other),
+        "--users",
+        "100",
+        "--items",
+        "50",
+    ]);
     let err = fails(&["eval-sr", "--model", s(&run), "--data", s(&other)]);
     assert!(err.contains("100 items") && err.contains("50"), "{err}");
 
@@ -133,23 +220,57 @@ fn sr_errors_are_clear() {
     let good = std::fs::read_to_string(&cfg_path).unwrap();
     std::fs::write(&cfg_path, good.replace("\"gru4rec\"", "\"transformer\"")).unwrap();
     let err = fails(&["eval-sr", "--model", s(&run), "--data", s(&data)]);
-    assert!(err.contains("config.json") && err.contains("transformer"), "{err}");
+    assert!(
+        err.contains("config.json") && err.contains("transformer"),
+        "{err}"
+    );
     std::fs::write(&cfg_path, "{ not json").unwrap();
     let err = fails(&["eval-sr", "--model", s(&run), "--data", s(&data)]);
-    assert!(err.contains("config.json") && err.contains("not a recommender config"), "{err}");
+    assert!(
+        err.contains("config.json") && err.contains("not a recommender config"),
+        "{err}"
+    );
     std::fs::remove_file(&cfg_path).unwrap();
     let err = fails(&["eval-sr", "--model", s(&run), "--data", s(&data)]);
-    assert!(err.contains("config.json") && err.contains("missing"), "{err}");
+    assert!(
+        err.contains("config.json") && err.contains("missing"),
+        "{err}"
+    );
     // A config that does not match the weights.
     std::fs::write(&cfg_path, good.replace("\"gru4rec\"", "\"caser\"")).unwrap();
     let err = fails(&["eval-sr", "--model", s(&run), "--data", s(&data)]);
-    assert!(err.contains("model.safetensors") && err.contains("does not match"), "{err}");
+    assert!(
+        err.contains("model.safetensors") && err.contains("does not match"),
+        "{err}"
+    );
 
-    let err = fails(&["train-sr", "--data", s(&tmp.path().join("nope")), "--out", s(&tmp.path().join("x"))]);
+    let err = fails(&[
+        "train-sr",
+        "--data",
+        s(&tmp.path().join("nope")),
+        "--out",
+        s(&tmp.path().join("x")),
+    ]);
     assert!(err.contains("--data") && err.contains("meta.json"), "{err}");
-    let err = fails(&["train-sr", "--data", s(&data), "--out", s(&tmp.path().join("x")), "--device", "tpu"]);
+    let err = fails(&[
+        "train-sr",
+        "--data",
+        s(&data),
+        "--out",
+        s(&tmp.path().join("x")),
+        "--device",
+        "tpu",
+    ]);
     assert!(err.contains("--device"), "{err}");
-    let err = fails(&["train-sr", "--data", s(&data), "--out", s(&run), "--epochs", "1"]);
+    let err = fails(&[
+        "train-sr",
+        "--data",
+        s(&data),
+        "--out",
+        s(&run),
+        "--epochs",
+        "1",
+    ]);
     assert!(err.contains("already exists"), "{err}");
     assert!(!tmp.path().join("x").exists());
 }
@@ -159,18 +280,33 @@ fn released_checkpoints_evaluate_on_prepared_splits() {
     let Some(shared) = shared() else { return };
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("movielens");
-    ok(&["data", "prepare", "--from", "llara-jsonl", s(&shared.join("datasets/movielens")), "--out", s(&data)]);
+    ok(&[
+        "data",
+        "prepare",
+        "--from",
+        "llara-jsonl",
+        s(&shared.join("datasets/movielens")),
+        "--out",
+        s(&data),
+    ]);
     let out = ok(&[
-        "eval-sr", "--model", s(&shared.join("recmodels/movielens-sasrec.safetensors")),
-        "--data", s(&data), "--json",
+        "eval-sr",
+        "--model",
+        s(&shared.join("recmodels/movielens-sasrec.safetensors")),
+        "--data",
+        s(&data),
+        "--json",
     ]);
     let m: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(m["rows"], 95);
     // A trained model ranks far above chance (0.05) on LLaRA's own test users.
     assert!(m["hr@1"].as_f64().unwrap() > 0.2, "{m}");
     let err = fails(&[
-        "eval-sr", "--model", s(&shared.join("recmodels/lastfm-sasrec.safetensors")),
-        "--data", s(&data),
+        "eval-sr",
+        "--model",
+        s(&shared.join("recmodels/lastfm-sasrec.safetensors")),
+        "--data",
+        s(&data),
     ]);
     assert!(err.contains("4606") && err.contains("1682"), "{err}");
 }

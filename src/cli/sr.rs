@@ -54,6 +54,10 @@ pub struct TrainSrArgs {
     /// cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// CPU threads for tensor ops (these models are small: one thread is fastest on 2 cores).
+    #[arg(long, default_value_t = 1)]
+    #[serde(skip)]
+    pub threads: usize,
     /// Replace the output folder if it exists.
     #[arg(long)]
     #[serde(skip)]
@@ -82,6 +86,9 @@ pub struct EvalSrArgs {
     /// cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// CPU threads for tensor ops.
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
 }
 
 #[derive(Serialize)]
@@ -112,18 +119,29 @@ struct MetricsFile<'a> {
 }
 
 fn style() -> ProgressStyle {
-    ProgressStyle::with_template(
-        "{prefix} [{bar:30}] {pos}/{len} batches  {msg}  ETA {eta}",
-    )
-    .expect("valid template")
-    .progress_chars("=> ")
+    ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} batches  {msg}  ETA {eta}")
+        .expect("valid template")
+        .progress_chars("=> ")
+}
+
+/// Sets the size of candle's CPU thread pools; must run before the first tensor op.
+pub fn set_threads(n: usize) -> Result<()> {
+    if n == 0 {
+        bail!("--threads must be at least 1");
+    }
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+    Ok(())
 }
 
 pub fn train_sr(a: TrainSrArgs) -> Result<()> {
+    set_threads(a.threads)?;
     let device = crate::device::parse(&a.device).map_err(anyhow::Error::msg)?;
     let ds = Dataset::open(&a.data).with_context(|| format!("--data {}", a.data.display()))?;
     // Fail before training if the output cannot be written.
-    let staged = StagedDir::new(&a.out, a.force).with_context(|| format!("--out {}", a.out.display()))?;
+    let staged =
+        StagedDir::new(&a.out, a.force).with_context(|| format!("--out {}", a.out.display()))?;
     let opts = TrainOptions {
         model: a.model,
         hidden: a.hidden,
@@ -164,7 +182,11 @@ pub fn train_sr(a: TrainSrArgs) -> Result<()> {
             running.set(0.0);
         },
         |done, loss| {
-            let avg = if done == 1 { loss } else { 0.9 * running.get() + 0.1 * loss };
+            let avg = if done == 1 {
+                loss
+            } else {
+                0.9 * running.get() + 0.1 * loss
+            };
             running.set(avg);
             let ex = (done * batch_size) as f64 / started.get().elapsed().as_secs_f64().max(1e-9);
             bar.set_position(done as u64);
@@ -203,7 +225,10 @@ pub fn train_sr(a: TrainSrArgs) -> Result<()> {
             seed: ds.meta.seed,
         },
     };
-    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&run_config)? + "\n")?;
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(&run_config)? + "\n",
+    )?;
     let metrics = MetricsFile {
         test: &trained.test,
         split: "test",
@@ -212,7 +237,10 @@ pub fn train_sr(a: TrainSrArgs) -> Result<()> {
         epochs_run: trained.log.len(),
         train_seconds,
     };
-    std::fs::write(dir.join("metrics.json"), serde_json::to_string_pretty(&metrics)? + "\n")?;
+    std::fs::write(
+        dir.join("metrics.json"),
+        serde_json::to_string_pretty(&metrics)? + "\n",
+    )?;
     let mut log = std::fs::File::create(dir.join("train_log.jsonl"))?;
     for e in &trained.log {
         writeln!(log, "{}", serde_json::to_string(e)?)?;
@@ -223,7 +251,9 @@ pub fn train_sr(a: TrainSrArgs) -> Result<()> {
         dir.join("config.toml"),
         format!("# The exact options of this run: `llara train-sr --config config.toml` reproduces it.\n{toml}"),
     )?;
-    staged.commit().with_context(|| format!("--out {}", a.out.display()))?;
+    staged
+        .commit()
+        .with_context(|| format!("--out {}", a.out.display()))?;
     println!(
         "{} on {}: best epoch {} of {} ({:.1}s); wrote {}",
         a.model.name(),
@@ -241,9 +271,11 @@ pub fn train_sr(a: TrainSrArgs) -> Result<()> {
 }
 
 pub fn eval_sr(a: EvalSrArgs) -> Result<()> {
+    set_threads(a.threads)?;
     let device = crate::device::parse(&a.device).map_err(anyhow::Error::msg)?;
     let ds = Dataset::open(&a.data).with_context(|| format!("--data {}", a.data.display()))?;
-    let (model, cfg) = load_model(&a.model, &device).with_context(|| format!("--model {}", a.model.display()))?;
+    let (model, cfg) =
+        load_model(&a.model, &device).with_context(|| format!("--model {}", a.model.display()))?;
     if cfg.item_num != ds.n_items() {
         bail!(
             "--model {} scores {} items but the dataset {} has {}; use a model trained on this dataset",
@@ -261,7 +293,13 @@ pub fn eval_sr(a: EvalSrArgs) -> Result<()> {
     if a.json {
         println!("{}", serde_json::to_string(&m)?);
     } else {
-        println!("{} ({}) on {} {}:", a.model.display(), cfg.model.name(), ds.meta.name, name);
+        println!(
+            "{} ({}) on {} {}:",
+            a.model.display(),
+            cfg.model.name(),
+            ds.meta.name,
+            name
+        );
         print!("{}", RankMetrics::table(&[(name, &m)]));
     }
     Ok(())

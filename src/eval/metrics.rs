@@ -5,12 +5,17 @@
 
 use serde::{Deserialize, Serialize};
 
+/// Whether score `s` ranks at or above the target's `t` (a NaN counts against the target).
+fn beats(s: f32, t: f32) -> bool {
+    s.partial_cmp(&t) != Some(std::cmp::Ordering::Less)
+}
+
 /// 0-based rank of `target` among `candidates` given a score per item id.
 pub fn rank_of(scores: &[f32], candidates: &[u32], target: u32) -> usize {
     let t = scores[target as usize];
     candidates
         .iter()
-        .filter(|&&c| c != target && !(scores[c as usize] < t))
+        .filter(|&&c| c != target && beats(scores[c as usize], t))
         .count()
 }
 
@@ -20,13 +25,13 @@ pub fn full_rank_of(scores: &[f32], exclude: &[u32], target: u32) -> usize {
     let mut r = scores
         .iter()
         .enumerate()
-        .filter(|&(i, &s)| i as u32 != target && !(s < t))
+        .filter(|&(i, &s)| i as u32 != target && beats(s, t))
         .count();
     let mut ex = exclude.to_vec();
     ex.sort_unstable();
     ex.dedup(); // a history may repeat an item
     for e in ex {
-        if e != target && !(scores[e as usize] < t) {
+        if e != target && beats(scores[e as usize], t) {
             r -= 1;
         }
     }

@@ -35,11 +35,18 @@ impl InplaceOp2 for FusedStep<'_> {
         "adam-step"
     }
 
-    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<()> {
         let (CpuStorage::F32(p), CpuStorage::F32(g)) = (s1, s2) else {
             candle_core::bail!("adam-step: f32 parameters and gradients expected");
         };
-        let (Some((p0, p1)), Some((g0, g1))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
+        let (Some((p0, p1)), Some((g0, g1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
             candle_core::bail!("adam-step: contiguous parameters and gradients expected");
         };
         let p = &mut p[p0..p1];
@@ -52,11 +59,11 @@ impl InplaceOp2 for FusedStep<'_> {
         let step = (h.lr / h.bc1) as f32;
         let inv_sqrt_bc2 = (1.0 / h.bc2.sqrt()) as f32;
         let eps = h.eps as f32;
-        for i in 0..p.len() {
-            let gi = g[i] + wd * p[i];
-            m[i] = b1 * m[i] + (1.0 - b1) * gi;
-            v[i] = b2 * v[i] + (1.0 - b2) * gi * gi;
-            p[i] -= step * m[i] / (v[i].sqrt() * inv_sqrt_bc2 + eps);
+        for (((pi, gi), mi), vi) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+            let gi = gi + wd * *pi;
+            *mi = b1 * *mi + (1.0 - b1) * gi;
+            *vi = b2 * *vi + (1.0 - b2) * gi * gi;
+            *pi -= step * *mi / (vi.sqrt() * inv_sqrt_bc2 + eps);
         }
         Ok(())
     }
@@ -115,7 +122,8 @@ impl Adam {
             match moments {
                 Moments::Host(mv) => {
                     let g = g.contiguous()?;
-                    var.as_tensor().inplace_op2(&g, &FusedStep { h, moments: mv })?;
+                    var.as_tensor()
+                        .inplace_op2(&g, &FusedStep { h, moments: mv })?;
                 }
                 Moments::Device(m, v) => {
                     let g = if h.weight_decay != 0.0 {
@@ -150,13 +158,27 @@ mod tests {
         let mut composed = Adam::new(vec![b.clone()], 1e-2, 1e-3).unwrap();
         composed.vars[0].1 = Moments::Device(b.zeros_like().unwrap(), b.zeros_like().unwrap());
         for step in 0..5 {
-            let la = (a.as_tensor().sqr().unwrap() * (step as f64 + 1.0)).unwrap().sum_all().unwrap();
-            let lb = (b.as_tensor().sqr().unwrap() * (step as f64 + 1.0)).unwrap().sum_all().unwrap();
+            let la = (a.as_tensor().sqr().unwrap() * (step as f64 + 1.0))
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            let lb = (b.as_tensor().sqr().unwrap() * (step as f64 + 1.0))
+                .unwrap()
+                .sum_all()
+                .unwrap();
             fused.step(&la.backward().unwrap()).unwrap();
             composed.step(&lb.backward().unwrap()).unwrap();
         }
-        let d = (a.as_tensor() - b.as_tensor()).unwrap().abs().unwrap().max_all().unwrap();
+        let d = (a.as_tensor() - b.as_tensor())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
         assert!(d.to_scalar::<f32>().unwrap() < 1e-6);
-        assert_ne!(a.as_tensor().to_vec1::<f32>().unwrap()[3], (3f32 * 0.37).sin());
+        assert_ne!(
+            a.as_tensor().to_vec1::<f32>().unwrap()[3],
+            (3f32 * 0.37).sin()
+        );
     }
 }

@@ -2,7 +2,7 @@
 //! 2, 3, 4 (ReLU, max-pool over time) + one vertical convolution over the positions → concatenate →
 //! dropout → linear head.
 
-use super::nn::{embed, maybe_dropout, Dropout, Linear};
+use super::nn::{embed, matmul_t, maybe_dropout, Dropout, Linear};
 use super::{Batch, Config};
 use candle_core::{Result, Tensor, D};
 use candle_nn::VarBuilder;
@@ -56,10 +56,7 @@ impl Caser {
                 .map(|k| emb.narrow(1, k, windows))
                 .collect::<Result<_>>()?;
             let unfolded = Tensor::cat(&shifted, D::Minus1)?; // [B, windows, h*H]
-            let conv = unfolded
-                .broadcast_matmul(&w.t()?)?
-                .broadcast_add(b)?
-                .relu()?; // [B, windows, F]
+            let conv = matmul_t(&unfolded, w)?.broadcast_add(b)?.relu()?; // [B, windows, F]
             parts.push(conv.max(1)?);
         }
         // Vertical: weighted sum over positions, per feature.

@@ -1,7 +1,7 @@
 //! GRU4Rec as LLaRA ships it: item embedding → one-layer GRU over the true length → the last hidden
 //! state → linear head. Gates follow PyTorch's `nn.GRU` (r, z, n order in `weight_ih_l0`).
 
-use super::nn::{embed, Linear};
+use super::nn::{embed, matmul_t, Linear};
 use super::{Batch, Config};
 use candle_core::{Result, Tensor, D};
 use candle_nn::VarBuilder;
@@ -46,9 +46,7 @@ impl GRU4Rec {
         }
         let emb = embed(&self.item_embeddings, &batch.seq.narrow(1, 0, steps)?)?;
         // Input projections of every step at once: [B, steps, 3H].
-        let gi = emb
-            .broadcast_matmul(&self.weight_ih.t()?)?
-            .broadcast_add(&self.bias_ih)?;
+        let gi = matmul_t(&emb, &self.weight_ih)?.broadcast_add(&self.bias_ih)?;
         let w_hh = self.weight_hh.t()?;
         let mut states = Vec::with_capacity(steps);
         for t in 0..steps {

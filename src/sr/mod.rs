@@ -9,6 +9,7 @@ pub mod adam;
 pub mod caser;
 pub mod gru4rec;
 pub mod nn;
+pub mod ops;
 pub mod sasrec;
 pub mod train;
 
@@ -140,7 +141,7 @@ impl Config {
             }
         }
         if self.model == Arch::Sasrec
-            && (self.num_heads == 0 || self.hidden_size % self.num_heads != 0)
+            && (self.num_heads == 0 || !self.hidden_size.is_multiple_of(self.num_heads))
         {
             return Err(format!(
                 "num_heads {} must divide hidden_size {}",
@@ -266,7 +267,10 @@ impl SeqRec {
         let flat = items.flatten_all()?;
         let w = head.weight.index_select(&flat, 0)?.reshape((b, k, ()))?; // [B, K, D]
         let bias = head.bias.index_select(&flat, 0)?.reshape((b, k))?;
-        Ok((w.broadcast_mul(&state.unsqueeze(1)?)?.sum(candle_core::D::Minus1)? + bias)?)
+        Ok((w
+            .broadcast_mul(&state.unsqueeze(1)?)?
+            .sum(candle_core::D::Minus1)?
+            + bias)?)
     }
 
     /// The item embedding table `[item_num + 1, hidden]` (LLaRA's behaviour-token source).

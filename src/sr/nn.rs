@@ -1,7 +1,7 @@
 //! Small differentiable building blocks (candle's fused layer norm has no backward) and a seeded
 //! dropout, so that training is reproducible from the seed.
 
-use candle_core::{Result, Tensor, D};
+use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
@@ -29,12 +29,7 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let w = self.weight.t()?;
-        let y = match x.rank() {
-            2 => x.matmul(&w)?,
-            _ => x.broadcast_matmul(&w)?,
-        };
-        y.broadcast_add(&self.bias)
+        super::ops::add_trailing(&matmul_t(x, &self.weight)?, &self.bias)
     }
 }
 
@@ -55,11 +50,7 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let xc = x.broadcast_sub(&mean)?;
-        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-        let xn = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        xn.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+        super::ops::layer_norm(x, &self.weight, &self.bias, self.eps)
     }
 }
 
@@ -74,22 +65,28 @@ impl Dropout {
         Self { p, rng }
     }
 
-    pub fn apply(&mut self, x: &Tensor) -> Result<Tensor> {
-        if self.p <= 0.0 {
-            return Ok(x.clone());
-        }
+    /// `n` multipliers: `1 / (1 - p)` with probability `1 - p`, else 0.
+    pub fn mask_values(&mut self, n: usize) -> Vec<f32> {
         let keep = 1.0 - self.p;
         let scale = (1.0 / keep) as f32;
-        let n = x.elem_count();
-        let mask: Vec<f32> = (0..n)
+        // Compare 32-bit draws with a threshold: one draw per element.
+        let threshold = (keep * 4_294_967_296.0).min(4_294_967_295.0) as u32;
+        (0..n)
             .map(|_| {
-                if self.rng.random::<f64>() < keep {
+                if self.rng.random::<u32>() < threshold {
                     scale
                 } else {
                     0.0
                 }
             })
-            .collect();
+            .collect()
+    }
+
+    pub fn apply(&mut self, x: &Tensor) -> Result<Tensor> {
+        if self.p <= 0.0 {
+            return Ok(x.clone());
+        }
+        let mask = self.mask_values(x.elem_count());
         let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
         x.mul(&mask)
     }
@@ -110,4 +107,18 @@ pub fn embed(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
     let rows = table.index_select(&flat, 0)?;
     dims.push(table.dim(1)?);
     rows.reshape(dims)
+}
+
+/// `x [.., in] @ w^T` for `w [out, in]`, as one 2-D matmul over the flattened leading dims (a
+/// broadcast batched matmul would materialise a per-row copy of `w`'s gradient).
+pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let w = w.t()?;
+    if x.rank() == 2 {
+        return x.matmul(&w);
+    }
+    let mut dims = x.dims().to_vec();
+    let inp = dims.pop().expect("rank >= 1");
+    let y = x.reshape(((), inp))?.matmul(&w)?;
+    dims.push(w.dim(1)?);
+    y.reshape(dims)
 }

@@ -38,28 +38,45 @@ impl MultiHeadAttention {
     ) -> Result<Tensor> {
         let (b, t, h) = queries.dims3()?;
         let nh = self.num_heads;
+        let scale = 1.0 / (self.hidden as f64).sqrt();
+        let q_lin = self.linear_q.forward(queries)?;
+        let k_lin = self.linear_k.forward(keys)?;
+        let v_lin = self.linear_v.forward(keys)?;
+        // Key masking (keys whose features sum to zero: the zeroed padding), causality, and query
+        // masking after the softmax, as in the original: masked scores become -2^32+1.
+        let key_mask = keys.sum(D::Minus1)?.ne(0f32)?.to_dtype(DType::F32)?; // [B, T]
+        let query_mask = queries.sum(D::Minus1)?.ne(0f32)?.to_dtype(DType::F32)?; // [B, T]
+        let causal = Tensor::tril2(t, DType::F32, queries.device())?; // [T, T]
+        let allowed = key_mask
+            .reshape((b, 1, t))?
+            .broadcast_mul(&causal.reshape((1, t, t))?)?; // [B, T, T]
+        if super::ops::attention_fast_path(queries) {
+            let drop = dropout.as_mut().map(|d| d.mask_values(b * nh * t * t));
+            let op = super::ops::MaskedAttention {
+                heads: nh,
+                scale: scale as f32,
+                neg: NEG as f32,
+                allowed: allowed.flatten_all()?.to_vec1()?,
+                qmask: query_mask.flatten_all()?.to_vec1()?,
+                dropout: drop,
+            };
+            let out =
+                q_lin
+                    .contiguous()?
+                    .apply_op3(&k_lin.contiguous()?, &v_lin.contiguous()?, op)?;
+            return out + queries;
+        }
         let d = h / nh;
         let split = |x: Tensor| -> Result<Tensor> {
             x.reshape((b, t, nh, d))?.transpose(1, 2)?.contiguous()
         };
-        let q = split(self.linear_q.forward(queries)?)?;
-        let k = split(self.linear_k.forward(keys)?)?;
-        let v = split(self.linear_v.forward(keys)?)?;
-        let scores = (q.matmul(&k.t()?)? / (self.hidden as f64).sqrt())?; // [B, nh, T, T]
-
-        // Key masking (keys whose features sum to zero: the zeroed padding) and causality, as in
-        // the original: masked scores become -2^32+1.
-        let key_mask = keys.sum(D::Minus1)?.ne(0f32)?.to_dtype(DType::F32)?; // [B, T]
-        let causal = Tensor::tril2(t, DType::F32, queries.device())?; // [T, T]
-        let allowed = key_mask
-            .reshape((b, 1, 1, t))?
-            .broadcast_mul(&causal.reshape((1, 1, t, t))?)?; // [B, 1, T, T]
+        let (q, k, v) = (split(q_lin)?, split(k_lin)?, split(v_lin)?);
+        let scores = (q.matmul(&k.t()?)? * scale)?; // [B, nh, T, T]
+        let allowed = allowed.reshape((b, 1, t, t))?;
         let blocked = allowed.affine(-1.0, 1.0)?;
         let masked =
             (scores.broadcast_mul(&allowed)? + (blocked * NEG)?.broadcast_as(scores.shape())?)?;
         let probs = candle_nn::ops::softmax(&masked, D::Minus1)?;
-        // Query masking.
-        let query_mask = queries.sum(D::Minus1)?.ne(0f32)?.to_dtype(DType::F32)?;
         let probs = probs.broadcast_mul(&query_mask.reshape((b, 1, t, 1))?)?;
         let probs = maybe_dropout(&probs, dropout)?;
         let out = probs.matmul(&v)?; // [B, nh, T, d]
@@ -119,7 +136,7 @@ impl SASRec {
     /// The hidden state at position `len - 1`: `[B, H]` (LLaRA's `cacul_h`).
     pub fn state(&self, batch: &Batch, mut dropout: Option<&mut Dropout>) -> Result<Tensor> {
         let emb = embed(&self.item_embeddings, &batch.seq)?;
-        let emb = emb.broadcast_add(&self.positional_embeddings)?;
+        let emb = super::ops::add_trailing(&emb, &self.positional_embeddings)?;
         let seq = maybe_dropout(&emb, &mut dropout)?;
         let seq = seq.broadcast_mul(&batch.mask)?;
         let normed = self.ln_1.forward(&seq)?;

@@ -1,0 +1,570 @@
+//! Fused CPU ops with hand-written backward passes for the recommenders' hot spots. candle's
+//! composed versions reduce gradients over leading dimensions through a slow generic path; these do
+//! it in one contiguous pass. On other devices (or dtypes) the composed versions are used.
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("{what}: f32 expected");
+    };
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("{what}: contiguous input expected");
+    };
+    Ok(&v[a..b])
+}
+
+fn fast_path(ts: &[&Tensor]) -> bool {
+    ts.iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+}
+
+/// Sums the rows of a `[rows, width]` contiguous block: `[width]`.
+fn column_sums(g: &[f32], width: usize) -> Vec<f32> {
+    let mut out = vec![0f32; width];
+    for row in g.chunks_exact(width) {
+        for (o, v) in out.iter_mut().zip(row) {
+            *o += v;
+        }
+    }
+    out
+}
+
+/// `x + b` where `b`'s shape is a suffix of `x`'s (a bias, a positional table).
+struct AddTrailing;
+
+impl CustomOp2 for AddTrailing {
+    fn name(&self) -> &'static str {
+        "add-trailing"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "add-trailing")?;
+        let b = f32_slice(s2, l2, "add-trailing")?;
+        let mut out = Vec::with_capacity(x.len());
+        for row in x.chunks_exact(b.len()) {
+            out.extend(row.iter().zip(b).map(|(a, c)| a + c));
+        }
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let sums = column_sums(&host_vec(grad)?, b.elem_count());
+        Ok((
+            Some(grad.clone()),
+            Some(Tensor::from_vec(sums, b.shape(), b.device())?),
+        ))
+    }
+}
+
+/// `x + b`, `b`'s shape a suffix of `x`'s.
+pub fn add_trailing(x: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (xd, bd) = (x.dims(), b.dims());
+    let suffix = bd.len() <= xd.len() && xd[xd.len() - bd.len()..] == *bd;
+    if suffix && fast_path(&[x, b]) {
+        x.contiguous()?.apply_op2(&b.contiguous()?, AddTrailing)
+    } else {
+        x.broadcast_add(b)
+    }
+}
+
+/// LayerNorm over the last dimension (biased variance, as PyTorch), fused forward and backward.
+struct LayerNormOp {
+    eps: f32,
+}
+
+/// Per-row normalised values and reciprocal standard deviations.
+fn normalise(x: &[f32], h: usize, eps: f32) -> (Vec<f32>, Vec<f32>) {
+    let mut xhat = Vec::with_capacity(x.len());
+    let mut rstd = Vec::with_capacity(x.len() / h);
+    let mut centred = vec![0f32; h];
+    for row in x.chunks_exact(h) {
+        let mean = sum(row) / h as f32;
+        for (c, v) in centred.iter_mut().zip(row) {
+            *c = v - mean;
+        }
+        let var = dot(&centred, &centred) / h as f32;
+        let r = 1.0 / (var + eps).sqrt();
+        rstd.push(r);
+        xhat.extend(centred.iter().map(|c| c * r));
+    }
+    (xhat, rstd)
+}
+
+fn host_vec(t: &Tensor) -> Result<Vec<f32>> {
+    t.flatten_all()?.to_vec1::<f32>()
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "layer-norm")?;
+        let w = f32_slice(s2, l2, "layer-norm")?;
+        let b = f32_slice(s3, l3, "layer-norm")?;
+        let h = w.len();
+        let (mut y, _) = normalise(x, h, self.eps);
+        for row in y.chunks_exact_mut(h) {
+            for ((v, wi), bi) in row.iter_mut().zip(w).zip(b) {
+                *v = *v * wi + bi;
+            }
+        }
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let h = w.elem_count();
+        let xs = host_vec(x)?;
+        let ws = host_vec(w)?;
+        let g = host_vec(grad)?;
+        let (xhat, rstd) = normalise(&xs, h, self.eps);
+        let mut gx = vec![0f32; xs.len()];
+        let mut gw = vec![0f32; h];
+        let gb = column_sums(&g, h);
+        for (r, ((gr, xr), out)) in g
+            .chunks_exact(h)
+            .zip(xhat.chunks_exact(h))
+            .zip(gx.chunks_exact_mut(h))
+            .enumerate()
+        {
+            let mut mean_gxhat = 0f32;
+            let mut mean_gxhat_x = 0f32;
+            for i in 0..h {
+                let gxh = gr[i] * ws[i];
+                gw[i] += gr[i] * xr[i];
+                mean_gxhat += gxh;
+                mean_gxhat_x += gxh * xr[i];
+            }
+            mean_gxhat /= h as f32;
+            mean_gxhat_x /= h as f32;
+            for i in 0..h {
+                out[i] = rstd[r] * (gr[i] * ws[i] - mean_gxhat - xr[i] * mean_gxhat_x);
+            }
+        }
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(gx, x.shape(), dev)?),
+            Some(Tensor::from_vec(gw, w.shape(), dev)?),
+            Some(Tensor::from_vec(gb, b.shape(), dev)?),
+        ))
+    }
+}
+
+/// LayerNorm of `x` over its last dimension with weight `w` and bias `b`.
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    if fast_path(&[x, w, b]) && x.dim(D::Minus1)? == w.elem_count() {
+        return x.contiguous()?.apply_op3(
+            &w.contiguous()?,
+            &b.contiguous()?,
+            LayerNormOp { eps: eps as f32 },
+        );
+    }
+    layer_norm_composed(x, w, b, eps)
+}
+
+/// The same LayerNorm from differentiable primitives (any device).
+pub fn layer_norm_composed(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
+    xn.broadcast_mul(w)?.broadcast_add(b)
+}
+
+/// Dot product with 8 independent accumulators (vectorises without reassociation flags).
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let mut ca = a.chunks_exact(8);
+    let mut cb = b.chunks_exact(8);
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
+        s += x * y;
+    }
+    s
+}
+
+/// Sum with 8 independent accumulators.
+#[inline]
+fn sum(a: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let mut c = a.chunks_exact(8);
+    for x in &mut c {
+        for l in 0..8 {
+            acc[l] += x[l];
+        }
+    }
+    acc.iter().sum::<f32>() + c.remainder().iter().sum::<f32>()
+}
+
+/// `y += alpha * x`.
+#[inline]
+fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
+    for (o, v) in y.iter_mut().zip(x) {
+        *o += alpha * v;
+    }
+}
+
+/// SASRec's masked causal attention, fused: `softmax(mask(Q Kᵀ · scale)) · qmask · dropout · V`.
+/// Masked scores are the constant `neg` (as in the original), so a fully masked row is uniform.
+pub struct MaskedAttention {
+    pub heads: usize,
+    pub scale: f32,
+    pub neg: f32,
+    /// `[B, T, T]`: 1 where query i may attend key j.
+    pub allowed: Vec<f32>,
+    /// `[B, T]`: the query mask applied after the softmax.
+    pub qmask: Vec<f32>,
+    /// `[B, heads, T, T]`: inverted-dropout multipliers on the probabilities, when training.
+    pub dropout: Option<Vec<f32>>,
+}
+
+impl MaskedAttention {
+    /// Probabilities (after masks and dropout: the weights applied to V) and the plain softmax.
+    fn probs(&self, q: &[f32], k: &[f32], b: usize, t: usize, h: usize) -> (Vec<f32>, Vec<f32>) {
+        let nh = self.heads;
+        let d = h / nh;
+        let mut p = vec![0f32; b * nh * t * t];
+        let mut pm = vec![0f32; b * nh * t * t];
+        for bi in 0..b {
+            for hi in 0..nh {
+                for i in 0..t {
+                    let base = ((bi * nh + hi) * t + i) * t;
+                    let qrow = &q[(bi * t + i) * h + hi * d..][..d];
+                    let row = &mut p[base..base + t];
+                    for j in 0..t {
+                        row[j] = if self.allowed[(bi * t + i) * t + j] != 0.0 {
+                            let krow = &k[(bi * t + j) * h + hi * d..][..d];
+                            dot(qrow, krow) * self.scale
+                        } else {
+                            self.neg
+                        };
+                    }
+                    let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                    let mut sum = 0f32;
+                    for v in row.iter_mut() {
+                        *v = (*v - max).exp();
+                        sum += *v;
+                    }
+                    let qm = self.qmask[bi * t + i];
+                    for j in 0..t {
+                        row[j] /= sum;
+                        let drop = self.dropout.as_ref().map_or(1.0, |m| m[base + j]);
+                        pm[base + j] = row[j] * qm * drop;
+                    }
+                }
+            }
+        }
+        (p, pm)
+    }
+}
+
+impl CustomOp3 for MaskedAttention {
+    fn name(&self) -> &'static str {
+        "masked-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let q = f32_slice(s1, l1, "masked-attention")?;
+        let k = f32_slice(s2, l2, "masked-attention")?;
+        let v = f32_slice(s3, l3, "masked-attention")?;
+        let (b, t, h) = l1.shape().dims3()?;
+        let nh = self.heads;
+        let d = h / nh;
+        let (_, pm) = self.probs(q, k, b, t, h);
+        let mut out = vec![0f32; b * t * h];
+        for bi in 0..b {
+            for hi in 0..nh {
+                for i in 0..t {
+                    let prow = &pm[((bi * nh + hi) * t + i) * t..][..t];
+                    let orow = &mut out[(bi * t + i) * h + hi * d..][..d];
+                    for (j, &pj) in prow.iter().enumerate() {
+                        if pj != 0.0 {
+                            axpy(orow, pj, &v[(bi * t + j) * h + hi * d..][..d]);
+                        }
+                    }
+                }
+            }
+        }
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        qt: &Tensor,
+        kt: &Tensor,
+        vt: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b, t, h) = qt.dims3()?;
+        let nh = self.heads;
+        let d = h / nh;
+        let (q, k, v, go) = (host_vec(qt)?, host_vec(kt)?, host_vec(vt)?, host_vec(grad)?);
+        let (p, pm) = self.probs(&q, &k, b, t, h);
+        let mut dq = vec![0f32; q.len()];
+        let mut dk = vec![0f32; k.len()];
+        let mut dv = vec![0f32; v.len()];
+        let mut dp = vec![0f32; t];
+        for bi in 0..b {
+            for hi in 0..nh {
+                for i in 0..t {
+                    let base = ((bi * nh + hi) * t + i) * t;
+                    let gorow = &go[(bi * t + i) * h + hi * d..][..d];
+                    let qm = self.qmask[bi * t + i];
+                    // dV += Pmᵀ dO ; dPm = dO Vᵀ ; dP = dPm · qmask · dropout
+                    for j in 0..t {
+                        let vrow = &v[(bi * t + j) * h + hi * d..][..d];
+                        let pmj = pm[base + j];
+                        if pmj != 0.0 {
+                            axpy(&mut dv[(bi * t + j) * h + hi * d..][..d], pmj, gorow);
+                        }
+                        let drop = self.dropout.as_ref().map_or(1.0, |m| m[base + j]);
+                        dp[j] = dot(gorow, vrow) * qm * drop;
+                    }
+                    // Softmax backward; masked scores are constants.
+                    let prow = &p[base..base + t];
+                    let dot: f32 = prow.iter().zip(&dp).map(|(a, c)| a * c).sum();
+                    for j in 0..t {
+                        let allowed = self.allowed[(bi * t + i) * t + j];
+                        if allowed == 0.0 {
+                            continue;
+                        }
+                        let ds = prow[j] * (dp[j] - dot) * self.scale;
+                        if ds == 0.0 {
+                            continue;
+                        }
+                        let qoff = (bi * t + i) * h + hi * d;
+                        let koff = (bi * t + j) * h + hi * d;
+                        axpy(&mut dq[qoff..qoff + d], ds, &k[koff..koff + d]);
+                        axpy(&mut dk[koff..koff + d], ds, &q[qoff..qoff + d]);
+                    }
+                }
+            }
+        }
+        let dev = qt.device();
+        Ok((
+            Some(Tensor::from_vec(dq, qt.shape(), dev)?),
+            Some(Tensor::from_vec(dk, kt.shape(), dev)?),
+            Some(Tensor::from_vec(dv, vt.shape(), dev)?),
+        ))
+    }
+}
+
+/// Whether the fused attention can run on these tensors.
+pub fn attention_fast_path(q: &Tensor) -> bool {
+    fast_path(&[q])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn grads_of(f: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>) -> Vec<Vec<f32>> {
+        let dev = Device::Cpu;
+        let x = Var::from_vec(
+            (0..60)
+                .map(|i| ((i * 7 % 13) as f32 * 0.3).sin())
+                .collect::<Vec<_>>(),
+            (3, 4, 5),
+            &dev,
+        )
+        .unwrap();
+        let w = Var::from_vec(vec![0.5f32, -1.0, 2.0, 0.3, 1.1], 5, &dev).unwrap();
+        let b = Var::from_vec(vec![0.1f32, 0.2, -0.3, 0.0, 0.7], 5, &dev).unwrap();
+        let coef = Tensor::from_vec(
+            (0..60).map(|i| (i as f32 * 0.1).cos()).collect::<Vec<_>>(),
+            (3, 4, 5),
+            &dev,
+        )
+        .unwrap();
+        let y = f(x.as_tensor(), w.as_tensor(), b.as_tensor()).unwrap();
+        let loss = (y * coef).unwrap().sum_all().unwrap();
+        let g = loss.backward().unwrap();
+        let mut out = vec![vec![loss.to_scalar::<f32>().unwrap()]];
+        for v in [&x, &w, &b] {
+            out.push(
+                g.get(v.as_tensor())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap(),
+            );
+        }
+        out
+    }
+
+    fn assert_close(a: &[Vec<f32>], b: &[Vec<f32>]) {
+        for (x, y) in a.iter().zip(b) {
+            for (p, q) in x.iter().zip(y) {
+                assert!((p - q).abs() < 1e-5, "{p} vs {q}");
+            }
+        }
+    }
+
+    #[test]
+    fn fused_layer_norm_matches_composed() {
+        assert_close(
+            &grads_of(|x, w, b| layer_norm(x, w, b, 1e-5)),
+            &grads_of(|x, w, b| layer_norm_composed(x, w, b, 1e-5)),
+        );
+    }
+
+    #[test]
+    fn fused_attention_matches_composed() {
+        let dev = Device::Cpu;
+        let (b, t, h, nh) = (2usize, 4usize, 6usize, 2usize);
+        let d = h / nh;
+        let mk = |seed: usize| {
+            Var::from_vec(
+                (0..b * t * h)
+                    .map(|i| (((i + seed) * 37 % 23) as f32 * 0.21).sin())
+                    .collect::<Vec<_>>(),
+                (b, t, h),
+                &dev,
+            )
+            .unwrap()
+        };
+        let (q, k, v) = (mk(1), mk(2), mk(3));
+        // Row 1 has its last key padded; query 3 of row 0 is masked after the softmax.
+        let mut allowed = vec![0f32; b * t * t];
+        for bi in 0..b {
+            for i in 0..t {
+                for j in 0..=i {
+                    allowed[(bi * t + i) * t + j] = if bi == 1 && j == 3 { 0.0 } else { 1.0 };
+                }
+            }
+        }
+        let mut qmask = vec![1f32; b * t];
+        qmask[3] = 0.0;
+        let drop: Vec<f32> = (0..b * nh * t * t)
+            .map(|i| if i % 5 == 0 { 0.0 } else { 1.25 })
+            .collect();
+        let coef = Tensor::from_vec(
+            (0..b * t * h)
+                .map(|i| (i as f32 * 0.3).cos())
+                .collect::<Vec<_>>(),
+            (b, t, h),
+            &dev,
+        )
+        .unwrap();
+        let run = |fused: bool| -> Vec<Vec<f32>> {
+            let out = if fused {
+                let op = MaskedAttention {
+                    heads: nh,
+                    scale: 0.4,
+                    neg: -4_294_967_295.0,
+                    allowed: allowed.clone(),
+                    qmask: qmask.clone(),
+                    dropout: Some(drop.clone()),
+                };
+                q.as_tensor()
+                    .apply_op3(k.as_tensor(), v.as_tensor(), op)
+                    .unwrap()
+            } else {
+                let split = |x: &Tensor| {
+                    x.reshape((b, t, nh, d))
+                        .unwrap()
+                        .transpose(1, 2)
+                        .unwrap()
+                        .contiguous()
+                        .unwrap()
+                };
+                let (qs, ks, vs) = (
+                    split(q.as_tensor()),
+                    split(k.as_tensor()),
+                    split(v.as_tensor()),
+                );
+                let scores = (qs.matmul(&ks.t().unwrap()).unwrap() * 0.4).unwrap();
+                let al = Tensor::from_vec(allowed.clone(), (b, 1, t, t), &dev).unwrap();
+                let blocked = al.affine(-1.0, 1.0).unwrap();
+                let masked = (scores.broadcast_mul(&al).unwrap()
+                    + (blocked * -4_294_967_295.0)
+                        .unwrap()
+                        .broadcast_as(scores.shape())
+                        .unwrap())
+                .unwrap();
+                let p = candle_nn::ops::softmax(&masked, D::Minus1).unwrap();
+                let p = p
+                    .broadcast_mul(&Tensor::from_vec(qmask.clone(), (b, 1, t, 1), &dev).unwrap())
+                    .unwrap();
+                let p = p
+                    .mul(&Tensor::from_vec(drop.clone(), (b, nh, t, t), &dev).unwrap())
+                    .unwrap();
+                p.matmul(&vs)
+                    .unwrap()
+                    .transpose(1, 2)
+                    .unwrap()
+                    .reshape((b, t, h))
+                    .unwrap()
+            };
+            let loss = (out * &coef).unwrap().sum_all().unwrap();
+            let g = loss.backward().unwrap();
+            let mut r = vec![vec![loss.to_scalar::<f32>().unwrap()]];
+            for x in [&q, &k, &v] {
+                r.push(
+                    g.get(x.as_tensor())
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap(),
+                );
+            }
+            r
+        };
+        assert_close(&run(true), &run(false));
+    }
+
+    #[test]
+    fn add_trailing_matches_broadcast_add() {
+        assert_close(
+            &grads_of(|x, w, b| add_trailing(&add_trailing(x, w)?, b)),
+            &grads_of(|x, w, b| x.broadcast_add(w)?.broadcast_add(b)),
+        );
+    }
+}
