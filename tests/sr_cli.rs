@@ -310,3 +310,16 @@ fn released_checkpoints_evaluate_on_prepared_splits() {
     ]);
     assert!(err.contains("4606") && err.contains("1682"), "{err}");
 }
+
+#[test]
+fn quickstart_runs_end_to_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("qs");
+    let stdout = ok(&["quickstart", "--out", s(&out), "--epochs", "2"]);
+    assert!(stdout.contains("HR@1"), "{stdout}");
+    assert!(out.join("data/meta.json").exists());
+    let m = json(&out.join("sasrec/metrics.json"));
+    assert!(m["hr@1"].as_f64().unwrap() > 0.05, "{m}");
+    // Running it again replaces its outputs.
+    ok(&["quickstart", "--out", s(&out), "--epochs", "1"]);
+}

@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod data;
+pub mod quickstart;
 pub mod sr;
 
 use anyhow::Result;
@@ -30,6 +31,8 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Build, generate and inspect dataset folders.
+    /// Run the pipeline on the embedded synthetic default (no network, no downloads).
+    Quickstart(quickstart::QuickstartArgs),
     #[command(subcommand)]
     Data(data::DataCommand),
     /// Train a sequential recommender (SASRec, GRU4Rec, Caser) and score it on the fixed candidates.
@@ -50,6 +53,7 @@ pub fn parse(args: Vec<OsString>) -> Result<Cli> {
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Quickstart(a) => quickstart::run(a),
         Command::Data(cmd) => data::run(cmd),
         Command::TrainSr(a) => sr::train_sr(*a),
         Command::EvalSr(a) => sr::eval_sr(a),
