@@ -3,7 +3,7 @@
 
 use super::nn::{embed, matmul_t, Linear};
 use super::{Batch, Config};
-use candle_core::{Result, Tensor, D};
+use candle_core::{DType, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 pub struct GRU4Rec {
@@ -33,6 +33,43 @@ impl GRU4Rec {
 
     /// The GRU's hidden state after each history's last item: `[B, H]`.
     pub fn state(&self, batch: &Batch) -> Result<Tensor> {
+        if super::ops::fused_ok(&self.item_embeddings) {
+            self.state_fused(batch)
+        } else {
+            self.state_composed(batch)
+        }
+    }
+
+    /// Input projections of every step at once: `[B, steps, 3H]`.
+    fn input_gates(&self, batch: &Batch, steps: usize) -> Result<Tensor> {
+        let emb = embed(&self.item_embeddings, &batch.seq.narrow(1, 0, steps)?)?;
+        matmul_t(&emb, &self.weight_ih)?.broadcast_add(&self.bias_ih)
+    }
+
+    /// One fused gate op per step; rows past their length keep their state.
+    pub fn state_fused(&self, batch: &Batch) -> Result<Tensor> {
+        let (b, _) = batch.seq.dims2()?;
+        let steps = batch.lens.iter().copied().max().unwrap_or(0);
+        let mut state = Tensor::zeros((b, self.hidden), DType::F32, self.item_embeddings.device())?;
+        if steps == 0 {
+            return Ok(state);
+        }
+        let gi = self.input_gates(batch, steps)?;
+        for t in 0..steps {
+            let gi_t = gi.narrow(1, t, 1)?.squeeze(1)?.contiguous()?;
+            let gh = super::ops::add_trailing(&matmul_t(&state, &self.weight_hh)?, &self.bias_hh)?;
+            let active = batch
+                .lens
+                .iter()
+                .map(|&l| if t < l { 1.0 } else { 0.0 })
+                .collect();
+            state = gi_t.apply_op3(&gh, &state, super::ops::GruCell { active })?;
+        }
+        Ok(state)
+    }
+
+    /// The same from differentiable primitives (any device).
+    pub fn state_composed(&self, batch: &Batch) -> Result<Tensor> {
         let h = self.hidden;
         let (b, _) = batch.seq.dims2()?;
         let steps = batch.lens.iter().copied().max().unwrap_or(0);
@@ -44,9 +81,7 @@ impl GRU4Rec {
         if steps == 0 {
             return Ok(state);
         }
-        let emb = embed(&self.item_embeddings, &batch.seq.narrow(1, 0, steps)?)?;
-        // Input projections of every step at once: [B, steps, 3H].
-        let gi = matmul_t(&emb, &self.weight_ih)?.broadcast_add(&self.bias_ih)?;
+        let gi = self.input_gates(batch, steps)?;
         let w_hh = self.weight_hh.t()?;
         let mut states = Vec::with_capacity(steps);
         for t in 0..steps {
@@ -71,5 +106,63 @@ impl GRU4Rec {
 
     pub fn forward(&self, batch: &Batch) -> Result<Tensor> {
         self.s_fc.forward(&self.state(batch)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sr::train::init_varmap;
+    use crate::sr::{Arch, Config};
+    use candle_core::Device;
+
+    /// The fused GRU gives the composed GRU's state and gradients.
+    #[test]
+    fn fused_matches_composed() {
+        let dev = Device::Cpu;
+        let cfg = Config::new(Arch::Gru4rec, 30, 8);
+        let vm = init_varmap(&cfg, 5, &dev).unwrap();
+        let m = GRU4Rec::load(VarBuilder::from_varmap(&vm, DType::F32, &dev), &cfg).unwrap();
+        let hist: Vec<Vec<u32>> = vec![
+            vec![1, 2, 3],
+            vec![4],
+            vec![],
+            (0..12).collect(),
+            vec![7, 7, 8, 9],
+        ];
+        let refs: Vec<&[u32]> = hist.iter().map(Vec::as_slice).collect();
+        let batch = Batch::new(&refs, &cfg, &dev).unwrap();
+        let coef = Tensor::from_vec(
+            (0..40).map(|i| (i as f32 * 0.7).sin()).collect::<Vec<_>>(),
+            (5, 8),
+            &dev,
+        )
+        .unwrap();
+        let run = |fused: bool| -> Vec<Vec<f32>> {
+            let s = if fused {
+                m.state_fused(&batch)
+            } else {
+                m.state_composed(&batch)
+            }
+            .unwrap();
+            let loss = (s * &coef).unwrap().sum_all().unwrap();
+            let g = loss.backward().unwrap();
+            let mut out = vec![vec![loss.to_scalar::<f32>().unwrap()]];
+            for t in [
+                &m.item_embeddings,
+                &m.weight_ih,
+                &m.weight_hh,
+                &m.bias_ih,
+                &m.bias_hh,
+            ] {
+                out.push(g.get(t).unwrap().flatten_all().unwrap().to_vec1().unwrap());
+            }
+            out
+        };
+        for (a, b) in run(true).iter().zip(&run(false)) {
+            for (x, y) in a.iter().zip(b) {
+                assert!((x - y).abs() < 1e-5, "{x} vs {y}");
+            }
+        }
     }
 }

@@ -398,6 +398,109 @@ pub fn attention_fast_path(q: &Tensor) -> bool {
     fast_path(&[q])
 }
 
+/// One step of PyTorch's GRU over a batch, gates fused: `gi = x W_ihᵀ + b_ih`, `gh = h W_hhᵀ + b_hh`
+/// (`[B, 3H]`, gate order r, z, n) and `h [B, H]` → `h' [B, H]`. Rows whose `active` flag is 0 keep
+/// their state (sequences shorter than the step).
+pub struct GruCell {
+    pub active: Vec<f32>,
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+impl CustomOp3 for GruCell {
+    fn name(&self) -> &'static str {
+        "gru-cell"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let gi = f32_slice(s1, l1, "gru-cell")?;
+        let gh = f32_slice(s2, l2, "gru-cell")?;
+        let h = f32_slice(s3, l3, "gru-cell")?;
+        let (b, hd) = l3.shape().dims2()?;
+        let mut out = h.to_vec();
+        for r in 0..b {
+            if self.active[r] == 0.0 {
+                continue;
+            }
+            let (gi, gh) = (&gi[r * 3 * hd..][..3 * hd], &gh[r * 3 * hd..][..3 * hd]);
+            for j in 0..hd {
+                let rg = sigmoid(gi[j] + gh[j]);
+                let zg = sigmoid(gi[hd + j] + gh[hd + j]);
+                let ng = (gi[2 * hd + j] + rg * gh[2 * hd + j]).tanh();
+                let hp = h[r * hd + j];
+                out[r * hd + j] = ng + zg * (hp - ng);
+            }
+        }
+        Ok((CpuStorage::F32(out), l3.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        git: &Tensor,
+        ght: &Tensor,
+        ht: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b, hd) = ht.dims2()?;
+        let (gi, gh, h, g) = (
+            host_vec(git)?,
+            host_vec(ght)?,
+            host_vec(ht)?,
+            host_vec(grad)?,
+        );
+        let mut dgi = vec![0f32; gi.len()];
+        let mut dgh = vec![0f32; gh.len()];
+        let mut dh = g.clone();
+        for r in 0..b {
+            if self.active[r] == 0.0 {
+                continue;
+            }
+            let o = r * 3 * hd;
+            for j in 0..hd {
+                let rg = sigmoid(gi[o + j] + gh[o + j]);
+                let zg = sigmoid(gi[o + hd + j] + gh[o + hd + j]);
+                let ng = (gi[o + 2 * hd + j] + rg * gh[o + 2 * hd + j]).tanh();
+                let hp = h[r * hd + j];
+                let go = g[r * hd + j];
+                let dz = go * (hp - ng);
+                let dn = go * (1.0 - zg);
+                dh[r * hd + j] = go * zg;
+                let dn_pre = dn * (1.0 - ng * ng);
+                let dr_pre = dn_pre * gh[o + 2 * hd + j] * rg * (1.0 - rg);
+                let dz_pre = dz * zg * (1.0 - zg);
+                dgi[o + j] = dr_pre;
+                dgi[o + hd + j] = dz_pre;
+                dgi[o + 2 * hd + j] = dn_pre;
+                dgh[o + j] = dr_pre;
+                dgh[o + hd + j] = dz_pre;
+                dgh[o + 2 * hd + j] = dn_pre * rg;
+            }
+        }
+        let dev = ht.device();
+        Ok((
+            Some(Tensor::from_vec(dgi, git.shape(), dev)?),
+            Some(Tensor::from_vec(dgh, ght.shape(), dev)?),
+            Some(Tensor::from_vec(dh, ht.shape(), dev)?),
+        ))
+    }
+}
+
+/// Whether the fused CPU kernels apply to `t`.
+pub fn fused_ok(t: &Tensor) -> bool {
+    fast_path(&[t])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
