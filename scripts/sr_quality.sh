@@ -5,15 +5,15 @@
 #   and LLaRA's released weights scored by `llara eval-sr` on the same candidates.
 # Writes runs/sr-quality/ and docs/results/sr_quality.md.
 #
-#   scripts/sr_quality.sh                  # all of it (about an hour on 2 cores)
-#   EPOCHS=50 PATIENCE=8 JOBS=2 SEEDS="1 2 3 4 5" DATASETS="lastfm movielens" scripts/sr_quality.sh
+#   scripts/sr_quality.sh                  # all of it (about 40 minutes on 2 cores)
+#   EPOCHS=60 PATIENCE=15 JOBS=2 SEEDS="1 2 3 4 5" DATASETS="lastfm movielens" scripts/sr_quality.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED="${LLARA_SHARED:-../shared}"
 LLARA="${LLARA:-target/release/llara}"
-EPOCHS="${EPOCHS:-50}"
-PATIENCE="${PATIENCE:-8}"
-JOBS="${JOBS:-1}"
+EPOCHS="${EPOCHS:-60}"
+PATIENCE="${PATIENCE:-15}"
+JOBS="${JOBS:-2}"
 SEEDS="${SEEDS:-1 2 3 4 5}"
 DATASETS="${DATASETS:-lastfm movielens}"
 MODELS="${MODELS:-sasrec gru4rec caser}"
