@@ -25,7 +25,9 @@ print("# Sequential recommenders: llara vs. LLaRA's released checkpoints\n")
 print(f"Fixed 20-candidate test sets from `llara data prepare --from llara-jsonl` (seed 42, min history 3).")
 print(f"llara: `llara train-sr --epochs {epochs} --patience {patience}` with default hyper-parameters "
       "(Adam lr 1e-3, L2 1e-4, batch 256, dropout 0.1, hidden 64, BCE with one negative), seeds as listed; "
-      "best epoch by valid HR@1. Released: `llara eval-sr` on LLaRA's weights in `../shared/recmodels`.\n")
+      "best epoch by valid HR@1. Released: `llara eval-sr` on LLaRA's weights in `../shared/recmodels`. "
+      "Runs went two at a time on the 2-core machine (one thread each), so examples/s here is below the "
+      "quiet-machine figure of `scripts/bench_sr.sh`. Command: `scripts/sr_quality.sh`.\n")
 print("| dataset | model | source | seeds | HR@1 | NDCG@5 | best epoch (mean) | epochs run (mean) | train s (mean) | examples/s (median) |")
 print("|---|---|---|---|---|---|---|---|---|---|")
 for (d, m), rs in sorted(rows.items()):

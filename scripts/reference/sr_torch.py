@@ -182,6 +182,8 @@ def main():
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--save", help="write the weights after every epoch to SAVE-eN.safetensors (+ .json), "
+                    "PyTorch names, so that `llara eval-sr --model SAVE-eN.safetensors` scores them")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
@@ -209,7 +211,7 @@ def main():
     examples = 0
     losses = []
     start = time.perf_counter()
-    for _ in range(a.epochs):
+    for epoch in range(1, a.epochs + 1):
         perm = torch.randperm(len(rows))
         for b in range(0, len(rows), a.batch_size):
             idx = perm[b : b + a.batch_size]
@@ -224,6 +226,13 @@ def main():
             opt.step()
             examples += len(idx)
             losses.append(loss.item())
+        if a.save:
+            from safetensors.torch import save_file
+            state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+            save_file(state, f"{a.save}-e{epoch}.safetensors")
+            cfg = {"model": a.model, "item_num": n, "hidden_size": 64, "state_size": T, "padding_item_id": n,
+                   "num_heads": 1, "dropout": 0.1, "num_filters": 16, "filter_sizes": [2, 3, 4]}
+            json.dump(cfg, open(f"{a.save}-e{epoch}.json", "w"))
     seconds = time.perf_counter() - start
     print(json.dumps({
         "impl": "pytorch", "torch": torch.__version__, "model": a.model, "data": a.data,
