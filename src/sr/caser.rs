@@ -59,11 +59,14 @@ impl Caser {
             let conv = matmul_t(&unfolded, w)?.broadcast_add(b)?.relu()?; // [B, windows, F]
             parts.push(conv.max(1)?);
         }
-        // Vertical: weighted sum over positions, per feature.
-        let v = emb
-            .transpose(1, 2)?
-            .broadcast_mul(&self.vertical_w)?
-            .sum(D::Minus1)?
+        // Vertical: a weighted sum over positions, per feature, as one matmul over [T, B*H].
+        let (b, _, h) = emb.dims3()?;
+        let by_position = emb.transpose(0, 1)?.contiguous()?.reshape((t, b * h))?;
+        let v = self
+            .vertical_w
+            .reshape((1, t))?
+            .matmul(&by_position)?
+            .reshape((b, h))?
             .broadcast_add(&self.vertical_b)?
             .relu()?; // [B, H]
         parts.push(v);

@@ -43,7 +43,7 @@ impl GRU4Rec {
     /// Input projections of every step at once: `[B, steps, 3H]`.
     fn input_gates(&self, batch: &Batch, steps: usize) -> Result<Tensor> {
         let emb = embed(&self.item_embeddings, &batch.seq.narrow(1, 0, steps)?)?;
-        matmul_t(&emb, &self.weight_ih)?.broadcast_add(&self.bias_ih)
+        super::ops::add_trailing(&matmul_t(&emb, &self.weight_ih)?, &self.bias_ih)
     }
 
     /// One fused gate op per step; rows past their length keep their state.
