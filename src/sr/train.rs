@@ -85,7 +85,7 @@ pub fn init_params(cfg: &Config, seed: u64) -> Vec<(String, Vec<usize>, Vec<f32>
         vec![
             (
                 format!("{name}.weight"),
-                wshape.iter().product::<usize>().max(out * inp),
+                wshape.iter().product::<usize>(),
                 wshape,
                 I::Uniform(b),
             ),
