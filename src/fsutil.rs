@@ -2,7 +2,7 @@
 //! into place at the end, so an interrupted or failed run never leaves a half-written artifact.
 
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 
 /// A folder being written. Created as a hidden temporary sibling of `dest`; [`StagedDir::commit`]
@@ -84,18 +84,4 @@ impl StagedDir {
         }
         result.map(|_| self.dest.clone())
     }
-}
-
-/// Writes a single file atomically: a temporary sibling, flushed and synced, then renamed.
-pub fn write_atomic(dest: &Path, bytes: &[u8]) -> io::Result<()> {
-    let parent = match dest.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    fs::create_dir_all(&parent)?;
-    let mut tmp = tempfile::NamedTempFile::new_in(&parent)?;
-    tmp.write_all(bytes)?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(dest).map_err(|e| e.error)?;
-    Ok(())
 }

@@ -2,6 +2,9 @@
 //!
 //! The pipeline has one module per stage; see `ARCHITECTURE.md` for the code map.
 //! - [`data`]: dataset folders (items, chronological histories, splits, fixed candidate sets).
+//! - [`sr`]: sequential recommenders (SASRec, GRU4Rec, Caser), their training and evaluation.
+//! - [`eval`]: ranking metrics shared by every model.
+//! - [`cli`]: the `llara` command line; [`device`]: `--device`.
 //! - [`fsutil`]: atomic output (temporary folder renamed at the end).
 
 pub mod cli;

@@ -393,11 +393,6 @@ impl CustomOp3 for MaskedAttention {
     }
 }
 
-/// Whether the fused attention can run on these tensors.
-pub fn attention_fast_path(q: &Tensor) -> bool {
-    fast_path(&[q])
-}
-
 /// One step of PyTorch's GRU over a batch, gates fused: `gi = x W_ihᵀ + b_ih`, `gh = h W_hhᵀ + b_hh`
 /// (`[B, 3H]`, gate order r, z, n) and `h [B, H]` → `h' [B, H]`. Rows whose `active` flag is 0 keep
 /// their state (sequences shorter than the step).

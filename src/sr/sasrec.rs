@@ -50,7 +50,7 @@ impl MultiHeadAttention {
         let allowed = key_mask
             .reshape((b, 1, t))?
             .broadcast_mul(&causal.reshape((1, t, t))?)?; // [B, T, T]
-        if super::ops::attention_fast_path(queries) {
+        if super::ops::fused_ok(queries) {
             let drop = dropout.as_mut().map(|d| d.mask_values(b * nh * t * t));
             let op = super::ops::MaskedAttention {
                 heads: nh,
