@@ -46,8 +46,7 @@ fn synth_dataset_is_deterministic_and_valid() {
             "{f} differs between runs/thread counts"
         );
     }
-    let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(a.join("meta.json")).unwrap()).unwrap();
+    let meta = json(&a.join("meta.json"));
     let n = meta["n_items"].as_u64().unwrap() as u32;
     assert_eq!(meta["max_history"], 10);
     assert_eq!(meta["min_history"], 3);
@@ -160,8 +159,7 @@ fn interactions_csv_both_splits() {
         "--out",
         s(&out),
     ]);
-    let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("meta.json")).unwrap()).unwrap();
+    let meta = json(&out.join("meta.json"));
     assert_eq!(
         meta["users"],
         serde_json::json!({"train": 8, "valid": 1, "test": 1})
@@ -218,8 +216,7 @@ fn interactions_csv_both_splits() {
         "--out",
         s(&out),
     ]);
-    let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("meta.json")).unwrap()).unwrap();
+    let meta = json(&out.join("meta.json"));
     assert_eq!(meta["interactions"], 50);
     assert_eq!(meta["rows"]["test"], 10);
     assert_eq!(meta["rows"]["valid"], 10);
@@ -540,8 +537,7 @@ fn config_values_are_defaults_and_flags_win() {
         "--seed",
         "6",
     ]);
-    let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(a.join("meta.json")).unwrap()).unwrap();
+    let meta = json(&a.join("meta.json"));
     assert_eq!(meta["n_items"], 50);
     assert_eq!(meta["seed"], 6);
     assert_eq!(meta["min_history"], 2);
@@ -568,8 +564,7 @@ fn committed_configs_and_demo_data_run() {
         "{}",
         String::from_utf8_lossy(&stdout.stderr)
     );
-    let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(books.join("meta.json")).unwrap()).unwrap();
+    let meta = json(&books.join("meta.json"));
     assert_eq!(meta["domain"], "book");
     assert_eq!(meta["n_items"], 30);
     assert_eq!(meta["split"], "leave-last-out");

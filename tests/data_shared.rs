@@ -5,10 +5,6 @@ use common::*;
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
-fn meta(dir: &Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(dir.join("meta.json")).unwrap()).unwrap()
-}
-
 #[test]
 fn movielens_100k_reproduces_llara_counts_and_train_rows() {
     let Some(shared) = shared() else { return };
@@ -23,7 +19,7 @@ fn movielens_100k_reproduces_llara_counts_and_train_rows() {
         "--out",
         s(&out),
     ]);
-    let m = meta(&out);
+    let m = json(&out.join("meta.json"));
     assert_eq!(m["n_items"], 1682);
     assert_eq!(m["interactions"], 82520);
     assert_eq!(m["users"]["train"], 754);
@@ -124,7 +120,7 @@ fn lastfm_round_trip() {
         "--out",
         s(&out),
     ]);
-    let m = meta(&out);
+    let m = json(&out.join("meta.json"));
     assert_eq!(m["rows_before_filter"]["train"], 50800);
     assert_eq!(m["rows"]["train"], 47872);
     assert_eq!(m["rows"]["valid"], 122);
@@ -178,7 +174,7 @@ fn steam_and_movielens_splits_prepare() {
             "--out",
             s(&out),
         ]);
-        let m = meta(&out);
+        let m = json(&out.join("meta.json"));
         assert_eq!(m["n_items"], items);
         assert_eq!(m["domain"], domain);
         assert_eq!(m["rows"]["test"], test_rows);

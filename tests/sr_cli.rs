@@ -5,10 +5,6 @@ mod common;
 use common::*;
 use std::path::Path;
 
-fn json(path: &Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
 fn small_synth(dir: &Path) -> std::path::PathBuf {
     let d = dir.join("synth");
     ok(&[

@@ -3,7 +3,7 @@
 //! (over all ratings) and split 8:1:1, titles as LLaRA's `get_mv_title` makes them.
 
 use crate::data::split::{build_rows, Interaction, SplitMethod};
-use crate::data::text::{content_hash, latin1, read_bytes, utf8_lines};
+use crate::data::text::{check_title, content_hash, latin1, read_bytes, utf8_lines};
 use crate::data::{DataError, Prepared, Result};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -65,9 +65,7 @@ pub fn load(src: &Path, min_rating: f64) -> Result<Prepared> {
             return Err(DataError::line(&item_path, no, msg));
         }
         let title = llara_title(fields[1]);
-        if title.contains('\t') {
-            return Err(DataError::line(&item_path, no, "title contains a tab"));
-        }
+        check_title(&title).map_err(|m| DataError::line(&item_path, no, m))?;
         if title.trim().is_empty() {
             empty.push(titles.len() as u32);
         }
