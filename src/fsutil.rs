@@ -85,3 +85,26 @@ impl StagedDir {
         result.map(|_| self.dest.clone())
     }
 }
+
+/// Writes one file atomically: `write` fills a temporary sibling of `dest`, which is then renamed
+/// over `dest`. On error (or panic) the temporary file is removed and `dest` is untouched.
+pub fn write_file_atomic<E: From<io::Error>>(
+    dest: &Path,
+    write: impl FnOnce(&Path) -> Result<(), E>,
+) -> Result<(), E> {
+    let parent = match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    fs::create_dir_all(&parent)?;
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into());
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}.tmp-"))
+        .tempfile_in(&parent)?;
+    write(tmp.path())?;
+    tmp.persist(dest).map_err(|e| e.error)?;
+    Ok(())
+}

@@ -12,4 +12,5 @@ pub mod data;
 pub mod device;
 pub mod eval;
 pub mod fsutil;
+pub mod llm;
 pub mod sr;

@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod data;
+pub mod llm;
 pub mod quickstart;
 pub mod sr;
 
@@ -30,15 +31,18 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Build, generate and inspect dataset folders.
     /// Run the pipeline on the embedded synthetic default (no network, no downloads).
     Quickstart(quickstart::QuickstartArgs),
+    /// Build, generate and inspect dataset folders.
     #[command(subcommand)]
     Data(data::DataCommand),
     /// Train a sequential recommender (SASRec, GRU4Rec, Caser) and score it on the fixed candidates.
     TrainSr(Box<sr::TrainSrArgs>),
     /// Score a trained recommender (a train-sr run or LLaRA's released weights) on a dataset's candidates.
     EvalSr(sr::EvalSrArgs),
+    /// Load a Llama-family backbone: info, generation, logits for parity checks.
+    #[command(subcommand)]
+    Llm(llm::LlmCommand),
 }
 
 /// Parses `args` (the program name first), applying `--config`.
@@ -57,5 +61,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Data(cmd) => data::run(cmd),
         Command::TrainSr(a) => sr::train_sr(*a),
         Command::EvalSr(a) => sr::eval_sr(a),
+        Command::Llm(cmd) => llm::run(cmd),
     }
 }

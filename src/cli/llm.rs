@@ -1,0 +1,285 @@
+//! `llara llm info|generate|logits`: quick checks that a backbone (and an adapter) works, and
+//! all-position logits for comparison with other implementations.
+
+use crate::llm::generate::{generate, GenOptions};
+use crate::llm::{self, LlmOptions, Loaded, Step};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor};
+use clap::{Args, Subcommand};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+#[derive(Subcommand, Debug)]
+pub enum LlmCommand {
+    /// Architecture, parameter count, vocabulary, dtype and where the files came from.
+    Info(InfoArgs),
+    /// Generate a continuation of one or more prompts (greedy unless --temperature > 0).
+    Generate(GenerateArgs),
+    /// Token ids and the logits at every position of a prompt, as safetensors (`ids`, `logits`).
+    Logits(LogitsArgs),
+}
+
+/// How to load a backbone: shared by every command that runs an LLM.
+#[derive(Args, Debug, Clone)]
+pub struct BackboneArgs {
+    /// A Hugging Face model folder, a .gguf file, or a hub id (owner/name).
+    #[arg(long, value_name = "SPEC")]
+    pub llm: String,
+    /// Hub revision (branch, tag or commit) when --llm is a hub id.
+    #[arg(long)]
+    pub revision: Option<String>,
+    /// A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors).
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
+    /// Fold the adapter into the base weights before running (faster inference).
+    #[arg(long)]
+    pub merge: bool,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Dtype of the frozen weights: f32, bf16 or f16 (default f32 on CPU, bf16 on CUDA).
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// CPU threads for tensor ops.
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+}
+
+pub fn parse_dtype(s: &str) -> Result<DType> {
+    Ok(match s.to_ascii_lowercase().as_str() {
+        "f32" | "float32" => DType::F32,
+        "bf16" | "bfloat16" => DType::BF16,
+        "f16" | "float16" => DType::F16,
+        other => bail!("--dtype {other}: expected f32, bf16 or f16"),
+    })
+}
+
+impl BackboneArgs {
+    pub fn load(&self) -> Result<Loaded> {
+        super::sr::set_threads(self.threads)?;
+        let device = crate::device::parse(&self.device).map_err(anyhow::Error::msg)?;
+        let dtype = self.dtype.as_deref().map(parse_dtype).transpose()?;
+        let opts = LlmOptions {
+            device,
+            dtype,
+            revision: self.revision.clone(),
+        };
+        let started = std::time::Instant::now();
+        let mut loaded = llm::load(&self.llm, &opts)?;
+        if let Some(dir) = &self.adapter {
+            llm::lora::load_adapter(&mut loaded.model, dir)
+                .with_context(|| format!("--adapter {}", dir.display()))?;
+            if self.merge {
+                llm::lora::merge(&mut loaded.model)?;
+            }
+        } else if self.merge {
+            bail!("--merge needs --adapter");
+        }
+        tracing::info!(
+            "loaded {} in {:.1}s",
+            loaded.name(),
+            started.elapsed().as_secs_f64()
+        );
+        Ok(loaded)
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct InfoArgs {
+    #[command(flatten)]
+    pub backbone: BackboneArgs,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub backbone: BackboneArgs,
+    /// A prompt (repeat for a batch).
+    #[arg(long, required = true)]
+    pub prompt: Vec<String>,
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// Sampling temperature (0: greedy).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    /// Nucleus sampling mass (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    /// Stop when the output contains this string (repeatable), e.g. --stop '\n'.
+    #[arg(long)]
+    pub stop: Vec<String>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Do not add the tokenizer's special tokens (BOS) to the prompt.
+    #[arg(long)]
+    pub no_special: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct LogitsArgs {
+    #[command(flatten)]
+    pub backbone: BackboneArgs,
+    #[arg(long)]
+    pub prompt: String,
+    /// Output .safetensors file: `ids` (i64 [T]) and `logits` (f32 [T, vocab]).
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+    /// Do not add the tokenizer's special tokens (BOS) to the prompt.
+    #[arg(long)]
+    pub no_special: bool,
+}
+
+pub fn run(cmd: LlmCommand) -> Result<()> {
+    match cmd {
+        LlmCommand::Info(a) => info(a),
+        LlmCommand::Generate(a) => run_generate(a),
+        LlmCommand::Logits(a) => logits(a),
+    }
+}
+
+fn info(a: InfoArgs) -> Result<()> {
+    let l = a.backbone.load()?;
+    let c = &l.model.cfg;
+    let adapter_params: usize = llm::lora::adapter_vars(&l.model)
+        .iter()
+        .map(|(_, v)| v.elem_count())
+        .sum();
+    let v = serde_json::json!({
+        "architecture": c.architecture,
+        "parameters": c.parameter_count(),
+        "adapter_parameters": adapter_params,
+        "layers": c.num_hidden_layers,
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "heads": c.num_attention_heads,
+        "kv_heads": c.num_key_value_heads,
+        "head_dim": c.head_dim,
+        "vocab_size": c.vocab_size,
+        "added_tokens": llm::ADDED_TOKENS.iter().map(|t| (t.to_string(), l.tokenizer.added_id(t))).collect::<HashMap<_, _>>(),
+        "tied_embeddings": c.tie_word_embeddings,
+        "rope_theta": c.rope_theta,
+        "rms_norm_eps": c.rms_norm_eps,
+        "bos": l.tokenizer.bos,
+        "eos": l.tokenizer.eos,
+        "dtype": format!("{:?}", l.model.dtype()).to_lowercase(),
+        "device": format!("{:?}", l.model.device()),
+        "source": l.source,
+        "lora": l.model.lora,
+    });
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("architecture   {}", c.architecture);
+    println!(
+        "parameters     {} ({:.1} M){}",
+        c.parameter_count(),
+        c.parameter_count() as f64 / 1e6,
+        if adapter_params > 0 {
+            format!(" + {adapter_params} LoRA")
+        } else {
+            String::new()
+        }
+    );
+    println!(
+        "shape          {} layers, hidden {}, ffn {}, {} heads / {} kv heads, head dim {}",
+        c.num_hidden_layers,
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.head_dim
+    );
+    println!(
+        "vocabulary     {} (+ {} added: {}), tied embeddings: {}",
+        c.vocab_size,
+        llm::ADDED_TOKENS.len(),
+        llm::ADDED_TOKENS.join(" "),
+        c.tie_word_embeddings
+    );
+    println!(
+        "rope theta     {}, rms eps {:e}",
+        c.rope_theta, c.rms_norm_eps as f32
+    );
+    println!(
+        "dtype, device  {}, {}",
+        v["dtype"].as_str().unwrap_or(""),
+        v["device"].as_str().unwrap_or("")
+    );
+    println!("source         {}", serde_json::to_string(&l.source)?);
+    Ok(())
+}
+
+fn run_generate(a: GenerateArgs) -> Result<()> {
+    let l = a.backbone.load()?;
+    let rows: Vec<Vec<u32>> = a
+        .prompt
+        .iter()
+        .map(|p| l.tokenizer.encode(p, !a.no_special))
+        .collect::<Result<_, _>>()
+        .map_err(anyhow::Error::msg)?;
+    if let Some(i) = rows.iter().position(|r| r.is_empty()) {
+        bail!("--prompt {:?} has no tokens", a.prompt[i]);
+    }
+    let lengths: Vec<usize> = rows.iter().map(|r| r.len()).collect();
+    let embeds = l.model.embed(&rows, None)?;
+    let stop = a
+        .stop
+        .iter()
+        .map(|s| s.replace("\\n", "\n").replace("\\t", "\t"))
+        .collect();
+    let opts = GenOptions {
+        max_new_tokens: a.max_new_tokens,
+        temperature: a.temperature,
+        top_p: a.top_p,
+        stop,
+        seed: a.seed,
+    };
+    let started = std::time::Instant::now();
+    let out = generate(&l.model, &l.tokenizer, &embeds, &lengths, &opts)?;
+    let n: usize = out.iter().map(|g| g.ids.len()).sum();
+    for g in &out {
+        println!("{}", g.text);
+    }
+    tracing::info!(
+        "{n} tokens in {:.2}s ({:.1} tokens/s)",
+        started.elapsed().as_secs_f64(),
+        n as f64 / started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn logits(a: LogitsArgs) -> Result<()> {
+    let l = a.backbone.load()?;
+    let ids = l
+        .tokenizer
+        .encode(&a.prompt, !a.no_special)
+        .map_err(anyhow::Error::msg)?;
+    if ids.is_empty() {
+        bail!("--prompt has no tokens");
+    }
+    let t = ids.len();
+    let x = l.model.embed(std::slice::from_ref(&ids), None)?;
+    let h = l.model.forward(&x, Step::padded(&[t], t), None)?;
+    let logits = l
+        .model
+        .logits_at(&h, &(0..t).collect::<Vec<_>>())?
+        .to_dtype(DType::F32)?
+        .to_device(&candle_core::Device::Cpu)?;
+    let ids_t = Tensor::from_vec(
+        ids.iter().map(|&i| i as i64).collect::<Vec<_>>(),
+        t,
+        &candle_core::Device::Cpu,
+    )?;
+    let tensors: HashMap<String, Tensor> =
+        [("ids".to_string(), ids_t), ("logits".to_string(), logits)].into();
+    crate::fsutil::write_file_atomic(&a.out, |tmp| -> Result<()> {
+        Ok(candle_core::safetensors::save(&tensors, tmp)?)
+    })
+    .with_context(|| format!("--out {}", a.out.display()))?;
+    eprintln!("{} tokens → {}", t, a.out.display());
+    Ok(())
+}

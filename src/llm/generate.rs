@@ -1,0 +1,180 @@
+//! Batched generation from input embeddings with a KV cache: greedy by default, temperature and
+//! top-p sampling from a seeded stream when asked; stops at EOS, a stop string or a token limit.
+
+use super::llama::{KvCache, Llama, Step};
+use super::tokenizer::LlmTokenizer;
+use candle_core::{DType, Result, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+#[derive(Debug, Clone)]
+pub struct GenOptions {
+    pub max_new_tokens: usize,
+    /// 0: greedy.
+    pub temperature: f64,
+    /// Nucleus sampling mass (1: off).
+    pub top_p: f64,
+    /// Generation stops when the decoded text contains one of these (it is cut before it).
+    pub stop: Vec<String>,
+    pub seed: u64,
+}
+
+impl Default for GenOptions {
+    fn default() -> Self {
+        Self {
+            max_new_tokens: 64,
+            temperature: 0.0,
+            top_p: 1.0,
+            stop: vec![],
+            seed: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generated {
+    pub ids: Vec<u32>,
+    pub text: String,
+    /// `eos`, `stop`, or `length`.
+    pub finish: &'static str,
+}
+
+fn pick(logits: &[f32], opts: &GenOptions, rng: &mut ChaCha8Rng) -> u32 {
+    let argmax = || {
+        let mut best = 0;
+        for (i, &v) in logits.iter().enumerate() {
+            if v > logits[best] {
+                best = i;
+            }
+        }
+        best as u32
+    };
+    if opts.temperature <= 0.0 {
+        return argmax();
+    }
+    let t = opts.temperature as f32;
+    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let mut p: Vec<(usize, f32)> = logits
+        .iter()
+        .map(|&v| ((v - max) / t).exp())
+        .enumerate()
+        .collect();
+    let sum: f32 = p.iter().map(|x| x.1).sum();
+    p.iter_mut().for_each(|x| x.1 /= sum);
+    p.sort_by(|a, b| {
+        b.1.partial_cmp(&a.1)
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(a.0.cmp(&b.0))
+    });
+    let mut keep = p.len();
+    if opts.top_p < 1.0 {
+        let mut acc = 0f32;
+        for (i, x) in p.iter().enumerate() {
+            acc += x.1;
+            if acc >= opts.top_p as f32 {
+                keep = i + 1;
+                break;
+            }
+        }
+    }
+    let p = &p[..keep];
+    let total: f32 = p.iter().map(|x| x.1).sum();
+    let mut u = rng.random::<f32>() * total;
+    for x in p {
+        u -= x.1;
+        if u <= 0.0 {
+            return x.0 as u32;
+        }
+    }
+    p[p.len() - 1].0 as u32
+}
+
+/// Generates a continuation for each row of `embeds [B, T, H]` (row `b` has `lengths[b]` real
+/// positions, right-padded).
+pub fn generate(
+    model: &Llama,
+    tok: &LlmTokenizer,
+    embeds: &Tensor,
+    lengths: &[usize],
+    opts: &GenOptions,
+) -> Result<Vec<Generated>> {
+    let (b, t, _) = embeds.dims3()?;
+    if lengths.len() != b || lengths.iter().any(|&l| l == 0 || l > t) {
+        candle_core::bail!("generate: every row needs between 1 and {t} prompt positions");
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
+    let mut cache = KvCache::new(model.layers.len(), b);
+    let mut out: Vec<Vec<u32>> = vec![vec![]; b];
+    let mut done: Vec<Option<&'static str>> = vec![None; b];
+    let mut texts = vec![String::new(); b];
+    // Prefill.
+    let hidden = model.forward(
+        embeds,
+        Step {
+            positions: (0..b).flat_map(|_| 0..t).collect(),
+            valid: lengths
+                .iter()
+                .map(|&l| (0..t).map(|i| i < l).collect())
+                .collect(),
+            cache: Some(&mut cache),
+        },
+        None,
+    )?;
+    let last: Vec<usize> = lengths
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| i * t + l - 1)
+        .collect();
+    let mut logits = model.logits_at(&hidden, &last)?;
+    for step in 0..opts.max_new_tokens {
+        let rows: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
+        let mut next = vec![0u32; b];
+        for bi in 0..b {
+            if done[bi].is_some() {
+                continue;
+            }
+            let id = pick(&rows[bi], opts, &mut rng);
+            next[bi] = id;
+            if tok.eos.contains(&id) {
+                done[bi] = Some("eos");
+                continue;
+            }
+            out[bi].push(id);
+            let text = tok.decode(&out[bi]).map_err(candle_core::Error::Msg)?;
+            if let Some(cut) = opts.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+                texts[bi] = text[..cut].to_string();
+                done[bi] = Some("stop");
+            } else {
+                texts[bi] = text;
+                if out[bi].len() >= opts.max_new_tokens {
+                    done[bi] = Some("length");
+                }
+            }
+        }
+        if done.iter().all(|d| d.is_some()) || step + 1 == opts.max_new_tokens {
+            break;
+        }
+        let x = model.embed(&next.iter().map(|&i| vec![i]).collect::<Vec<_>>(), None)?;
+        let positions: Vec<usize> = (0..b).map(|bi| lengths[bi] + step).collect();
+        let hidden = model.forward(
+            &x,
+            Step {
+                positions,
+                valid: vec![vec![true]; b],
+                cache: Some(&mut cache),
+            },
+            None,
+        )?;
+        logits = model.logits_at(&hidden, &(0..b).collect::<Vec<_>>())?;
+    }
+    Ok(out
+        .into_iter()
+        .zip(texts)
+        .zip(done)
+        .map(|((ids, text), d)| Generated {
+            ids,
+            text,
+            finish: d.unwrap_or("length"),
+        })
+        .collect())
+}

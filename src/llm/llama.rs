@@ -1,0 +1,419 @@
+//! The Llama decoder, written for training as well as generation: it takes input embeddings (so
+//! chosen positions can carry other vectors), right-padded batches with a causal + padding mask,
+//! returns the final hidden states and computes logits only where asked. Tensor names follow the
+//! Hugging Face checkpoint (`model.layers.0.self_attn.q_proj.weight`, …).
+
+use super::config::Config;
+use super::lora::{Lora, LoraConfig, Target};
+use super::ops::{self, AttnMask, RopeTable};
+use crate::sr::nn::Dropout;
+use candle_core::{DType, Device, Result, Tensor, D};
+use std::sync::Arc;
+
+/// Where the frozen weights come from: a name (Hugging Face naming) → tensor lookup.
+pub trait WeightSource {
+    /// The tensor called `name`, or `None` when absent.
+    fn tensor(&self, name: &str) -> Result<Option<Tensor>>;
+}
+
+/// A frozen projection with an optional bias and an optional LoRA adapter.
+pub struct Proj {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub lora: Option<Lora>,
+}
+
+impl Proj {
+    fn forward(&self, x: &Tensor, dropout: &mut Option<&mut Dropout>) -> Result<Tensor> {
+        let y = ops::frozen_linear(x, &self.weight, self.bias.as_ref())?;
+        match &self.lora {
+            None => Ok(y),
+            Some(l) => y + l.delta(x, dropout)?,
+        }
+    }
+}
+
+pub struct Layer {
+    pub input_layernorm: Tensor,
+    pub q_proj: Proj,
+    pub k_proj: Proj,
+    pub v_proj: Proj,
+    pub o_proj: Proj,
+    pub post_attention_layernorm: Tensor,
+    pub gate_proj: Proj,
+    pub up_proj: Proj,
+    pub down_proj: Proj,
+}
+
+impl Layer {
+    pub fn proj_mut(&mut self, t: Target) -> &mut Proj {
+        match t {
+            Target::Q => &mut self.q_proj,
+            Target::K => &mut self.k_proj,
+            Target::V => &mut self.v_proj,
+            Target::O => &mut self.o_proj,
+            Target::Gate => &mut self.gate_proj,
+            Target::Up => &mut self.up_proj,
+            Target::Down => &mut self.down_proj,
+        }
+    }
+
+    pub fn proj(&self, t: Target) -> &Proj {
+        match t {
+            Target::Q => &self.q_proj,
+            Target::K => &self.k_proj,
+            Target::V => &self.v_proj,
+            Target::O => &self.o_proj,
+            Target::Gate => &self.gate_proj,
+            Target::Up => &self.up_proj,
+            Target::Down => &self.down_proj,
+        }
+    }
+}
+
+/// Keys and values of earlier steps, per layer: `[B, kv_heads, T, head_dim]`.
+pub struct KvCache {
+    kv: Vec<Option<(Tensor, Tensor)>>,
+    /// Per row, per cached step: whether that key may be attended (false on right padding).
+    pub key_valid: Vec<Vec<bool>>,
+}
+
+impl KvCache {
+    pub fn new(layers: usize, batch: usize) -> Self {
+        Self {
+            kv: vec![None; layers],
+            key_valid: vec![Vec::new(); batch],
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.key_valid.first().map_or(0, |v| v.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The positions, mask and optional cache of one forward call.
+pub struct Step<'a> {
+    /// `[B·T]`: the rotary position of each (row, step).
+    pub positions: Vec<usize>,
+    /// Per row, whether each new step is a real token (false on right padding).
+    pub valid: Vec<Vec<bool>>,
+    pub cache: Option<&'a mut KvCache>,
+}
+
+impl Step<'_> {
+    /// A right-padded batch without a cache: row `b` has `lengths[b]` real tokens out of `t`.
+    pub fn padded(lengths: &[usize], t: usize) -> Step<'static> {
+        Step {
+            positions: lengths.iter().flat_map(|_| 0..t).collect(),
+            valid: lengths
+                .iter()
+                .map(|&l| (0..t).map(|i| i < l).collect())
+                .collect(),
+            cache: None,
+        }
+    }
+}
+
+pub struct Llama {
+    pub cfg: Config,
+    pub embed_tokens: Tensor,
+    /// Input rows of the added tokens (`[PH]`, `[HistoryEmb]`, …), ids `vocab_size..`.
+    pub extra_embeddings: Tensor,
+    pub layers: Vec<Layer>,
+    pub norm: Tensor,
+    pub lm_head: Tensor,
+    pub lora: Option<LoraConfig>,
+    inv_freq: Vec<f64>,
+}
+
+fn get(
+    src: &dyn WeightSource,
+    name: &str,
+    shape: &[usize],
+    dt: DType,
+    dev: &Device,
+) -> Result<Tensor> {
+    let t = src
+        .tensor(name)?
+        .ok_or_else(|| candle_core::Error::Msg(format!("tensor {name} is missing")))?;
+    if t.dims() != shape {
+        candle_core::bail!("tensor {name} has shape {:?}, expected {shape:?}", t.dims());
+    }
+    t.to_dtype(dt)?.to_device(dev)
+}
+
+impl Llama {
+    /// Loads the frozen weights; `extra_tokens` added-token rows are initialised to the mean input
+    /// embedding (as transformers' `resize_token_embeddings` does).
+    pub fn load(
+        src: &dyn WeightSource,
+        cfg: &Config,
+        extra_tokens: usize,
+        dt: DType,
+        dev: &Device,
+    ) -> Result<Self> {
+        let (h, f, d) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
+        let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        let embed_tokens = get(
+            src,
+            "model.embed_tokens.weight",
+            &[cfg.vocab_size, h],
+            dt,
+            dev,
+        )?;
+        let proj = |p: &str, out: usize, inp: usize, bias: bool| -> Result<Proj> {
+            Ok(Proj {
+                weight: get(src, &format!("{p}.weight"), &[out, inp], dt, dev)?,
+                bias: if bias {
+                    Some(get(src, &format!("{p}.bias"), &[out], dt, dev)?)
+                } else {
+                    None
+                },
+                lora: None,
+            })
+        };
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            layers.push(Layer {
+                input_layernorm: get(src, &format!("{p}.input_layernorm.weight"), &[h], dt, dev)?,
+                q_proj: proj(&format!("{p}.self_attn.q_proj"), nh * d, h, cfg.qkv_bias)?,
+                k_proj: proj(&format!("{p}.self_attn.k_proj"), nkv * d, h, cfg.qkv_bias)?,
+                v_proj: proj(&format!("{p}.self_attn.v_proj"), nkv * d, h, cfg.qkv_bias)?,
+                o_proj: proj(&format!("{p}.self_attn.o_proj"), h, nh * d, cfg.o_bias)?,
+                post_attention_layernorm: get(
+                    src,
+                    &format!("{p}.post_attention_layernorm.weight"),
+                    &[h],
+                    dt,
+                    dev,
+                )?,
+                gate_proj: proj(&format!("{p}.mlp.gate_proj"), f, h, cfg.mlp_bias)?,
+                up_proj: proj(&format!("{p}.mlp.up_proj"), f, h, cfg.mlp_bias)?,
+                down_proj: proj(&format!("{p}.mlp.down_proj"), h, f, cfg.mlp_bias)?,
+            });
+        }
+        let norm = get(src, "model.norm.weight", &[h], dt, dev)?;
+        let lm_head = match src.tensor("lm_head.weight")? {
+            Some(_) if !cfg.tie_word_embeddings => {
+                get(src, "lm_head.weight", &[cfg.vocab_size, h], dt, dev)?
+            }
+            _ => embed_tokens.clone(),
+        };
+        let mean = embed_tokens
+            .to_dtype(DType::F32)?
+            .mean_keepdim(0)?
+            .to_dtype(dt)?;
+        let extra_embeddings = mean
+            .repeat((extra_tokens.max(1), 1))?
+            .narrow(0, 0, extra_tokens)?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            embed_tokens,
+            extra_embeddings,
+            layers,
+            norm,
+            lm_head,
+            lora: None,
+            inv_freq: cfg.inv_freq(),
+        })
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.embed_tokens.dtype()
+    }
+
+    pub fn device(&self) -> &Device {
+        self.embed_tokens.device()
+    }
+
+    /// Model ids of every row (right-padded to the longest with id 0), as `[B, T, H]` input
+    /// embeddings; `inject` = (flat positions `b·T + t`, vectors `[M, H]`) overwrites those
+    /// positions, differentiably with respect to the vectors.
+    pub fn embed(&self, rows: &[Vec<u32>], inject: Option<(&[usize], &Tensor)>) -> Result<Tensor> {
+        let (b, t) = (rows.len(), rows.iter().map(|r| r.len()).max().unwrap_or(0));
+        let (v, h) = (self.cfg.vocab_size as u32, self.cfg.hidden_size);
+        let n_extra = self.extra_embeddings.dim(0)?;
+        let mut base = vec![0u32; b * t];
+        let mut map: Vec<u32> = (0..(b * t) as u32).collect();
+        let mut uses_pool = false;
+        for (bi, r) in rows.iter().enumerate() {
+            for (ti, &id) in r.iter().enumerate() {
+                let i = bi * t + ti;
+                if id < v {
+                    base[i] = id;
+                } else if ((id - v) as usize) < n_extra {
+                    map[i] = (b * t) as u32 + id - v;
+                    uses_pool = true;
+                } else {
+                    candle_core::bail!(
+                        "token id {id} is outside the vocabulary ({v} + {n_extra} added)"
+                    );
+                }
+            }
+        }
+        let dev = self.device();
+        let ids = Tensor::from_vec(base, b * t, dev)?;
+        let mut x = self.embed_tokens.index_select(&ids, 0)?;
+        let mut pool = vec![];
+        if let Some((pos, vecs)) = inject {
+            if vecs.dims() != [pos.len(), h] {
+                candle_core::bail!(
+                    "injected vectors {:?}, expected [{}, {h}]",
+                    vecs.dims(),
+                    pos.len()
+                );
+            }
+            for (m, &p) in pos.iter().enumerate() {
+                if p >= b * t {
+                    candle_core::bail!("injection position {p} outside the batch ({b}×{t})");
+                }
+                map[p] = (b * t + n_extra + m) as u32;
+            }
+            pool.push(vecs.to_dtype(self.dtype())?);
+            uses_pool = true;
+        }
+        if uses_pool {
+            let mut parts = vec![x, self.extra_embeddings.clone()];
+            parts.extend(pool);
+            let all = Tensor::cat(&parts, 0)?;
+            x = all.index_select(&Tensor::from_vec(map, b * t, dev)?, 0)?;
+        }
+        x.reshape((b, t, h))
+    }
+
+    /// Runs the decoder over `x [B, T, H]`; returns the final (normed) hidden states `[B, T, H]`.
+    /// `dropout` (training) applies LoRA dropout.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        step: Step<'_>,
+        mut dropout: Option<&mut Dropout>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let Step {
+            positions,
+            valid,
+            mut cache,
+        } = step;
+        if positions.len() != b * t || valid.len() != b {
+            candle_core::bail!("positions/valid do not match the batch {b}×{t}");
+        }
+        let past = cache.as_ref().map_or(0, |c| c.len());
+        let k_len = past + t;
+        if let Some(c) = cache.as_deref_mut() {
+            for (kv, v) in c.key_valid.iter_mut().zip(&valid) {
+                kv.extend_from_slice(v);
+            }
+        }
+        let key_valid: Vec<Vec<bool>> = match cache.as_deref() {
+            Some(c) => c.key_valid.clone(),
+            None => valid.clone(),
+        };
+        let rep = self.cfg.num_attention_heads / self.cfg.num_key_value_heads;
+        let mut allowed = Vec::with_capacity(b * rep * t * k_len);
+        for kv in &key_valid {
+            for _ in 0..rep {
+                for i in 0..t {
+                    allowed.extend((0..k_len).map(|j| u8::from(kv[j] && j <= past + i)));
+                }
+            }
+        }
+        let mask = AttnMask {
+            allowed: Arc::new(allowed),
+            b,
+            q: rep * t,
+            k: k_len,
+        };
+        let table = RopeTable::new(&self.inv_freq, &positions);
+        let mut x = x.clone();
+        for (li, layer) in self.layers.iter().enumerate() {
+            let slot = cache.as_deref_mut().map(|c| &mut c.kv[li]);
+            x = self.layer_forward(layer, &x, &table, &mask, slot, &mut dropout)?;
+        }
+        ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)
+    }
+
+    fn layer_forward(
+        &self,
+        l: &Layer,
+        x: &Tensor,
+        table: &RopeTable,
+        mask: &AttnMask,
+        slot: Option<&mut Option<(Tensor, Tensor)>>,
+        dropout: &mut Option<&mut Dropout>,
+    ) -> Result<Tensor> {
+        let c = &self.cfg;
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let h = ops::rms_norm(x, &l.input_layernorm, c.rms_norm_eps)?;
+        let q = l.q_proj.forward(&h, dropout)?.reshape((b, t, nh, d))?;
+        let k = l.k_proj.forward(&h, dropout)?.reshape((b, t, nkv, d))?;
+        let v = l.v_proj.forward(&h, dropout)?.reshape((b, t, nkv, d))?;
+        let q = ops::rope(&q, table)?.transpose(1, 2)?.contiguous()?;
+        let mut k = ops::rope(&k, table)?.transpose(1, 2)?.contiguous()?;
+        let mut v = v.transpose(1, 2)?.contiguous()?;
+        if let Some(slot) = slot {
+            if let Some((pk, pv)) = slot.as_ref() {
+                k = Tensor::cat(&[pk, &k], 2)?;
+                v = Tensor::cat(&[pv, &v], 2)?;
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
+        // Grouped-query attention without copying K/V: the query heads sharing a KV head are
+        // stacked along the query axis, `[B, kv_heads, rep·T, d]`.
+        let rep = nh / nkv;
+        let qg = q.reshape((b, nkv, rep * t, d))?;
+        let scores = qg.matmul(&k.t()?)?;
+        let probs = ops::masked_softmax(&scores, mask, 1.0 / (d as f64).sqrt())?;
+        let o = probs
+            .matmul(&v)?
+            .reshape((b, nh, t, d))?
+            .transpose(1, 2)?
+            .reshape((b, t, nh * d))?;
+        let x = (x + l.o_proj.forward(&o, dropout)?)?;
+        let h = ops::rms_norm(&x, &l.post_attention_layernorm, c.rms_norm_eps)?;
+        let g = l.gate_proj.forward(&h, dropout)?.silu()?;
+        let u = l.up_proj.forward(&h, dropout)?;
+        x + l.down_proj.forward(&(g * u)?, dropout)?
+    }
+
+    /// Logits `[N, vocab]` at the flat positions `b·T + t` of `hidden [B, T, H]` (only those rows
+    /// go through the output projection).
+    pub fn logits_at(&self, hidden: &Tensor, flat_positions: &[usize]) -> Result<Tensor> {
+        let (b, t, h) = hidden.dims3()?;
+        let idx: Vec<u32> = flat_positions.iter().map(|&p| p as u32).collect();
+        if let Some(&p) = flat_positions.iter().find(|&&p| p >= b * t) {
+            candle_core::bail!("logit position {p} outside the batch ({b}×{t})");
+        }
+        let idx = Tensor::from_vec(idx, flat_positions.len(), hidden.device())?;
+        let rows = hidden.reshape((b * t, h))?.index_select(&idx, 0)?;
+        ops::frozen_linear(&rows, &self.lm_head, None)
+    }
+
+    /// Cross-entropy (mean over the target tokens) of `targets` at flat positions of `hidden`,
+    /// computed in f32 from the selected rows only.
+    pub fn loss_at(
+        &self,
+        hidden: &Tensor,
+        flat_positions: &[usize],
+        targets: &[u32],
+    ) -> Result<Tensor> {
+        if targets.len() != flat_positions.len() || targets.is_empty() {
+            candle_core::bail!("loss needs one target per position and at least one");
+        }
+        let logits = self.logits_at(hidden, flat_positions)?;
+        let dt = if logits.dtype() == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
+        let logp = candle_nn::ops::log_softmax(&logits.to_dtype(dt)?, D::Minus1)?;
+        let tg = Tensor::from_vec(targets.to_vec(), (targets.len(), 1), hidden.device())?;
+        logp.gather(&tg, 1)?.mean_all()?.neg()
+    }
+}

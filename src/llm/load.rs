@@ -1,0 +1,321 @@
+//! `--llm SPEC`: a local Hugging Face folder, a local `.gguf` file, or a hub id fetched into the
+//! standard cache (`HF_HOME`, `HF_TOKEN`, `HF_HUB_OFFLINE` honoured).
+
+use super::config::Config;
+use super::llama::{Llama, WeightSource};
+use super::tokenizer::{LlmTokenizer, ADDED_TOKENS};
+use super::{gguf, LlmError};
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+pub struct LlmOptions {
+    pub device: Device,
+    /// The frozen weights' dtype; `None`: f32 on the CPU, bf16 on CUDA.
+    pub dtype: Option<DType>,
+    /// Hub revision (branch, tag or commit) for hub ids.
+    pub revision: Option<String>,
+}
+
+impl LlmOptions {
+    pub fn cpu() -> Self {
+        Self {
+            device: Device::Cpu,
+            dtype: None,
+            revision: None,
+        }
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype.unwrap_or(if self.device.is_cpu() {
+            DType::F32
+        } else {
+            DType::BF16
+        })
+    }
+}
+
+/// Where a backbone came from.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Source {
+    Folder {
+        path: PathBuf,
+        weights: Vec<PathBuf>,
+    },
+    Gguf {
+        path: PathBuf,
+        quantization: Vec<String>,
+        tokenizer: String,
+    },
+    Hub {
+        id: String,
+        revision: String,
+        path: PathBuf,
+        weights: Vec<PathBuf>,
+    },
+}
+
+pub struct Loaded {
+    pub model: Llama,
+    pub tokenizer: LlmTokenizer,
+    pub source: Source,
+}
+
+impl Loaded {
+    /// A one-line name for logs and adapter configs (the spec as given).
+    pub fn name(&self) -> String {
+        match &self.source {
+            Source::Folder { path, .. } | Source::Gguf { path, .. } => path.display().to_string(),
+            Source::Hub { id, .. } => id.clone(),
+        }
+    }
+}
+
+struct Mmaped(MmapedSafetensors);
+
+impl WeightSource for Mmaped {
+    fn tensor(&self, name: &str) -> candle_core::Result<Option<Tensor>> {
+        if self.0.get(name).is_err() {
+            return Ok(None);
+        }
+        self.0.load(name, &Device::Cpu).map(Some)
+    }
+}
+
+struct Map(HashMap<String, Tensor>);
+
+impl WeightSource for Map {
+    fn tensor(&self, name: &str) -> candle_core::Result<Option<Tensor>> {
+        Ok(self.0.get(name).cloned())
+    }
+}
+
+fn looks_like_hub_id(spec: &str) -> bool {
+    let parts: Vec<&str> = spec.split('/').collect();
+    parts.len() == 2
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                && !p.starts_with('.')
+        })
+}
+
+/// Loads the backbone named by `spec`.
+pub fn load(spec: &str, opts: &LlmOptions) -> Result<Loaded, LlmError> {
+    let path = Path::new(spec);
+    if path.is_dir() {
+        let weights = folder_weights(path)?;
+        let (model, tokenizer) = load_folder(path, &weights, opts)?;
+        return Ok(Loaded {
+            model,
+            tokenizer,
+            source: Source::Folder {
+                path: path.to_path_buf(),
+                weights,
+            },
+        });
+    }
+    if path.is_file() {
+        if path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+        {
+            return load_gguf(path, opts);
+        }
+        if path.file_name().is_some_and(|n| n == "config.json") {
+            return load(
+                &path
+                    .parent()
+                    .unwrap_or(Path::new("."))
+                    .display()
+                    .to_string(),
+                opts,
+            );
+        }
+        return Err(LlmError::Spec {
+            spec: spec.into(),
+            msg: "expected a Hugging Face model folder, a .gguf file or a hub id (owner/name)"
+                .into(),
+        });
+    }
+    if looks_like_hub_id(spec) {
+        return load_hub(spec, opts);
+    }
+    Err(LlmError::Spec {
+        spec: spec.into(),
+        msg: "no such file or folder (and not a hub id of the form owner/name)".into(),
+    })
+}
+
+/// The safetensors files of a folder: `model.safetensors` or the shards of its index.
+fn folder_weights(dir: &Path) -> Result<Vec<PathBuf>, LlmError> {
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    if index.is_file() {
+        return shard_files(&index).map(|names| names.into_iter().map(|n| dir.join(n)).collect());
+    }
+    Err(LlmError::Weights {
+        path: dir.to_path_buf(),
+        msg: "neither model.safetensors nor model.safetensors.index.json is here (pytorch_model.bin is not read)".into(),
+    })
+}
+
+fn shard_files(index: &Path) -> Result<Vec<String>, LlmError> {
+    let text = std::fs::read_to_string(index).map_err(|e| LlmError::io(index, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| LlmError::Weights {
+        path: index.to_path_buf(),
+        msg: e.to_string(),
+    })?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| LlmError::Weights {
+            path: index.to_path_buf(),
+            msg: "weight_map object expected".into(),
+        })?;
+    let mut files: Vec<String> = map
+        .values()
+        .filter_map(|f| f.as_str().map(String::from))
+        .collect();
+    files.sort();
+    files.dedup();
+    Ok(files)
+}
+
+fn load_folder(
+    dir: &Path,
+    weights: &[PathBuf],
+    opts: &LlmOptions,
+) -> Result<(Llama, LlmTokenizer), LlmError> {
+    let cfg = Config::from_hf_file(&dir.join("config.json"))?;
+    let tok_path = dir.join("tokenizer.json");
+    if !tok_path.is_file() {
+        return Err(LlmError::Tokenizer {
+            path: tok_path,
+            msg: "file not found (only tokenizer.json is read)".into(),
+        });
+    }
+    let tokenizer = LlmTokenizer::from_file(
+        &tok_path,
+        cfg.vocab_size,
+        cfg.bos_token_id,
+        cfg.eos_token_ids.clone(),
+    )?;
+    for w in weights {
+        if !w.is_file() {
+            return Err(LlmError::Weights {
+                path: w.clone(),
+                msg: "weight file not found".into(),
+            });
+        }
+    }
+    let st = unsafe { MmapedSafetensors::multi(weights) }.map_err(|e| LlmError::Weights {
+        path: weights[0].clone(),
+        msg: e.to_string(),
+    })?;
+    let model = Llama::load(
+        &Mmaped(st),
+        &cfg,
+        ADDED_TOKENS.len(),
+        opts.dtype(),
+        &opts.device,
+    )
+    .map_err(|e| LlmError::Weights {
+        path: dir.to_path_buf(),
+        msg: e.to_string(),
+    })?;
+    Ok((model, tokenizer))
+}
+
+fn load_gguf(path: &Path, opts: &LlmOptions) -> Result<Loaded, LlmError> {
+    let g = gguf::read(path)?;
+    let model = Llama::load(
+        &Map(g.tensors),
+        &g.config,
+        ADDED_TOKENS.len(),
+        opts.dtype(),
+        &opts.device,
+    )
+    .map_err(|e| LlmError::Weights {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    })?;
+    Ok(Loaded {
+        model,
+        tokenizer: g.tokenizer,
+        source: Source::Gguf {
+            path: path.to_path_buf(),
+            quantization: g.quant_types,
+            tokenizer: g.tokenizer_kind,
+        },
+    })
+}
+
+fn load_hub(id: &str, opts: &LlmOptions) -> Result<Loaded, LlmError> {
+    use hf_hub::{Cache, Repo, RepoType};
+    let revision = opts.revision.clone().unwrap_or_else(|| "main".into());
+    let repo = Repo::with_revision(id.to_string(), RepoType::Model, revision.clone());
+    let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| !v.is_empty() && v != "0");
+    let err = |msg: String| {
+        LlmError::Spec {
+        spec: id.to_string(),
+        msg: format!(
+            "{msg}; to run without the network pass a local path instead: a folder with config.json, tokenizer.json and model.safetensors, or a .gguf file"
+        ),
+    }
+    };
+    let cache = Cache::from_env();
+    let get: Box<dyn Fn(&str) -> Result<PathBuf, String>> = if offline {
+        let c = cache.repo(repo.clone());
+        Box::new(move |f| {
+            c.get(f)
+                .ok_or_else(|| format!("HF_HUB_OFFLINE is set and {f} is not in the cache"))
+        })
+    } else {
+        let token = std::env::var("HF_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty())
+            .or(cache.token());
+        let api = hf_hub::api::sync::ApiBuilder::from_cache(cache.clone())
+            .with_token(token)
+            .with_progress(true)
+            .build()
+            .map_err(|e| err(format!("hub client: {e}")))?;
+        let r = api.repo(repo.clone());
+        Box::new(move |f| r.get(f).map_err(|e| format!("fetching {f}: {e}")))
+    };
+    let config = get("config.json").map_err(err)?;
+    let dir = config
+        .parent()
+        .expect("cached file has a folder")
+        .to_path_buf();
+    get("tokenizer.json").map_err(err)?;
+    let weights = match get("model.safetensors") {
+        Ok(p) => vec![p],
+        Err(first) => {
+            let index = get("model.safetensors.index.json").map_err(|_| err(first))?;
+            let mut out = vec![];
+            for f in shard_files(&index)? {
+                out.push(get(&f).map_err(err)?);
+            }
+            out
+        }
+    };
+    let (model, tokenizer) = load_folder(&dir, &weights, opts)?;
+    Ok(Loaded {
+        model,
+        tokenizer,
+        source: Source::Hub {
+            id: id.to_string(),
+            revision,
+            path: dir,
+            weights,
+        },
+    })
+}

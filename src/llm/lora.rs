@@ -1,0 +1,401 @@
+//! LoRA adapters in PEFT's layout: `lora_A [r, in]` (Kaiming-uniform), `lora_B [out, r]` (zero),
+//! `Δy = (dropout(x) Aᵀ) Bᵀ · alpha/r`, saved as `adapter_config.json` +
+//! `adapter_model.safetensors` with PEFT's tensor names, so adapters move between llara and Python.
+
+use super::llama::Llama;
+use super::LlmError;
+use crate::sr::nn::Dropout;
+use candle_core::{DType, Result as CResult, Tensor, Var};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// A projection LoRA can adapt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Target {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl Target {
+    pub const ALL: [Target; 7] = [
+        Target::Q,
+        Target::K,
+        Target::V,
+        Target::O,
+        Target::Gate,
+        Target::Up,
+        Target::Down,
+    ];
+
+    /// PEFT's module name (`q_proj`, …).
+    pub fn module(self) -> &'static str {
+        match self {
+            Target::Q => "q_proj",
+            Target::K => "k_proj",
+            Target::V => "v_proj",
+            Target::O => "o_proj",
+            Target::Gate => "gate_proj",
+            Target::Up => "up_proj",
+            Target::Down => "down_proj",
+        }
+    }
+
+    /// The parent module in the checkpoint (`self_attn` or `mlp`).
+    pub fn parent(self) -> &'static str {
+        match self {
+            Target::Q | Target::K | Target::V | Target::O => "self_attn",
+            _ => "mlp",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Target> {
+        let s = s.trim();
+        let s = s.strip_suffix("_proj").unwrap_or(s);
+        Some(match s {
+            "q" => Target::Q,
+            "k" => Target::K,
+            "v" => Target::V,
+            "o" => Target::O,
+            "gate" => Target::Gate,
+            "up" => Target::Up,
+            "down" => Target::Down,
+            _ => return None,
+        })
+    }
+
+    /// Parses a comma-separated list (`q,k,v,o,gate,up,down`, `q_proj,v_proj`, or `all`).
+    pub fn parse_list(s: &str) -> std::result::Result<Vec<Target>, String> {
+        if s.trim() == "all" {
+            return Ok(Target::ALL.to_vec());
+        }
+        let mut out = vec![];
+        for part in s.split(',').filter(|p| !p.trim().is_empty()) {
+            let t = Target::parse(part).ok_or_else(|| {
+                format!("unknown LoRA target {part:?} (expected q, k, v, o, gate, up, down or all)")
+            })?;
+            if !out.contains(&t) {
+                out.push(t);
+            }
+        }
+        if out.is_empty() {
+            return Err("no LoRA target given".into());
+        }
+        Ok(out)
+    }
+}
+
+/// Rank, scaling, dropout and targets of the adapters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraConfig {
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    pub targets: Vec<Target>,
+    /// rsLoRA scaling `alpha / sqrt(r)` instead of `alpha / r`.
+    pub rslora: bool,
+}
+
+impl LoraConfig {
+    pub fn scale(&self) -> f64 {
+        if self.rslora {
+            self.alpha / (self.r as f64).sqrt()
+        } else {
+            self.alpha / self.r as f64
+        }
+    }
+}
+
+/// One adapter pair on a frozen projection.
+pub struct Lora {
+    pub a: Var,
+    pub b: Var,
+    pub scale: f64,
+}
+
+impl Lora {
+    /// `(dropout(x) Aᵀ) Bᵀ · scale`, computed in the adapters' dtype (f32 unless f64).
+    pub fn delta(&self, x: &Tensor, dropout: &mut Option<&mut Dropout>) -> CResult<Tensor> {
+        let dt = self.a.dtype();
+        let xin = x.to_dtype(dt)?;
+        let xin = match dropout {
+            Some(d) if d.p > 0.0 => d.apply(&xin)?,
+            _ => xin,
+        };
+        let y = crate::sr::nn::matmul_t(&crate::sr::nn::matmul_t(&xin, &self.a)?, &self.b)?;
+        (y * self.scale)?.to_dtype(x.dtype())
+    }
+}
+
+/// PEFT's tensor name prefix of a projection.
+pub fn peft_name(layer: usize, t: Target) -> String {
+    format!(
+        "base_model.model.model.layers.{layer}.{}.{}",
+        t.parent(),
+        t.module()
+    )
+}
+
+fn adapter_dtype(model: &Llama) -> DType {
+    if model.dtype() == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+/// Adds fresh adapters (PEFT's initialisation, seeded): A ~ U(±1/√in), B = 0.
+pub fn add_adapters(model: &mut Llama, cfg: &LoraConfig, seed: u64) -> CResult<()> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x4c6f_5241);
+    let dt = adapter_dtype(model);
+    let dev = model.device().clone();
+    let scale = cfg.scale();
+    for layer in model.layers.iter_mut() {
+        for &t in &cfg.targets {
+            let p = layer.proj_mut(t);
+            let (out, inp) = p.weight.dims2()?;
+            // kaiming_uniform_(a=√5): bound = √(6 / ((1 + 5)·fan_in)) = 1/√fan_in.
+            let bound = 1.0 / (inp as f64).sqrt();
+            let a: Vec<f64> = (0..cfg.r * inp)
+                .map(|_| rng.random_range(-bound..bound))
+                .collect();
+            let a = Tensor::from_vec(a, (cfg.r, inp), &dev)?.to_dtype(dt)?;
+            let b = Tensor::zeros((out, cfg.r), dt, &dev)?;
+            p.lora = Some(Lora {
+                a: Var::from_tensor(&a)?,
+                b: Var::from_tensor(&b)?,
+                scale,
+            });
+        }
+    }
+    model.lora = Some(cfg.clone());
+    Ok(())
+}
+
+/// Every adapter tensor with its PEFT name (`….lora_A.weight`), in a fixed order.
+pub fn adapter_vars(model: &Llama) -> Vec<(String, Var)> {
+    let mut out = vec![];
+    for (i, layer) in model.layers.iter().enumerate() {
+        for t in Target::ALL {
+            if let Some(l) = &layer.proj(t).lora {
+                let p = peft_name(i, t);
+                out.push((format!("{p}.lora_A.weight"), l.a.clone()));
+                out.push((format!("{p}.lora_B.weight"), l.b.clone()));
+            }
+        }
+    }
+    out
+}
+
+#[derive(Serialize, Deserialize)]
+struct PeftConfig {
+    peft_type: String,
+    #[serde(default)]
+    task_type: Option<String>,
+    r: usize,
+    lora_alpha: f64,
+    #[serde(default)]
+    lora_dropout: f64,
+    target_modules: serde_json::Value,
+    #[serde(default)]
+    bias: Option<String>,
+    #[serde(default)]
+    fan_in_fan_out: bool,
+    #[serde(default)]
+    use_rslora: bool,
+    #[serde(default)]
+    use_dora: bool,
+    #[serde(default)]
+    rank_pattern: serde_json::Map<String, serde_json::Value>,
+    #[serde(default)]
+    alpha_pattern: serde_json::Map<String, serde_json::Value>,
+    #[serde(default)]
+    layers_to_transform: Option<serde_json::Value>,
+    #[serde(default)]
+    modules_to_save: Option<serde_json::Value>,
+    #[serde(default)]
+    base_model_name_or_path: Option<String>,
+    #[serde(default)]
+    inference_mode: bool,
+    #[serde(default)]
+    init_lora_weights: serde_json::Value,
+}
+
+/// Reads `adapter_config.json` into a [`LoraConfig`], rejecting PEFT features llara does not run.
+pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig, LlmError> {
+    let path = dir.join("adapter_config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| LlmError::io(&path, e))?;
+    let bad = |msg: String| LlmError::Adapter {
+        path: path.clone(),
+        msg,
+    };
+    let c: PeftConfig = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    if c.peft_type != "LORA" {
+        return Err(bad(format!(
+            "peft_type {:?}, expected \"LORA\"",
+            c.peft_type
+        )));
+    }
+    if c.use_dora || c.fan_in_fan_out || !c.rank_pattern.is_empty() || !c.alpha_pattern.is_empty() {
+        return Err(bad(
+            "DoRA, fan_in_fan_out, rank_pattern and alpha_pattern are not supported".into(),
+        ));
+    }
+    if matches!(c.bias.as_deref(), Some(b) if b != "none") {
+        return Err(bad(format!(
+            "bias {:?} is not supported (expected \"none\")",
+            c.bias
+        )));
+    }
+    if !matches!(&c.modules_to_save, None | Some(serde_json::Value::Null)) {
+        return Err(bad("modules_to_save is not supported".into()));
+    }
+    let targets = match &c.target_modules {
+        serde_json::Value::Array(a) => {
+            let names: Vec<&str> = a.iter().filter_map(|v| v.as_str()).collect();
+            Target::parse_list(&names.join(",")).map_err(bad)?
+        }
+        serde_json::Value::String(s) if s == "all-linear" => Target::ALL.to_vec(),
+        other => return Err(bad(format!("target_modules {other} is not supported"))),
+    };
+    Ok(LoraConfig {
+        r: c.r,
+        alpha: c.lora_alpha,
+        dropout: c.lora_dropout,
+        targets,
+        rslora: c.use_rslora,
+    })
+}
+
+/// Loads a PEFT adapter folder onto `model` (which must not carry adapters yet). Every tensor the
+/// config implies must be present with the right shape; unknown tensors are an error.
+pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<LoraConfig, LlmError> {
+    let cfg = read_adapter_config(dir)?;
+    let path = dir.join("adapter_model.safetensors");
+    let bad = |msg: String| LlmError::Adapter {
+        path: path.clone(),
+        msg,
+    };
+    if !path.exists() {
+        return Err(bad(
+            "file not found (adapter_model.bin is not read; convert it to safetensors)".into(),
+        ));
+    }
+    let mut tensors = candle_core::safetensors::load(&path, &candle_core::Device::Cpu)
+        .map_err(|e| bad(e.to_string()))?;
+    // PEFT may store the adapter name (`lora_A.default.weight`): accept both.
+    let keys: Vec<String> = tensors.keys().cloned().collect();
+    for k in keys {
+        if k.contains(".lora_A.default.") || k.contains(".lora_B.default.") {
+            let t = tensors.remove(&k).expect("key listed");
+            tensors.insert(k.replace(".default.", "."), t);
+        }
+    }
+    add_adapters(model, &cfg, 0).map_err(|e| bad(e.to_string()))?;
+    let dt = adapter_dtype(model);
+    let dev = model.device().clone();
+    for (name, var) in adapter_vars(model) {
+        let t = tensors
+            .remove(&name)
+            .ok_or_else(|| bad(format!("tensor {name} is missing")))?;
+        if t.dims() != var.dims() {
+            return Err(bad(format!(
+                "tensor {name} has shape {:?}, expected {:?}",
+                t.dims(),
+                var.dims()
+            )));
+        }
+        let t = t
+            .to_dtype(dt)
+            .and_then(|t| t.to_device(&dev))
+            .map_err(|e| bad(e.to_string()))?;
+        var.set(&t).map_err(|e| bad(e.to_string()))?;
+    }
+    if let Some(extra) = tensors.keys().next() {
+        return Err(bad(format!(
+            "unexpected tensor {extra} (only lora_A/lora_B of the configured targets are read)"
+        )));
+    }
+    Ok(cfg)
+}
+
+/// Writes the model's adapters as a PEFT folder at `dir` (temporary folder renamed at the end).
+pub fn save_adapter(
+    model: &Llama,
+    dir: &Path,
+    base_model: &str,
+    overwrite: bool,
+) -> Result<(), LlmError> {
+    let cfg = model.lora.as_ref().ok_or_else(|| LlmError::Adapter {
+        path: dir.to_path_buf(),
+        msg: "the model carries no adapters".into(),
+    })?;
+    let staged = crate::fsutil::StagedDir::new(dir, overwrite).map_err(|e| LlmError::io(dir, e))?;
+    let mut targets: Vec<&str> = cfg.targets.iter().map(|t| t.module()).collect();
+    targets.sort();
+    let pc = PeftConfig {
+        peft_type: "LORA".into(),
+        task_type: Some("CAUSAL_LM".into()),
+        r: cfg.r,
+        lora_alpha: cfg.alpha,
+        lora_dropout: cfg.dropout,
+        target_modules: serde_json::json!(targets),
+        bias: Some("none".into()),
+        fan_in_fan_out: false,
+        use_rslora: cfg.rslora,
+        use_dora: false,
+        rank_pattern: Default::default(),
+        alpha_pattern: Default::default(),
+        layers_to_transform: None,
+        modules_to_save: None,
+        base_model_name_or_path: Some(base_model.to_string()),
+        inference_mode: true,
+        init_lora_weights: serde_json::Value::Bool(true),
+    };
+    let cpath = staged.path().join("adapter_config.json");
+    let json = serde_json::to_string_pretty(&pc).expect("serialisable");
+    std::fs::write(&cpath, json + "\n").map_err(|e| LlmError::io(&cpath, e))?;
+    let tensors: HashMap<String, Tensor> = adapter_vars(model)
+        .into_iter()
+        .map(|(n, v)| (n, v.as_tensor().clone()))
+        .collect();
+    let wpath = staged.path().join("adapter_model.safetensors");
+    candle_core::safetensors::save(&tensors, &wpath).map_err(|e| LlmError::Adapter {
+        path: wpath.clone(),
+        msg: e.to_string(),
+    })?;
+    staged.commit().map_err(|e| LlmError::io(dir, e))?;
+    Ok(())
+}
+
+/// Folds every adapter into its base weight (`W + scale · B A`) and drops the adapters.
+pub fn merge(model: &mut Llama) -> CResult<()> {
+    for layer in model.layers.iter_mut() {
+        for t in Target::ALL {
+            let p = layer.proj_mut(t);
+            if let Some(l) = p.lora.take() {
+                let dt = p.weight.dtype();
+                let acc = if dt == DType::F64 {
+                    DType::F64
+                } else {
+                    DType::F32
+                };
+                let delta =
+                    (l.b.as_tensor()
+                        .to_dtype(acc)?
+                        .matmul(&l.a.as_tensor().to_dtype(acc)?)?
+                        * l.scale)?;
+                p.weight = (p.weight.to_dtype(acc)? + delta)?.to_dtype(dt)?;
+            }
+        }
+    }
+    model.lora = None;
+    Ok(())
+}

@@ -1,0 +1,536 @@
+//! The decoder's building blocks, each with a differentiable composed version (any device, any
+//! dtype: CUDA, bf16, the f64 gradient checks) and, for f32 on the CPU, a fused op with a
+//! hand-written backward. candle 0.11's own `rms_norm`, `softmax_last_dim` and `rope` have no
+//! backward (they silently cut the graph), and its matmul backward also computes the gradient of
+//! frozen weights; the fused ops here return only what training needs.
+
+use crate::sr::nn::matmul_t;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
+use std::sync::Arc;
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("{what}: f32 expected");
+    };
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("{what}: contiguous input expected");
+    };
+    Ok(&v[a..b])
+}
+
+fn host_vec(t: &Tensor) -> Result<Vec<f32>> {
+    t.flatten_all()?.to_vec1::<f32>()
+}
+
+/// Whether the fused CPU kernels apply to every tensor in `ts`.
+pub fn fused(ts: &[&Tensor]) -> bool {
+    ts.iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+}
+
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+// ---------------------------------------------------------------------------------------------
+// Frozen linear: the output is computed on a detached input; the op passes it through and gives
+// the input its gradient `dy · W`, never the weight's.
+
+struct FrozenMatmul {
+    w: Tensor,
+}
+
+impl CustomOp2 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _s1: &CpuStorage,
+        _l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let y = f32_slice(s2, l2, "frozen-matmul")?;
+        Ok((CpuStorage::F32(y.to_vec()), l2.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _y: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let mut dims = grad.dims().to_vec();
+        let out = dims.pop().expect("rank >= 1");
+        let dx = grad.reshape(((), out))?.matmul(&self.w)?;
+        dims.push(self.w.dim(1)?);
+        Ok((Some(dx.reshape(dims)?), None))
+    }
+}
+
+/// `x W^T (+ b)` for a frozen `W [out, in]`.
+pub fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let y = if fused(&[x, w]) && x.track_op() {
+        let y = matmul_t(&x.detach(), w)?;
+        x.apply_op2(&y, FrozenMatmul { w: w.clone() })?
+    } else {
+        matmul_t(x, w)?
+    };
+    match b {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm: `x / sqrt(mean(x²) + eps) · w`.
+
+struct RmsNormOp {
+    eps: f32,
+}
+
+impl RmsNormOp {
+    fn rstd(&self, row: &[f32]) -> f32 {
+        1.0 / (dot(row, row) / row.len() as f32 + self.eps).sqrt()
+    }
+}
+
+impl CustomOp2 for RmsNormOp {
+    fn name(&self) -> &'static str {
+        "rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "rms-norm")?;
+        let w = f32_slice(s2, l2, "rms-norm")?;
+        let mut out = Vec::with_capacity(x.len());
+        for row in x.chunks_exact(w.len()) {
+            let r = self.rstd(row);
+            out.extend(row.iter().zip(w).map(|(v, g)| v * r * g));
+        }
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (xv, wv, gv) = (host_vec(x)?, host_vec(w)?, host_vec(grad)?);
+        let h = wv.len();
+        let mut dx = Vec::with_capacity(xv.len());
+        let mut dw = vec![0f32; h];
+        let mut gw = vec![0f32; h];
+        for (row, g) in xv.chunks_exact(h).zip(gv.chunks_exact(h)) {
+            let r = self.rstd(row);
+            for i in 0..h {
+                gw[i] = g[i] * wv[i];
+                dw[i] += g[i] * row[i] * r;
+            }
+            // dx = r·gw − x · r³ · mean(gw · x)
+            let m = dot(&gw, row) / h as f32 * r * r * r;
+            dx.extend((0..h).map(|i| r * gw[i] - row[i] * m));
+        }
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), dev)?),
+            Some(Tensor::from_vec(dw, w.shape(), dev)?),
+        ))
+    }
+}
+
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    if fused(&[x, w]) {
+        x.contiguous()?
+            .apply_op2(&w.contiguous()?, RmsNormOp { eps: eps as f32 })
+    } else {
+        rms_norm_composed(x, w, eps)
+    }
+}
+
+pub fn rms_norm_composed(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let dt = x.dtype();
+    // Normalised in f32 (f64 stays f64 for the gradient checks), as transformers does.
+    let xf = x.to_dtype(if dt == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    })?;
+    let ms = xf.sqr()?.mean_keepdim(D::Minus1)?;
+    let y = xf.broadcast_div(&(ms + eps)?.sqrt()?)?.to_dtype(dt)?;
+    y.broadcast_mul(w)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rotary embedding (Hugging Face's half-split layout) on `[B, T, heads, head_dim]`, with a
+// position per (row, step).
+
+/// Cosines and sines for each (row, step): `[B·T, head_dim/2]` each.
+#[derive(Clone)]
+pub struct RopeTable {
+    pub cos: Arc<Vec<f32>>,
+    pub sin: Arc<Vec<f32>>,
+    pub half: usize,
+}
+
+impl RopeTable {
+    pub fn new(inv_freq: &[f64], positions: &[usize]) -> Self {
+        let half = inv_freq.len();
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for &p in positions {
+            for &f in inv_freq {
+                // Angles in f32 as transformers computes them (positions·inv_freq in f32).
+                let a = (p as f32) * (f as f32);
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        Self {
+            cos: Arc::new(cos),
+            sin: Arc::new(sin),
+            half,
+        }
+    }
+
+    /// `[B, T, 1, half]` tensors for the composed path.
+    fn tensors(
+        &self,
+        b: usize,
+        t: usize,
+        dt: DType,
+        dev: &candle_core::Device,
+    ) -> Result<(Tensor, Tensor)> {
+        let c = Tensor::from_slice(&self.cos, (b, t, 1, self.half), dev)?.to_dtype(dt)?;
+        let s = Tensor::from_slice(&self.sin, (b, t, 1, self.half), dev)?.to_dtype(dt)?;
+        Ok((c, s))
+    }
+}
+
+struct RopeOp {
+    table: RopeTable,
+    inverse: bool,
+}
+
+impl RopeOp {
+    fn apply(&self, x: &[f32], heads: usize) -> Vec<f32> {
+        let half = self.table.half;
+        let d = 2 * half;
+        let mut out = vec![0f32; x.len()];
+        let sign = if self.inverse { -1.0 } else { 1.0 };
+        for (bt, (xs, os)) in x
+            .chunks_exact(heads * d)
+            .zip(out.chunks_exact_mut(heads * d))
+            .enumerate()
+        {
+            let cos = &self.table.cos[bt * half..][..half];
+            let sin = &self.table.sin[bt * half..][..half];
+            for (xh, oh) in xs.chunks_exact(d).zip(os.chunks_exact_mut(d)) {
+                let (x1, x2) = xh.split_at(half);
+                let (o1, o2) = oh.split_at_mut(half);
+                for i in 0..half {
+                    let s = sign * sin[i];
+                    o1[i] = x1[i] * cos[i] - x2[i] * s;
+                    o2[i] = x2[i] * cos[i] + x1[i] * s;
+                }
+            }
+        }
+        out
+    }
+}
+
+impl CustomOp1 for RopeOp {
+    fn name(&self) -> &'static str {
+        "rope"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, "rope")?;
+        let (_, _, heads, _) = l.shape().dims4()?;
+        Ok((CpuStorage::F32(self.apply(x, heads)), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (_, _, heads, _) = x.dims4()?;
+        let inv = RopeOp {
+            table: self.table.clone(),
+            inverse: !self.inverse,
+        };
+        let g = inv.apply(&host_vec(grad)?, heads);
+        Ok(Some(Tensor::from_vec(g, x.shape(), x.device())?))
+    }
+}
+
+/// Rotates `x [B, T, heads, head_dim]` by the table's angles.
+pub fn rope(x: &Tensor, table: &RopeTable) -> Result<Tensor> {
+    let (b, t, _, d) = x.dims4()?;
+    if fused(&[x]) {
+        return x.contiguous()?.apply_op1(RopeOp {
+            table: table.clone(),
+            inverse: false,
+        });
+    }
+    let (cos, sin) = table.tensors(b, t, x.dtype(), x.device())?;
+    let half = d / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let o1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
+    let o2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
+    Tensor::cat(&[o1, o2], D::Minus1)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Masked, scaled softmax over attention scores `[B, G, Q, K]` with a per-row `[B, Q, K]`
+// allowed-pattern (causal + padding), shared by the G head groups.
+
+#[derive(Clone)]
+pub struct AttnMask {
+    /// `[B, Q, K]`, 1 where the query may attend the key.
+    pub allowed: Arc<Vec<u8>>,
+    pub b: usize,
+    pub q: usize,
+    pub k: usize,
+}
+
+impl AttnMask {
+    /// Additive `[B, 1, Q, K]` mask (0 or -inf) for the composed path.
+    fn additive(&self, dt: DType, dev: &candle_core::Device) -> Result<Tensor> {
+        let v: Vec<f32> = self
+            .allowed
+            .iter()
+            .map(|&a| if a != 0 { 0.0 } else { f32::NEG_INFINITY })
+            .collect();
+        Tensor::from_vec(v, (self.b, 1, self.q, self.k), dev)?.to_dtype(dt)
+    }
+}
+
+struct MaskedSoftmax {
+    mask: AttnMask,
+    scale: f32,
+}
+
+impl CustomOp1 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "masked-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, "masked-softmax")?;
+        let (b, g, q, k) = l.shape().dims4()?;
+        let mut out = vec![0f32; x.len()];
+        for bi in 0..b {
+            for gi in 0..g {
+                for qi in 0..q {
+                    let off = ((bi * g + gi) * q + qi) * k;
+                    let allowed = &self.mask.allowed[(bi * q + qi) * k..][..k];
+                    let row = &x[off..off + k];
+                    let o = &mut out[off..off + k];
+                    let mut max = f32::NEG_INFINITY;
+                    for j in 0..k {
+                        if allowed[j] != 0 {
+                            max = max.max(row[j] * self.scale);
+                        }
+                    }
+                    let mut sum = 0f32;
+                    for j in 0..k {
+                        if allowed[j] != 0 {
+                            let e = (row[j] * self.scale - max).exp();
+                            o[j] = e;
+                            sum += e;
+                        }
+                    }
+                    if sum > 0.0 {
+                        let inv = 1.0 / sum;
+                        o.iter_mut().for_each(|v| *v *= inv);
+                    }
+                }
+            }
+        }
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (p, g) = (host_vec(res)?, host_vec(grad)?);
+        let k = self.mask.k;
+        let mut dx = vec![0f32; p.len()];
+        for ((pr, gr), dr) in p
+            .chunks_exact(k)
+            .zip(g.chunks_exact(k))
+            .zip(dx.chunks_exact_mut(k))
+        {
+            let s = dot(pr, gr);
+            for j in 0..k {
+                dr[j] = self.scale * pr[j] * (gr[j] - s);
+            }
+        }
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
+
+/// `softmax(scores · scale + mask)` over the last dimension of `[B, G, Q, K]`.
+pub fn masked_softmax(scores: &Tensor, mask: &AttnMask, scale: f64) -> Result<Tensor> {
+    if fused(&[scores]) {
+        return scores.contiguous()?.apply_op1(MaskedSoftmax {
+            mask: mask.clone(),
+            scale: scale as f32,
+        });
+    }
+    let m = mask.additive(scores.dtype(), scores.device())?;
+    let s = (scores * scale)?.broadcast_add(&m)?;
+    candle_nn::ops::softmax(&s, D::Minus1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn var(n: usize, shape: &[usize], k: f32) -> Var {
+        let v: Vec<f32> = (0..n).map(|i| ((i as f32 * k).sin() * 1.3)).collect();
+        Var::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn grads(loss: &Tensor, vars: &[&Var]) -> Vec<Vec<f32>> {
+        let g = loss.backward().unwrap();
+        let mut out = vec![vec![loss.to_scalar::<f32>().unwrap()]];
+        for v in vars {
+            out.push(host_vec(g.get(v.as_tensor()).unwrap()).unwrap());
+        }
+        out
+    }
+
+    fn close(a: &[Vec<f32>], b: &[Vec<f32>]) {
+        for (x, y) in a.iter().zip(b) {
+            assert_eq!(x.len(), y.len());
+            for (p, q) in x.iter().zip(y) {
+                assert!((p - q).abs() < 1e-4 * (1.0 + q.abs()), "{p} vs {q}");
+            }
+        }
+    }
+
+    fn coef(shape: &[usize]) -> Tensor {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).cos()).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn fused_rms_norm_matches_composed() {
+        let (x, w) = (var(24, &[2, 3, 4], 0.7), var(4, &[4], 1.9));
+        let c = coef(&[2, 3, 4]);
+        let a = grads(
+            &(rms_norm(&x, &w, 1e-5).unwrap() * &c)
+                .unwrap()
+                .sum_all()
+                .unwrap(),
+            &[&x, &w],
+        );
+        let b = grads(
+            &(rms_norm_composed(&x, &w, 1e-5).unwrap() * &c)
+                .unwrap()
+                .sum_all()
+                .unwrap(),
+            &[&x, &w],
+        );
+        close(&a, &b);
+    }
+
+    #[test]
+    fn fused_rope_matches_composed() {
+        let x = var(2 * 3 * 2 * 8, &[2, 3, 2, 8], 0.3);
+        let t = RopeTable::new(&[1.0, 0.1, 0.01, 0.001], &[0, 1, 2, 5, 6, 7]);
+        let c = coef(&[2, 3, 2, 8]);
+        let a = grads(
+            &(rope(&x, &t).unwrap() * &c).unwrap().sum_all().unwrap(),
+            &[&x],
+        );
+        // The composed path runs on f64 and is compared after conversion.
+        let x64 = Var::from_tensor(&x.as_tensor().to_dtype(DType::F64).unwrap()).unwrap();
+        let y = rope(&x64, &t).unwrap();
+        let l = (y * c.to_dtype(DType::F64).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let g = l.backward().unwrap();
+        let b = vec![
+            vec![l.to_dtype(DType::F32).unwrap().to_scalar::<f32>().unwrap()],
+            host_vec(
+                &g.get(x64.as_tensor())
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap(),
+            )
+            .unwrap(),
+        ];
+        close(&a, &b);
+    }
+
+    #[test]
+    fn fused_softmax_and_frozen_linear_match_composed() {
+        let (b, g, q, k) = (2, 3, 4, 4);
+        let allowed: Vec<u8> = (0..b * q * k)
+            .map(|i| {
+                let (bi, qi, ki) = (i / (q * k), (i / k) % q, i % k);
+                u8::from(ki <= qi && ki < 3 - bi)
+            })
+            .collect();
+        let mask = AttnMask {
+            allowed: Arc::new(allowed),
+            b,
+            q,
+            k,
+        };
+        let x = var(b * g * q * k, &[b, g, q, k], 0.9);
+        let w = var(5 * k, &[5, k], 0.4);
+        let c = coef(&[b, g, q, 5]);
+        let run = |fused_path: bool| {
+            let p = if fused_path {
+                masked_softmax(&x, &mask, 0.5).unwrap()
+            } else {
+                let m = mask.additive(DType::F32, &Device::Cpu).unwrap();
+                let s = (x.as_tensor() * 0.5).unwrap().broadcast_add(&m).unwrap();
+                candle_nn::ops::softmax(&s, D::Minus1).unwrap()
+            };
+            let y = if fused_path {
+                frozen_linear(&p, &w, None).unwrap()
+            } else {
+                matmul_t(&p, &w).unwrap()
+            };
+            let l = (y * &c).unwrap().sum_all().unwrap();
+            let gr = l.backward().unwrap();
+            vec![
+                vec![l.to_scalar::<f32>().unwrap()],
+                host_vec(gr.get(x.as_tensor()).unwrap()).unwrap(),
+            ]
+        };
+        close(&run(true), &run(false));
+        // The frozen weight gets no gradient from the fused path.
+        let p = masked_softmax(&x, &mask, 0.5).unwrap();
+        let l = frozen_linear(&p, w.as_tensor(), None)
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        assert!(l.backward().unwrap().get(w.as_tensor()).is_none());
+    }
+}
