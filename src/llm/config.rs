@@ -205,14 +205,16 @@ impl Config {
     pub fn validate(&self) -> Result<(), String> {
         if self.num_attention_heads == 0
             || self.num_key_value_heads == 0
-            || self.num_attention_heads % self.num_key_value_heads != 0
+            || !self
+                .num_attention_heads
+                .is_multiple_of(self.num_key_value_heads)
         {
             return Err(format!(
                 "num_attention_heads {} must be a positive multiple of num_key_value_heads {}",
                 self.num_attention_heads, self.num_key_value_heads
             ));
         }
-        if self.head_dim % 2 != 0 || self.head_dim == 0 {
+        if !self.head_dim.is_multiple_of(2) || self.head_dim == 0 {
             return Err(format!(
                 "head_dim {} must be even and positive",
                 self.head_dim
@@ -268,6 +270,32 @@ impl Config {
                 }
             })
             .collect()
+    }
+}
+
+impl Config {
+    /// A tiny Llama shape for tests and the offline demo (GQA, untied head).
+    pub fn tiny(vocab_size: usize) -> Self {
+        Config {
+            architecture: "LlamaForCausalLM".into(),
+            hidden_size: 32,
+            intermediate_size: 64,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            head_dim: 8,
+            vocab_size,
+            rms_norm_eps: 1e-6,
+            rope_theta: 10000.0,
+            rope_llama3: None,
+            max_position_embeddings: 512,
+            tie_word_embeddings: false,
+            qkv_bias: false,
+            o_bias: false,
+            mlp_bias: false,
+            bos_token_id: None,
+            eos_token_ids: vec![],
+        }
     }
 }
 

@@ -16,6 +16,12 @@ pub trait WeightSource {
     fn tensor(&self, name: &str) -> Result<Option<Tensor>>;
 }
 
+impl WeightSource for std::collections::HashMap<String, Tensor> {
+    fn tensor(&self, name: &str) -> Result<Option<Tensor>> {
+        Ok(self.get(name).cloned())
+    }
+}
+
 /// A frozen projection with an optional bias and an optional LoRA adapter.
 pub struct Proj {
     pub weight: Tensor,
@@ -416,4 +422,69 @@ impl Llama {
         let tg = Tensor::from_vec(targets.to_vec(), (targets.len(), 1), hidden.device())?;
         logp.gather(&tg, 1)?.mean_all()?.neg()
     }
+}
+
+/// Random weights for `cfg` in Hugging Face naming (normal, std 0.2 for matrices, norms near 1),
+/// seeded: tiny backbones for tests and the offline demo.
+pub fn random_weights(
+    cfg: &Config,
+    seed: u64,
+    dt: DType,
+    dev: &Device,
+) -> Result<std::collections::HashMap<String, Tensor>> {
+    use rand::SeedableRng;
+    use rand_distr::{Distribution, Normal};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let normal = Normal::new(0.0f64, 0.2).expect("valid std");
+    let mut out = std::collections::HashMap::new();
+    let mut put = |name: String, shape: Vec<usize>, norm: bool| -> Result<()> {
+        let n: usize = shape.iter().product();
+        let v: Vec<f64> = (0..n)
+            .map(|_| {
+                let x = normal.sample(&mut rng);
+                if norm {
+                    1.0 + 0.5 * x
+                } else {
+                    x
+                }
+            })
+            .collect();
+        out.insert(name, Tensor::from_vec(v, shape, dev)?.to_dtype(dt)?);
+        Ok(())
+    };
+    let (h, f, d) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
+    let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+    put(
+        "model.embed_tokens.weight".into(),
+        vec![cfg.vocab_size, h],
+        false,
+    )?;
+    for i in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        put(format!("{p}.input_layernorm.weight"), vec![h], true)?;
+        put(
+            format!("{p}.post_attention_layernorm.weight"),
+            vec![h],
+            true,
+        )?;
+        for (m, out_dim, in_dim, bias) in [
+            ("self_attn.q_proj", nh * d, h, cfg.qkv_bias),
+            ("self_attn.k_proj", nkv * d, h, cfg.qkv_bias),
+            ("self_attn.v_proj", nkv * d, h, cfg.qkv_bias),
+            ("self_attn.o_proj", h, nh * d, cfg.o_bias),
+            ("mlp.gate_proj", f, h, cfg.mlp_bias),
+            ("mlp.up_proj", f, h, cfg.mlp_bias),
+            ("mlp.down_proj", h, f, cfg.mlp_bias),
+        ] {
+            put(format!("{p}.{m}.weight"), vec![out_dim, in_dim], false)?;
+            if bias {
+                put(format!("{p}.{m}.bias"), vec![out_dim], false)?;
+            }
+        }
+    }
+    put("model.norm.weight".into(), vec![h], true)?;
+    if !cfg.tie_word_embeddings {
+        put("lm_head.weight".into(), vec![cfg.vocab_size, h], false)?;
+    }
+    Ok(out)
 }

@@ -7,7 +7,6 @@ use super::tokenizer::{LlmTokenizer, ADDED_TOKENS};
 use super::{gguf, LlmError};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 pub struct LlmOptions {
@@ -81,14 +80,6 @@ impl WeightSource for Mmaped {
             return Ok(None);
         }
         self.0.load(name, &Device::Cpu).map(Some)
-    }
-}
-
-struct Map(HashMap<String, Tensor>);
-
-impl WeightSource for Map {
-    fn tensor(&self, name: &str) -> candle_core::Result<Option<Tensor>> {
-        Ok(self.0.get(name).cloned())
     }
 }
 
@@ -236,7 +227,7 @@ fn load_folder(
 fn load_gguf(path: &Path, opts: &LlmOptions) -> Result<Loaded, LlmError> {
     let g = gguf::read(path)?;
     let model = Llama::load(
-        &Map(g.tensors),
+        &g.tensors,
         &g.config,
         ADDED_TOKENS.len(),
         opts.dtype(),
@@ -271,7 +262,8 @@ fn load_hub(id: &str, opts: &LlmOptions) -> Result<Loaded, LlmError> {
     }
     };
     let cache = Cache::from_env();
-    let get: Box<dyn Fn(&str) -> Result<PathBuf, String>> = if offline {
+    type Fetch = Box<dyn Fn(&str) -> Result<PathBuf, String>>;
+    let get: Fetch = if offline {
         let c = cache.repo(repo.clone());
         Box::new(move |f| {
             c.get(f)

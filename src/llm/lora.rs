@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 /// A projection LoRA can adapt.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Target {
     Q,
     K,
@@ -88,6 +88,7 @@ impl Target {
         if out.is_empty() {
             return Err("no LoRA target given".into());
         }
+        out.sort();
         Ok(out)
     }
 }

@@ -407,7 +407,7 @@ mod tests {
     use candle_core::{Device, Var};
 
     fn var(n: usize, shape: &[usize], k: f32) -> Var {
-        let v: Vec<f32> = (0..n).map(|i| ((i as f32 * k).sin() * 1.3)).collect();
+        let v: Vec<f32> = (0..n).map(|i| (i as f32 * k).sin() * 1.3).collect();
         Var::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 

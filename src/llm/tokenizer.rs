@@ -161,7 +161,6 @@ fn numbers(md: &HashMap<String, Value>, key: &str) -> Result<Option<Vec<f64>>, S
             Value::U8(i) => Ok(*i as f64),
             _ => Err(format!("{key}: numeric array expected")),
         })
-        .map(|r| r)
         .collect::<Result<Vec<_>, _>>()
         .map(Some)
 }
@@ -255,9 +254,9 @@ pub fn from_gguf(
                 .and_then(|v| v.to_string().ok().cloned())
                 .unwrap_or_else(|| "gpt2".into());
             let pre_tok = match pre.as_str() {
-                "gpt2" | "default" => byte_level(true),
-                "smollm" => json!({"type": "Sequence", "pretokenizers": [
-                    {"type": "Digits", "individual_digits": true}, byte_level(true)]}),
+                // `smollm` as transformers converts it: the byte-level GPT-2 regex alone (its
+                // vocabulary has no multi-digit tokens, so digits come out one by one anyway).
+                "gpt2" | "default" | "smollm" => byte_level(true),
                 "llama-bpe" | "llama3" | "dbrx" | "smaug-bpe" => json!({"type": "Sequence", "pretokenizers": [
                     split(LLAMA3_REGEX), byte_level(false)]}),
                 "qwen2" | "deepseek-r1-qwen" => json!({"type": "Sequence", "pretokenizers": [
