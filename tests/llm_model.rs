@@ -51,12 +51,20 @@ fn rows() -> Vec<Vec<u32>> {
 
 /// Answer-span loss with two injected vectors; returns the loss and the injected-vector `Var`.
 fn loss(m: &Llama, inject: &Var) -> Tensor {
+    loss_with_dropout(m, inject, 0.0)
+}
+
+/// The same with LoRA dropout `p` drawn from a fixed seed.
+fn loss_with_dropout(m: &Llama, inject: &Var, p: f64) -> Tensor {
     let rows = rows();
     let t = 6;
     let x = m
         .embed(&rows, Some((&[2, t + 1], inject.as_tensor())))
         .unwrap();
-    let h = m.forward(&x, Step::padded(&[6, 4], t), None).unwrap();
+    let mut d = llara::sr::nn::Dropout::new(p, rand_chacha::ChaCha8Rng::seed_from_u64(9));
+    let h = m
+        .forward(&x, Step::padded(&[6, 4], t), (p > 0.0).then_some(&mut d))
+        .unwrap();
     m.loss_at(&h, &[3, 4, t + 2], &[5, 9, 2]).unwrap()
 }
 
@@ -126,10 +134,19 @@ fn lora_and_injected_embedding_gradients_match_finite_differences() {
 
 #[test]
 fn fused_f32_path_matches_composed_f64_path() {
+    fused_matches_composed(0.0);
+}
+
+#[test]
+fn fused_f32_path_matches_composed_f64_path_with_lora_dropout() {
+    fused_matches_composed(0.3);
+}
+
+fn fused_matches_composed(p: f64) {
     let run = |dt: DType| {
         let m = with_adapters(dt);
         let inject = inject_var(dt);
-        let l = loss(&m, &inject);
+        let l = loss_with_dropout(&m, &inject, p);
         let grads = l.backward().unwrap();
         let mut out = vec![vec![l
             .to_dtype(DType::F64)

@@ -17,6 +17,8 @@ pub enum LlmCommand {
     Generate(GenerateArgs),
     /// Token ids and the logits at every position of a prompt, as safetensors (`ids`, `logits`).
     Logits(LogitsArgs),
+    /// Throughput of a LoRA training step and of greedy generation (tokens/s, peak memory).
+    Bench(BenchArgs),
 }
 
 /// How to load a backbone: shared by every command that runs an LLM.
@@ -137,6 +139,7 @@ pub fn run(cmd: LlmCommand) -> Result<()> {
         LlmCommand::Info(a) => info(a),
         LlmCommand::Generate(a) => run_generate(a),
         LlmCommand::Logits(a) => logits(a),
+        LlmCommand::Bench(a) => bench(a),
     }
 }
 
@@ -282,4 +285,78 @@ fn logits(a: LogitsArgs) -> Result<()> {
     .with_context(|| format!("--out {}", a.out.display()))?;
     eprintln!("{} tokens → {}", t, a.out.display());
     Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub backbone: BackboneArgs,
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 256)]
+    pub seq_len: usize,
+    /// Loss on the last N tokens of each row.
+    #[arg(long, default_value_t = 32)]
+    pub answer_len: usize,
+    #[arg(long, default_value_t = 3)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    #[arg(long, default_value_t = 8)]
+    pub lora_r: usize,
+    #[arg(long, default_value_t = 16.0)]
+    pub lora_alpha: f64,
+    #[arg(long, default_value_t = 0.05)]
+    pub lora_dropout: f64,
+    /// LoRA targets: q,k,v,o,gate,up,down or all.
+    #[arg(long, default_value = "all")]
+    pub lora_targets: String,
+    #[arg(long, default_value_t = 256)]
+    pub gen_prompt_len: usize,
+    #[arg(long, default_value_t = 32)]
+    pub gen_new_tokens: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+fn bench(a: BenchArgs) -> Result<()> {
+    if a.adapter_given() {
+        bail!("llm bench adds fresh adapters itself; drop --adapter");
+    }
+    if a.seq_len < 2 || a.batch == 0 || a.steps == 0 || a.gen_prompt_len == 0 {
+        bail!("--batch, --steps, --gen-prompt-len must be at least 1 and --seq-len at least 2");
+    }
+    let mut l = a.backbone.load()?;
+    let cfg = llm::bench::BenchConfig {
+        batch: a.batch,
+        seq_len: a.seq_len,
+        answer_len: a.answer_len,
+        steps: a.steps,
+        warmup: a.warmup,
+        lora: llm::LoraConfig {
+            r: a.lora_r,
+            alpha: a.lora_alpha,
+            dropout: a.lora_dropout,
+            targets: llm::Target::parse_list(&a.lora_targets)
+                .map_err(|e| anyhow::anyhow!("--lora-targets: {e}"))?,
+            rslora: false,
+        },
+        gen_prompt_len: a.gen_prompt_len,
+        gen_new_tokens: a.gen_new_tokens,
+        seed: a.seed,
+    };
+    let report = llm::bench::run(&mut l.model, &l.tokenizer, &cfg)?;
+    let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_default();
+    println!(
+        "{}",
+        serde_json::json!({"impl": "llara", "llm": l.name(), "threads": threads,
+            "dtype": format!("{:?}", l.model.dtype()).to_lowercase(), "config": cfg, "report": report})
+    );
+    Ok(())
+}
+
+impl BenchArgs {
+    fn adapter_given(&self) -> bool {
+        self.backbone.adapter.is_some()
+    }
 }

@@ -31,10 +31,17 @@ pub struct Proj {
 
 impl Proj {
     fn forward(&self, x: &Tensor, dropout: &mut Option<&mut Dropout>) -> Result<Tensor> {
-        let y = ops::frozen_linear(x, &self.weight, self.bias.as_ref())?;
         match &self.lora {
-            None => Ok(y),
-            Some(l) => y + l.delta(x, dropout)?,
+            None => ops::frozen_linear(x, &self.weight, self.bias.as_ref()),
+            Some(l) => ops::lora_linear(
+                x,
+                &self.weight,
+                self.bias.as_ref(),
+                l.a.as_tensor(),
+                l.b.as_tensor(),
+                l.scale,
+                dropout,
+            ),
         }
     }
 }
@@ -360,8 +367,8 @@ impl Llama {
         let q = l.q_proj.forward(&h, dropout)?.reshape((b, t, nh, d))?;
         let k = l.k_proj.forward(&h, dropout)?.reshape((b, t, nkv, d))?;
         let v = l.v_proj.forward(&h, dropout)?.reshape((b, t, nkv, d))?;
-        let q = ops::rope(&q, table)?.transpose(1, 2)?.contiguous()?;
-        let mut k = ops::rope(&k, table)?.transpose(1, 2)?.contiguous()?;
+        let q = ops::rope(&q, table)?;
+        let mut k = ops::rope(&k, table)?;
         let mut v = v.transpose(1, 2)?.contiguous()?;
         if let Some(slot) = slot {
             if let Some((pk, pv)) = slot.as_ref() {
@@ -370,22 +377,12 @@ impl Llama {
             }
             *slot = Some((k.clone(), v.clone()));
         }
-        // Grouped-query attention without copying K/V: the query heads sharing a KV head are
-        // stacked along the query axis, `[B, kv_heads, rep·T, d]`.
-        let rep = nh / nkv;
-        let qg = q.reshape((b, nkv, rep * t, d))?;
-        let scores = qg.matmul(&k.t()?)?;
-        let probs = ops::masked_softmax(&scores, mask, 1.0 / (d as f64).sqrt())?;
-        let o = probs
-            .matmul(&v)?
-            .reshape((b, nh, t, d))?
-            .transpose(1, 2)?
-            .reshape((b, t, nh * d))?;
+        let o = ops::attention(&q, &k, &v, mask, 1.0 / (d as f64).sqrt())?;
         let x = (x + l.o_proj.forward(&o, dropout)?)?;
         let h = ops::rms_norm(&x, &l.post_attention_layernorm, c.rms_norm_eps)?;
-        let g = l.gate_proj.forward(&h, dropout)?.silu()?;
+        let g = l.gate_proj.forward(&h, dropout)?;
         let u = l.up_proj.forward(&h, dropout)?;
-        x + l.down_proj.forward(&(g * u)?, dropout)?
+        x + l.down_proj.forward(&ops::swiglu(&g, &u)?, dropout)?
     }
 
     /// Logits `[N, vocab]` at the flat positions `b·T + t` of `hidden [B, T, H]` (only those rows

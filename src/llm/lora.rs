@@ -4,7 +4,6 @@
 
 use super::llama::Llama;
 use super::LlmError;
-use crate::sr::nn::Dropout;
 use candle_core::{DType, Result as CResult, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -119,20 +118,6 @@ pub struct Lora {
     pub a: Var,
     pub b: Var,
     pub scale: f64,
-}
-
-impl Lora {
-    /// `(dropout(x) Aᵀ) Bᵀ · scale`, computed in the adapters' dtype (f32 unless f64).
-    pub fn delta(&self, x: &Tensor, dropout: &mut Option<&mut Dropout>) -> CResult<Tensor> {
-        let dt = self.a.dtype();
-        let xin = x.to_dtype(dt)?;
-        let xin = match dropout {
-            Some(d) if d.p > 0.0 => d.apply(&xin)?,
-            _ => xin,
-        };
-        let y = crate::sr::nn::matmul_t(&crate::sr::nn::matmul_t(&xin, &self.a)?, &self.b)?;
-        (y * self.scale)?.to_dtype(x.dtype())
-    }
 }
 
 /// PEFT's tensor name prefix of a projection.

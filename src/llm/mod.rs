@@ -2,9 +2,11 @@
 //! the tokenizer (with LLaRA's added tokens); LoRA adapters in PEFT's layout; input-embedding
 //! injection; masked batched forward; generation with a KV cache.
 
+pub mod bench;
 pub mod config;
 pub mod generate;
 pub mod gguf;
+pub mod kernels;
 pub mod llama;
 pub mod load;
 pub mod lora;

@@ -4,7 +4,8 @@
 //! backward (they silently cut the graph), and its matmul backward also computes the gradient of
 //! frozen weights; the fused ops here return only what training needs.
 
-use crate::sr::nn::matmul_t;
+use super::kernels;
+use crate::sr::nn::{matmul_t, Dropout};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 use std::sync::Arc;
 
@@ -43,56 +44,67 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Frozen linear: the output is computed on a detached input; the op passes it through and gives
-// the input its gradient `dy · W`, never the weight's.
+// Projections: frozen `W` (no gradient), optional LoRA.
 
-struct FrozenMatmul {
-    w: Tensor,
-}
-
-impl CustomOp2 for FrozenMatmul {
-    fn name(&self) -> &'static str {
-        "frozen-matmul"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _s1: &CpuStorage,
-        _l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let y = f32_slice(s2, l2, "frozen-matmul")?;
-        Ok((CpuStorage::F32(y.to_vec()), l2.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        _x: &Tensor,
-        _y: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let mut dims = grad.dims().to_vec();
-        let out = dims.pop().expect("rank >= 1");
-        let dx = grad.reshape(((), out))?.matmul(&self.w)?;
-        dims.push(self.w.dim(1)?);
-        Ok((Some(dx.reshape(dims)?), None))
-    }
+fn fused_weight(x: &Tensor, w: &Tensor) -> bool {
+    fused(&[x, w]) && !w.track_op()
 }
 
 /// `x W^T (+ b)` for a frozen `W [out, in]` (a `W` that tracks gradients takes the plain path).
 pub fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    let y = if fused(&[x, w]) && x.track_op() && !w.track_op() {
-        let y = matmul_t(&x.detach(), w)?;
-        x.apply_op2(&y, FrozenMatmul { w: w.clone() })?
-    } else {
-        matmul_t(x, w)?
-    };
+    if fused_weight(x, w) && b.is_none_or(|b| fused(&[b])) {
+        return x.contiguous()?.apply_op1(kernels::Linear {
+            w: w.clone(),
+            bias: b.cloned(),
+            scale: 0.0,
+            drop: None,
+        });
+    }
+    let y = matmul_t(x, w)?;
     match b {
         Some(b) => y.broadcast_add(b),
         None => Ok(y),
     }
+}
+
+/// `x W^T (+ b) + scale · (dropout(x) A^T) B^T`: a frozen projection with a LoRA adapter `A [r, in]`,
+/// `B [out, r]`; `dropout` (training) draws a fresh mask.
+pub fn lora_linear(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    a: &Tensor,
+    bm: &Tensor,
+    scale: f64,
+    dropout: &mut Option<&mut Dropout>,
+) -> Result<Tensor> {
+    let active = dropout.as_deref().filter(|d| d.p > 0.0).is_some();
+    if fused_weight(x, w) && fused(&[a, bm]) && b.is_none_or(|b| fused(&[b])) {
+        let drop = match dropout {
+            Some(d) if active => Some(kernels::DropMask {
+                keep: Arc::new(d.keep_flags(x.elem_count())),
+                scale: d.scale(),
+            }),
+            _ => None,
+        };
+        let op = kernels::Linear {
+            w: w.clone(),
+            bias: b.cloned(),
+            scale: scale as f32,
+            drop,
+        };
+        return x.contiguous()?.apply_op3(a, bm, op);
+    }
+    let y = frozen_linear(x, w, b)?;
+    let dt = a.dtype();
+    let xin = x.to_dtype(dt)?;
+    let xin = match dropout {
+        Some(d) if active => d.apply(&xin)?,
+        _ => xin,
+    };
+    let delta = matmul_t(&(matmul_t(&xin, a)? * scale)?, bm)?;
+    let delta = delta.to_dtype(y.dtype())?;
+    y + delta
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -228,31 +240,39 @@ impl RopeTable {
     }
 }
 
+/// Rotates `[B, T, H, d]` and writes it heads-first, `[B, H, T, d]` (backward: the inverse).
 struct RopeOp {
     table: RopeTable,
-    inverse: bool,
 }
 
 impl RopeOp {
-    fn apply(&self, x: &[f32], heads: usize) -> Vec<f32> {
+    /// `forward`: `x [B, T, H, d]` → `[B, H, T, d]` rotated by +θ; else `x [B, H, T, d]` →
+    /// `[B, T, H, d]` rotated by −θ.
+    fn apply(
+        &self,
+        x: &[f32],
+        (b, t, h, d): (usize, usize, usize, usize),
+        forward: bool,
+    ) -> Vec<f32> {
         let half = self.table.half;
-        let d = 2 * half;
         let mut out = vec![0f32; x.len()];
-        let sign = if self.inverse { -1.0 } else { 1.0 };
-        for (bt, (xs, os)) in x
-            .chunks_exact(heads * d)
-            .zip(out.chunks_exact_mut(heads * d))
-            .enumerate()
-        {
-            let cos = &self.table.cos[bt * half..][..half];
-            let sin = &self.table.sin[bt * half..][..half];
-            for (xh, oh) in xs.chunks_exact(d).zip(os.chunks_exact_mut(d)) {
-                let (x1, x2) = xh.split_at(half);
-                let (o1, o2) = oh.split_at_mut(half);
-                for i in 0..half {
-                    let s = sign * sin[i];
-                    o1[i] = x1[i] * cos[i] - x2[i] * s;
-                    o2[i] = x2[i] * cos[i] + x1[i] * s;
+        let sign = if forward { 1.0 } else { -1.0 };
+        for bi in 0..b {
+            for ti in 0..t {
+                let bt = bi * t + ti;
+                let cos = &self.table.cos[bt * half..][..half];
+                let sin = &self.table.sin[bt * half..][..half];
+                for hi in 0..h {
+                    let tf = (bt * h + hi) * d;
+                    let hf = ((bi * h + hi) * t + ti) * d;
+                    let (src, dst) = if forward { (tf, hf) } else { (hf, tf) };
+                    let (x1, x2) = x[src..src + d].split_at(half);
+                    let (o1, o2) = out[dst..dst + d].split_at_mut(half);
+                    for i in 0..half {
+                        let sn = sign * sin[i];
+                        o1[i] = x1[i] * cos[i] - x2[i] * sn;
+                        o2[i] = x2[i] * cos[i] + x1[i] * sn;
+                    }
                 }
             }
         }
@@ -267,28 +287,28 @@ impl CustomOp1 for RopeOp {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, "rope")?;
-        let (_, _, heads, _) = l.shape().dims4()?;
-        Ok((CpuStorage::F32(self.apply(x, heads)), l.shape().clone()))
+        let dims = l.shape().dims4()?;
+        let (b, t, h, d) = dims;
+        Ok((
+            CpuStorage::F32(self.apply(x, dims, true)),
+            Shape::from((b, h, t, d)),
+        ))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let (_, _, heads, _) = x.dims4()?;
-        let inv = RopeOp {
-            table: self.table.clone(),
-            inverse: !self.inverse,
-        };
-        let g = inv.apply(&host_vec(grad)?, heads);
+        let dims = x.dims4()?;
+        let g = self.apply(&host_vec(grad)?, dims, false);
         Ok(Some(Tensor::from_vec(g, x.shape(), x.device())?))
     }
 }
 
-/// Rotates `x [B, T, heads, head_dim]` by the table's angles.
+/// Rotates `x [B, T, heads, head_dim]` by the table's angles and returns it heads-first,
+/// `[B, heads, T, head_dim]` (contiguous).
 pub fn rope(x: &Tensor, table: &RopeTable) -> Result<Tensor> {
     let (b, t, _, d) = x.dims4()?;
     if fused(&[x]) {
         return x.contiguous()?.apply_op1(RopeOp {
             table: table.clone(),
-            inverse: false,
         });
     }
     let (cos, sin) = table.tensors(b, t, x.dtype(), x.device())?;
@@ -297,7 +317,49 @@ pub fn rope(x: &Tensor, table: &RopeTable) -> Result<Tensor> {
     let x2 = x.narrow(D::Minus1, half, half)?;
     let o1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
     let o2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
-    Tensor::cat(&[o1, o2], D::Minus1)
+    Tensor::cat(&[o1, o2], D::Minus1)?
+        .transpose(1, 2)?
+        .contiguous()
+}
+
+/// `silu(g) · u`.
+pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+    if fused(&[g, u]) && g.dims() == u.dims() {
+        return g.contiguous()?.apply_op2(&u.contiguous()?, kernels::SwiGlu);
+    }
+    g.silu()? * u
+}
+
+/// Grouped-query attention over `q [B, heads, T, d]` and `k, v [B, kv_heads, K, d]` with the
+/// mask's allowed pattern; returns `[B, T, heads·d]`.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &AttnMask,
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, nh, t, d) = q.dims4()?;
+    let nkv = k.dim(1)?;
+    let rep = nh / nkv;
+    if fused(&[q, k, v]) {
+        let op = kernels::Attention {
+            allowed: mask.allowed.clone(),
+            scale: scale as f32,
+        };
+        return q
+            .contiguous()?
+            .apply_op3(&k.contiguous()?, &v.contiguous()?, op);
+    }
+    // The query heads sharing a KV head are stacked along the query axis, [B, kv, rep·T, d].
+    let qg = q.reshape((b, nkv, rep * t, d))?;
+    let scores = qg.matmul(&k.t()?)?;
+    let probs = masked_softmax(&scores, mask, scale)?;
+    probs
+        .matmul(v)?
+        .reshape((b, nh, t, d))?
+        .transpose(1, 2)?
+        .reshape((b, t, nh * d))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -460,7 +522,7 @@ mod tests {
     fn fused_rope_matches_composed() {
         let x = var(2 * 3 * 2 * 8, &[2, 3, 2, 8], 0.3);
         let t = RopeTable::new(&[1.0, 0.1, 0.01, 0.001], &[0, 1, 2, 5, 6, 7]);
-        let c = coef(&[2, 3, 2, 8]);
+        let c = coef(&[2, 2, 3, 8]);
         let a = grads(
             &(rope(&x, &t).unwrap() * &c).unwrap().sum_all().unwrap(),
             &[&x],

@@ -13,6 +13,7 @@ use tokenizers::{AddedToken, Tokenizer};
 /// slots that carry projected recommender embeddings.
 pub const ADDED_TOKENS: [&str; 4] = ["[PH]", "[HistoryEmb]", "[CansEmb]", "[ItemEmb]"];
 
+#[derive(Clone)]
 pub struct LlmTokenizer {
     pub inner: Tokenizer,
     /// The model's base vocabulary size: added tokens get ids `vocab_size + k`.

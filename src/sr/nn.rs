@@ -67,19 +67,26 @@ impl Dropout {
 
     /// `n` multipliers: `1 / (1 - p)` with probability `1 - p`, else 0.
     pub fn mask_values(&mut self, n: usize) -> Vec<f32> {
+        let scale = self.scale();
+        self.keep_flags(n)
+            .into_iter()
+            .map(|k| if k != 0 { scale } else { 0.0 })
+            .collect()
+    }
+
+    /// `n` keep flags (1 with probability `1 - p`): the same draws as [`Dropout::mask_values`].
+    pub fn keep_flags(&mut self, n: usize) -> Vec<u8> {
         let keep = 1.0 - self.p;
-        let scale = (1.0 / keep) as f32;
         // Compare 32-bit draws with a threshold: one draw per element.
         let threshold = (keep * 4_294_967_296.0).min(4_294_967_295.0) as u32;
         (0..n)
-            .map(|_| {
-                if self.rng.random::<u32>() < threshold {
-                    scale
-                } else {
-                    0.0
-                }
-            })
+            .map(|_| u8::from(self.rng.random::<u32>() < threshold))
             .collect()
+    }
+
+    /// The multiplier of kept elements, `1 / (1 - p)`.
+    pub fn scale(&self) -> f32 {
+        (1.0 / (1.0 - self.p)) as f32
     }
 
     pub fn apply(&mut self, x: &Tensor) -> Result<Tensor> {

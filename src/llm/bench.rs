@@ -1,0 +1,135 @@
+//! Throughput of the two hot loops on a real backbone: a LoRA training step (forward, backward,
+//! AdamW on the adapters, answer-span loss) and greedy generation with the KV cache. Reported by
+//! `llara llm bench`; scripts/bench_llm.sh runs it next to PyTorch + PEFT on the same weights.
+
+use super::generate::{generate, GenOptions};
+use super::llama::{Llama, Step};
+use super::lora::{self, LoraConfig};
+use super::tokenizer::LlmTokenizer;
+use candle_core::Result;
+use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::time::Instant;
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BenchConfig {
+    pub batch: usize,
+    pub seq_len: usize,
+    /// Loss on the last `answer_len` tokens of each row.
+    pub answer_len: usize,
+    pub steps: usize,
+    pub warmup: usize,
+    pub lora: LoraConfig,
+    pub gen_prompt_len: usize,
+    pub gen_new_tokens: usize,
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BenchReport {
+    pub train_tokens_per_second: f64,
+    pub train_seconds_per_step: f64,
+    pub train_losses: Vec<f32>,
+    pub gen_prefill_seconds: f64,
+    pub gen_decode_tokens_per_second: f64,
+    pub gen_new_tokens: usize,
+    pub peak_rss_bytes: Option<u64>,
+    /// Peak before the benchmark started (loading the backbone).
+    pub peak_rss_after_load_bytes: Option<u64>,
+    /// Peak after the training steps (before generation).
+    pub peak_rss_after_train_bytes: Option<u64>,
+}
+
+/// Peak resident set size of this process (Linux `VmHWM`).
+pub fn peak_rss() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Runs the benchmark on `model` (adapters are added here).
+pub fn run(model: &mut Llama, tok: &LlmTokenizer, cfg: &BenchConfig) -> Result<BenchReport> {
+    let after_load = peak_rss();
+    lora::add_adapters(model, &cfg.lora, cfg.seed)?;
+    let vars: Vec<candle_core::Var> = lora::adapter_vars(model)
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect();
+    let mut opt = AdamW::new(
+        vars,
+        ParamsAdamW {
+            lr: 1e-4,
+            weight_decay: 0.0,
+            ..Default::default()
+        },
+    )?;
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+    let v = model.cfg.vocab_size as u32;
+    let (b, t, a) = (cfg.batch, cfg.seq_len, cfg.answer_len.min(cfg.seq_len - 1));
+    let mut dropout =
+        crate::sr::nn::Dropout::new(cfg.lora.dropout, ChaCha8Rng::seed_from_u64(cfg.seed + 1));
+    let mut losses = vec![];
+    let mut timed = 0.0;
+    for step in 0..cfg.warmup + cfg.steps {
+        let rows: Vec<Vec<u32>> = (0..b)
+            .map(|_| (0..t).map(|_| rng.random_range(0..v)).collect())
+            .collect();
+        // Position p predicts token p + 1: the answer span is the last `a` tokens of each row.
+        let mut pos = vec![];
+        let mut targets = vec![];
+        for (bi, r) in rows.iter().enumerate() {
+            for p in t - a - 1..t - 1 {
+                pos.push(bi * t + p);
+                targets.push(r[p + 1]);
+            }
+        }
+        let started = Instant::now();
+        let x = model.embed(&rows, None)?;
+        let h = model.forward(&x, Step::padded(&vec![t; b], t), Some(&mut dropout))?;
+        let loss = model.loss_at(&h, &pos, &targets)?;
+        opt.backward_step(&loss)?;
+        let l = loss.to_scalar::<f32>()?;
+        if step >= cfg.warmup {
+            timed += started.elapsed().as_secs_f64();
+            losses.push(l);
+        }
+    }
+    let after_train = peak_rss();
+    lora::merge(model)?;
+    let prompt: Vec<u32> = (0..cfg.gen_prompt_len)
+        .map(|_| rng.random_range(0..v))
+        .collect();
+    let x = model.embed(std::slice::from_ref(&prompt), None)?;
+    // Prefill alone, then prefill + decode: the difference is the decode time.
+    let started = Instant::now();
+    let one = GenOptions {
+        max_new_tokens: 1,
+        ..Default::default()
+    };
+    generate(model, tok, &x, &[prompt.len()], &one)?;
+    let prefill = started.elapsed().as_secs_f64();
+    // EOS must not end the run early: no stop tokens while benchmarking.
+    let mut tok_no_eos = tok.clone();
+    tok_no_eos.eos.clear();
+    let opts = GenOptions {
+        max_new_tokens: cfg.gen_new_tokens,
+        ..Default::default()
+    };
+    let started = Instant::now();
+    let out = generate(model, &tok_no_eos, &x, &[prompt.len()], &opts)?;
+    let total = started.elapsed().as_secs_f64();
+    let n = out[0].ids.len();
+    Ok(BenchReport {
+        train_tokens_per_second: (b * t * cfg.steps) as f64 / timed,
+        train_seconds_per_step: timed / cfg.steps as f64,
+        train_losses: losses,
+        gen_prefill_seconds: prefill,
+        gen_decode_tokens_per_second: (n.saturating_sub(1)) as f64 / (total - prefill).max(1e-9),
+        gen_new_tokens: n,
+        peak_rss_bytes: peak_rss(),
+        peak_rss_after_load_bytes: after_load,
+        peak_rss_after_train_bytes: after_train,
+    })
+}

@@ -1,0 +1,532 @@
+//! Fused CPU (f32) kernels with hand-written backward passes, built on `gemm`. Each op keeps only
+//! what its backward needs (a LoRA projection saves its input, not five intermediates; attention
+//! recomputes its probabilities instead of keeping `[B, heads, T, T]` scores and probabilities).
+//! [`super::ops`] chooses between these and differentiable compositions.
+
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor,
+};
+use std::sync::Arc;
+
+/// `c[m, n] = (acc ? c : 0) + alpha · op(a) · op(b)` for row-major contiguous slices; `op(a)` is
+/// `a [m, k]`, or `a [k, m]` transposed when `ta`; likewise `op(b)` is `b [k, n]` or `b [n, k]`ᵀ.
+#[allow(clippy::too_many_arguments)]
+pub fn mm(
+    c: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    ta: bool,
+    tb: bool,
+    acc: bool,
+    alpha: f32,
+) {
+    assert!(
+        c.len() >= m * n && a.len() >= m * k && b.len() >= k * n,
+        "mm: slice too short"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !acc {
+            c[..m * n].fill(0.0);
+        }
+        return;
+    }
+    let par = if m * n * k >= 64 * 64 * 64 {
+        gemm::Parallelism::Rayon(candle_core::utils::get_num_threads())
+    } else {
+        gemm::Parallelism::None
+    };
+    let (a_cs, a_rs) = if ta { (m as isize, 1) } else { (1, k as isize) };
+    let (b_cs, b_rs) = if tb { (k as isize, 1) } else { (1, n as isize) };
+    // SAFETY: the slices hold at least m·k, k·n and m·n elements (asserted), and the strides
+    // above address exactly those row-major layouts.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            acc,
+            a.as_ptr(),
+            a_cs,
+            a_rs,
+            b.as_ptr(),
+            b_cs,
+            b_rs,
+            1.0,
+            alpha,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("{what}: f32 expected");
+    };
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("{what}: contiguous input expected");
+    };
+    Ok(&v[a..b])
+}
+
+/// Runs `f` on the f32 contents of a CPU tensor (made contiguous first).
+fn with<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = t.contiguous()?;
+    let (st, l) = t.storage_and_layout();
+    let Storage::Cpu(cs) = &*st else {
+        candle_core::bail!("fused kernel: CPU tensor expected");
+    };
+    Ok(f(slice(cs, l, "fused kernel")?))
+}
+
+fn tensor(v: Vec<f32>, shape: &Shape) -> Result<Tensor> {
+    Tensor::from_vec(v, shape, &candle_core::Device::Cpu)
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// Inverted-dropout keep flags of a LoRA input (`1/(1-p)` where kept).
+#[derive(Clone)]
+pub struct DropMask {
+    pub keep: Arc<Vec<u8>>,
+    pub scale: f32,
+}
+
+impl DropMask {
+    fn apply(&self, x: &[f32]) -> Vec<f32> {
+        x.iter()
+            .zip(self.keep.iter())
+            .map(|(v, &k)| if k != 0 { v * self.scale } else { 0.0 })
+            .collect()
+    }
+}
+
+/// `y = x Wᵀ (+ b) [+ s · (drop(x) Aᵀ) Bᵀ]` over `x [M, in]` (leading dims flattened). The frozen
+/// `W` gets no gradient; with LoRA the op's inputs are `(x, A, B)`, else just `x`.
+#[derive(Clone)]
+pub struct Linear {
+    pub w: Tensor,
+    pub bias: Option<Tensor>,
+    pub scale: f32,
+    pub drop: Option<DropMask>,
+}
+
+impl Linear {
+    fn dims(&self, x: &Layout) -> Result<(usize, usize, usize, Shape)> {
+        let (o, i) = self.w.dims2()?;
+        let dims = x.shape().dims();
+        if dims.last() != Some(&i) {
+            candle_core::bail!("linear: input {:?}, weight [{o}, {i}]", dims);
+        }
+        let m = x.shape().elem_count() / i;
+        let mut out = dims.to_vec();
+        *out.last_mut().expect("rank >= 1") = o;
+        Ok((m, i, o, Shape::from(out)))
+    }
+
+    fn base(&self, x: &[f32], m: usize, i: usize, o: usize) -> Result<Vec<f32>> {
+        let mut y = vec![0f32; m * o];
+        with(&self.w, |w| {
+            mm(&mut y, x, w, m, o, i, false, true, false, 1.0)
+        })?;
+        if let Some(b) = &self.bias {
+            with(b, |b| {
+                for row in y.chunks_exact_mut(o) {
+                    row.iter_mut().zip(b).for_each(|(v, c)| *v += c);
+                }
+            })?;
+        }
+        Ok(y)
+    }
+
+    fn dropped(&self, x: &[f32]) -> Option<Vec<f32>> {
+        self.drop.as_ref().map(|d| d.apply(x))
+    }
+}
+
+impl CustomOp1 for Linear {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (m, i, o, shape) = self.dims(l)?;
+        let y = self.base(slice(s, l, "frozen-linear")?, m, i, o)?;
+        Ok((CpuStorage::F32(y), shape))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (o, i) = self.w.dims2()?;
+        let m = x.elem_count() / i;
+        let mut dx = vec![0f32; m * i];
+        with(grad, |g| {
+            with(&self.w, |w| {
+                mm(&mut dx, g, w, m, i, o, false, false, false, 1.0)
+            })
+        })??;
+        Ok(Some(tensor(dx, x.shape())?))
+    }
+}
+
+impl CustomOp3 for Linear {
+    fn name(&self) -> &'static str {
+        "lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (m, i, o, shape) = self.dims(l1)?;
+        let x = slice(s1, l1, "lora-linear")?;
+        let a = slice(s2, l2, "lora-linear")?;
+        let b = slice(s3, l3, "lora-linear")?;
+        let r = a.len() / i;
+        let mut y = self.base(x, m, i, o)?;
+        let xd = self.dropped(x);
+        let mut u = vec![0f32; m * r];
+        mm(
+            &mut u,
+            xd.as_deref().unwrap_or(x),
+            a,
+            m,
+            r,
+            i,
+            false,
+            true,
+            false,
+            1.0,
+        );
+        mm(&mut y, &u, b, m, o, r, false, true, true, self.scale);
+        Ok((CpuStorage::F32(y), shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (o, i) = self.w.dims2()?;
+        let r = a.dims2()?.0;
+        let m = x.elem_count() / i;
+        let (xv, av, bv, gv) = (
+            with(x, |v| v.to_vec())?,
+            with(a, |v| v.to_vec())?,
+            with(b, |v| v.to_vec())?,
+            with(grad, |v| v.to_vec())?,
+        );
+        let xd = self.dropped(&xv);
+        let xin = xd.as_deref().unwrap_or(&xv);
+        let mut dx = vec![0f32; m * i];
+        with(&self.w, |w| {
+            mm(&mut dx, &gv, w, m, i, o, false, false, false, 1.0)
+        })?;
+        let mut u = vec![0f32; m * r];
+        mm(&mut u, xin, &av, m, r, i, false, true, false, 1.0);
+        let mut db = vec![0f32; o * r];
+        mm(&mut db, &gv, &u, o, r, m, true, false, false, self.scale);
+        let mut du = vec![0f32; m * r];
+        mm(&mut du, &gv, &bv, m, r, o, false, false, false, self.scale);
+        let mut da = vec![0f32; r * i];
+        mm(&mut da, &du, xin, r, i, m, true, false, false, 1.0);
+        match &self.drop {
+            None => mm(&mut dx, &du, &av, m, i, r, false, false, true, 1.0),
+            Some(d) => {
+                let mut t = vec![0f32; m * i];
+                mm(&mut t, &du, &av, m, i, r, false, false, false, 1.0);
+                for ((o, v), &k) in dx.iter_mut().zip(&t).zip(d.keep.iter()) {
+                    if k != 0 {
+                        *o += v * d.scale;
+                    }
+                }
+            }
+        }
+        Ok((
+            Some(tensor(dx, x.shape())?),
+            Some(tensor(da, a.shape())?),
+            Some(tensor(db, b.shape())?),
+        ))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// Grouped-query attention `softmax(Q Kᵀ · scale + mask) V` over `q [B, heads, T, d]`,
+/// `k, v [B, kv_heads, K, d]`, returning `[B, T, heads·d]`; probabilities are recomputed in the
+/// backward pass instead of being stored.
+pub struct Attention {
+    /// `[B, rep·T, K]`: 1 where the query may attend the key (query rows stacked per KV group).
+    pub allowed: Arc<Vec<u8>>,
+    pub scale: f32,
+}
+
+struct AttnDims {
+    b: usize,
+    nh: usize,
+    nkv: usize,
+    t: usize,
+    k: usize,
+    d: usize,
+}
+
+impl AttnDims {
+    fn rep(&self) -> usize {
+        self.nh / self.nkv
+    }
+}
+
+impl Attention {
+    /// Probabilities `[rep·T, K]` of batch row `bi` for the query group `qg` and keys `kg`.
+    fn probs(&self, dm: &AttnDims, bi: usize, qg: &[f32], kg: &[f32]) -> Vec<f32> {
+        let (rt, k) = (dm.rep() * dm.t, dm.k);
+        let mut p = vec![0f32; rt * k];
+        mm(&mut p, qg, kg, rt, k, dm.d, false, true, false, self.scale);
+        let allowed = &self.allowed[bi * rt * k..(bi + 1) * rt * k];
+        for (row, al) in p.chunks_exact_mut(k).zip(allowed.chunks_exact(k)) {
+            let mut max = f32::NEG_INFINITY;
+            for (v, &a) in row.iter().zip(al) {
+                if a != 0 && *v > max {
+                    max = *v;
+                }
+            }
+            let mut sum = 0f32;
+            for (v, &a) in row.iter_mut().zip(al) {
+                *v = if a != 0 { (*v - max).exp() } else { 0.0 };
+                sum += *v;
+            }
+            if sum > 0.0 {
+                let inv = 1.0 / sum;
+                row.iter_mut().for_each(|v| *v *= inv);
+            }
+        }
+        p
+    }
+
+    fn dims(q: &Shape, k: &Shape) -> Result<AttnDims> {
+        let (b, nh, t, d) = q.dims4()?;
+        let (_, nkv, kl, _) = k.dims4()?;
+        Ok(AttnDims {
+            b,
+            nh,
+            nkv,
+            t,
+            k: kl,
+            d,
+        })
+    }
+}
+
+/// Copies rows `[rep·T, d]` of a group between the head-stacked layout and `[T, heads·d]`.
+fn scatter_group(out: &mut [f32], og: &[f32], dm: &AttnDims, bi: usize, g: usize) {
+    let (t, d, nh) = (dm.t, dm.d, dm.nh);
+    for r in 0..dm.rep() {
+        let h = g * dm.rep() + r;
+        for ti in 0..t {
+            let dst = (bi * t + ti) * nh * d + h * d;
+            out[dst..dst + d].copy_from_slice(&og[(r * t + ti) * d..][..d]);
+        }
+    }
+}
+
+fn gather_group(src: &[f32], dm: &AttnDims, bi: usize, g: usize) -> Vec<f32> {
+    let (t, d, nh) = (dm.t, dm.d, dm.nh);
+    let mut out = Vec::with_capacity(dm.rep() * t * d);
+    for r in 0..dm.rep() {
+        let h = g * dm.rep() + r;
+        for ti in 0..t {
+            let s = (bi * t + ti) * nh * d + h * d;
+            out.extend_from_slice(&src[s..s + d]);
+        }
+    }
+    out
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dm = Self::dims(l1.shape(), l2.shape())?;
+        let (q, k, v) = (
+            slice(s1, l1, "attention")?,
+            slice(s2, l2, "attention")?,
+            slice(s3, l3, "attention")?,
+        );
+        let (rt, d) = (dm.rep() * dm.t, dm.d);
+        let mut out = vec![0f32; dm.b * dm.t * dm.nh * d];
+        let mut og = vec![0f32; rt * d];
+        for bi in 0..dm.b {
+            for g in 0..dm.nkv {
+                let qg = &q[(bi * dm.nkv + g) * rt * d..][..rt * d];
+                let kg = &k[(bi * dm.nkv + g) * dm.k * d..][..dm.k * d];
+                let vg = &v[(bi * dm.nkv + g) * dm.k * d..][..dm.k * d];
+                let p = self.probs(&dm, bi, qg, kg);
+                mm(&mut og, &p, vg, rt, d, dm.k, false, false, false, 1.0);
+                scatter_group(&mut out, &og, &dm, bi, g);
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from((dm.b, dm.t, dm.nh * d))))
+    }
+
+    fn bwd(
+        &self,
+        qt: &Tensor,
+        kt: &Tensor,
+        vt: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dm = Self::dims(qt.shape(), kt.shape())?;
+        let (q, k, v, go) = (
+            with(qt, |x| x.to_vec())?,
+            with(kt, |x| x.to_vec())?,
+            with(vt, |x| x.to_vec())?,
+            with(grad, |x| x.to_vec())?,
+        );
+        let (rt, d, kl) = (dm.rep() * dm.t, dm.d, dm.k);
+        let mut dq = vec![0f32; q.len()];
+        let mut dk = vec![0f32; k.len()];
+        let mut dv = vec![0f32; v.len()];
+        let mut dp = vec![0f32; rt * kl];
+        for bi in 0..dm.b {
+            for g in 0..dm.nkv {
+                let qo = (bi * dm.nkv + g) * rt * d;
+                let ko = (bi * dm.nkv + g) * kl * d;
+                let (qg, kg, vg) = (
+                    &q[qo..qo + rt * d],
+                    &k[ko..ko + kl * d],
+                    &v[ko..ko + kl * d],
+                );
+                let p = self.probs(&dm, bi, qg, kg);
+                let dog = gather_group(&go, &dm, bi, g);
+                // dV = Pᵀ dO ; dP = dO Vᵀ ; dS = P ⊙ (dP − rowsum(dP ⊙ P)) · scale
+                mm(
+                    &mut dv[ko..ko + kl * d],
+                    &p,
+                    &dog,
+                    kl,
+                    d,
+                    rt,
+                    true,
+                    false,
+                    false,
+                    1.0,
+                );
+                mm(&mut dp, &dog, vg, rt, kl, d, false, true, false, 1.0);
+                for (dr, pr) in dp.chunks_exact_mut(kl).zip(p.chunks_exact(kl)) {
+                    let s: f32 = dr.iter().zip(pr).map(|(a, b)| a * b).sum();
+                    for (x, &pj) in dr.iter_mut().zip(pr) {
+                        *x = pj * (*x - s) * self.scale;
+                    }
+                }
+                mm(
+                    &mut dq[qo..qo + rt * d],
+                    &dp,
+                    kg,
+                    rt,
+                    d,
+                    kl,
+                    false,
+                    false,
+                    false,
+                    1.0,
+                );
+                mm(
+                    &mut dk[ko..ko + kl * d],
+                    &dp,
+                    qg,
+                    kl,
+                    d,
+                    rt,
+                    true,
+                    false,
+                    false,
+                    1.0,
+                );
+            }
+        }
+        Ok((
+            Some(tensor(dq, qt.shape())?),
+            Some(tensor(dk, kt.shape())?),
+            Some(tensor(dv, vt.shape())?),
+        ))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// `silu(g) · u`.
+pub struct SwiGlu;
+
+#[inline]
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (g, u) = (slice(s1, l1, "swiglu")?, slice(s2, l2, "swiglu")?);
+        let out = g.iter().zip(u).map(|(&g, &u)| g * sigmoid(g) * u).collect();
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        g: &Tensor,
+        u: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (gv, uv, dy) = (
+            with(g, |x| x.to_vec())?,
+            with(u, |x| x.to_vec())?,
+            with(grad, |x| x.to_vec())?,
+        );
+        let mut dg = Vec::with_capacity(gv.len());
+        let mut du = Vec::with_capacity(gv.len());
+        for ((&g, &u), &d) in gv.iter().zip(&uv).zip(&dy) {
+            let s = sigmoid(g);
+            du.push(d * g * s);
+            dg.push(d * u * s * (1.0 + g * (1.0 - s)));
+        }
+        Ok((Some(tensor(dg, g.shape())?), Some(tensor(du, u.shape())?)))
+    }
+}
