@@ -36,6 +36,11 @@ pub fn mm(
         }
         return;
     }
+    if m <= 4 && !ta && tb {
+        // A few rows times a row-major matrix (generation): row dot products stream `b` once,
+        // where gemm would pack it first.
+        return small_m(c, a, b, m, n, k, acc, alpha);
+    }
     let par = if m * n * k >= 64 * 64 * 64 {
         gemm::Parallelism::Rayon(candle_core::utils::get_num_threads())
     } else {
@@ -68,6 +73,76 @@ pub fn mm(
             par,
         )
     }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn small_m(
+    c: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    acc: bool,
+    alpha: f32,
+) {
+    use rayon::prelude::*;
+    let rows = |j0: usize, out: &mut [f32]| {
+        // out[i * len + jj] for rows i of a and columns j0 + jj.
+        let len = out.len() / m;
+        for jj in 0..len {
+            let brow = &b[(j0 + jj) * k..][..k];
+            for i in 0..m {
+                out[i * len + jj] = alpha * dot(&a[i * k..][..k], brow);
+            }
+        }
+    };
+    let threads = candle_core::utils::get_num_threads();
+    let chunk = n.div_ceil(threads.max(1)).max(1);
+    let mut parts: Vec<Vec<f32>> = (0..n.div_ceil(chunk))
+        .map(|p| vec![0f32; m * chunk.min(n - p * chunk)])
+        .collect();
+    if n * k >= 1 << 16 && threads > 1 {
+        parts
+            .par_iter_mut()
+            .enumerate()
+            .for_each(|(p, out)| rows(p * chunk, out));
+    } else {
+        parts
+            .iter_mut()
+            .enumerate()
+            .for_each(|(p, out)| rows(p * chunk, out));
+    }
+    for (p, out) in parts.iter().enumerate() {
+        let len = out.len() / m;
+        for i in 0..m {
+            let dst = &mut c[i * n + p * chunk..][..len];
+            let src = &out[i * len..][..len];
+            if acc {
+                dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+            } else {
+                dst.copy_from_slice(src);
+            }
+        }
+    }
+}
+
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..16 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
