@@ -375,3 +375,30 @@ fn added_tokens_are_single_ids_after_the_vocabulary() {
     assert!(m.embed(&[vec![V as u32 + 3]], None).is_ok());
     assert!(m.embed(&[vec![V as u32 + 4]], None).is_err());
 }
+
+#[test]
+fn activation_checkpointing_gives_the_same_loss_and_gradients() {
+    let run = |ckpt: bool| {
+        let mut m = with_adapters(DType::F32);
+        m.set_checkpointing(ckpt).unwrap();
+        let inject = inject_var(DType::F32);
+        let l = loss_with_dropout(&m, &inject, 0.3);
+        let grads = m.backward(&l).unwrap();
+        let mut out = vec![vec![l.to_scalar::<f32>().unwrap()]];
+        let mut vars = adapter_vars(&m);
+        vars.push(("inject".into(), inject));
+        for (name, v) in vars {
+            let g = grads
+                .get(v.as_tensor())
+                .unwrap_or_else(|| panic!("{name}: no gradient (checkpointing {ckpt})"));
+            out.push(g.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        }
+        out
+    };
+    let (a, b) = (run(false), run(true));
+    for (x, y) in a.iter().zip(&b) {
+        for (p, q) in x.iter().zip(y) {
+            assert!((p - q).abs() <= 1e-6 * (1.0 + q.abs()), "{p} vs {q}");
+        }
+    }
+}

@@ -317,6 +317,9 @@ pub struct BenchArgs {
     pub gen_new_tokens: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Activation checkpointing per decoder layer (less memory, more compute).
+    #[arg(long)]
+    pub checkpoint: bool,
 }
 
 fn bench(a: BenchArgs) -> Result<()> {
@@ -344,6 +347,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         gen_prompt_len: a.gen_prompt_len,
         gen_new_tokens: a.gen_new_tokens,
         seed: a.seed,
+        checkpoint: a.checkpoint,
     };
     let report = llm::bench::run(&mut l.model, &l.tokenizer, &cfg)?;
     let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_default();

@@ -2,7 +2,7 @@
 //! AdamW on the adapters, answer-span loss) and greedy generation with the KV cache. Reported by
 //! `llara llm bench`; scripts/bench_llm.sh runs it next to PyTorch + PEFT on the same weights.
 
-use super::generate::{generate, GenOptions};
+use super::generate::{generate_timed, GenOptions};
 use super::llama::{Llama, Step};
 use super::lora::{self, LoraConfig};
 use super::tokenizer::LlmTokenizer;
@@ -24,6 +24,8 @@ pub struct BenchConfig {
     pub gen_prompt_len: usize,
     pub gen_new_tokens: usize,
     pub seed: u64,
+    /// Activation checkpointing per decoder layer.
+    pub checkpoint: bool,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -53,6 +55,7 @@ pub fn peak_rss() -> Option<u64> {
 pub fn run(model: &mut Llama, tok: &LlmTokenizer, cfg: &BenchConfig) -> Result<BenchReport> {
     let after_load = peak_rss();
     lora::add_adapters(model, &cfg.lora, cfg.seed)?;
+    model.set_checkpointing(cfg.checkpoint)?;
     let vars: Vec<candle_core::Var> = lora::adapter_vars(model)
         .into_iter()
         .map(|(_, v)| v)
@@ -89,7 +92,8 @@ pub fn run(model: &mut Llama, tok: &LlmTokenizer, cfg: &BenchConfig) -> Result<B
         let x = model.embed(&rows, None)?;
         let h = model.forward(&x, Step::padded(&vec![t; b], t), Some(&mut dropout))?;
         let loss = model.loss_at(&h, &pos, &targets)?;
-        opt.backward_step(&loss)?;
+        let grads = model.backward(&loss)?;
+        opt.step(&grads)?;
         let l = loss.to_scalar::<f32>()?;
         if step >= cfg.warmup {
             timed += started.elapsed().as_secs_f64();
@@ -97,19 +101,12 @@ pub fn run(model: &mut Llama, tok: &LlmTokenizer, cfg: &BenchConfig) -> Result<B
         }
     }
     let after_train = peak_rss();
+    model.set_checkpointing(false)?;
     lora::merge(model)?;
     let prompt: Vec<u32> = (0..cfg.gen_prompt_len)
         .map(|_| rng.random_range(0..v))
         .collect();
     let x = model.embed(std::slice::from_ref(&prompt), None)?;
-    // Prefill alone, then prefill + decode: the difference is the decode time.
-    let started = Instant::now();
-    let one = GenOptions {
-        max_new_tokens: 1,
-        ..Default::default()
-    };
-    generate(model, tok, &x, &[prompt.len()], &one)?;
-    let prefill = started.elapsed().as_secs_f64();
     // EOS must not end the run early: no stop tokens while benchmarking.
     let mut tok_no_eos = tok.clone();
     tok_no_eos.eos.clear();
@@ -117,16 +114,14 @@ pub fn run(model: &mut Llama, tok: &LlmTokenizer, cfg: &BenchConfig) -> Result<B
         max_new_tokens: cfg.gen_new_tokens,
         ..Default::default()
     };
-    let started = Instant::now();
-    let out = generate(model, &tok_no_eos, &x, &[prompt.len()], &opts)?;
-    let total = started.elapsed().as_secs_f64();
+    let (out, timing) = generate_timed(model, &tok_no_eos, &x, &[prompt.len()], &opts)?;
     let n = out[0].ids.len();
     Ok(BenchReport {
         train_tokens_per_second: (b * t * cfg.steps) as f64 / timed,
         train_seconds_per_step: timed / cfg.steps as f64,
         train_losses: losses,
-        gen_prefill_seconds: prefill,
-        gen_decode_tokens_per_second: (n.saturating_sub(1)) as f64 / (total - prefill).max(1e-9),
+        gen_prefill_seconds: timing.prefill_seconds,
+        gen_decode_tokens_per_second: timing.decode_steps as f64 / timing.decode_seconds.max(1e-9),
         gen_new_tokens: n,
         peak_rss_bytes: peak_rss(),
         peak_rss_after_load_bytes: after_load,

@@ -89,6 +89,17 @@ fn pick(logits: &[f32], opts: &GenOptions, rng: &mut ChaCha8Rng) -> u32 {
     p[p.len() - 1].0 as u32
 }
 
+/// Wall-clock split of one [`generate_timed`] call.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GenTiming {
+    /// The prompt's forward pass (up to the first token's logits).
+    pub prefill_seconds: f64,
+    /// Every later step (choosing tokens, one-position forwards).
+    pub decode_seconds: f64,
+    /// One-position forward passes run after the prefill.
+    pub decode_steps: usize,
+}
+
 /// Generates a continuation for each row of `embeds [B, T, H]` (row `b` has `lengths[b]` real
 /// positions, right-padded).
 pub fn generate(
@@ -98,6 +109,19 @@ pub fn generate(
     lengths: &[usize],
     opts: &GenOptions,
 ) -> Result<Vec<Generated>> {
+    generate_timed(model, tok, embeds, lengths, opts).map(|(g, _)| g)
+}
+
+/// [`generate`], also returning where the time went.
+pub fn generate_timed(
+    model: &Llama,
+    tok: &LlmTokenizer,
+    embeds: &Tensor,
+    lengths: &[usize],
+    opts: &GenOptions,
+) -> Result<(Vec<Generated>, GenTiming)> {
+    let started = std::time::Instant::now();
+    let mut timing = GenTiming::default();
     let (b, t, _) = embeds.dims3()?;
     if lengths.len() != b || lengths.iter().any(|&l| l == 0 || l > t) {
         candle_core::bail!("generate: every row needs between 1 and {t} prompt positions");
@@ -126,6 +150,10 @@ pub fn generate(
         .map(|(i, &l)| i * t + l - 1)
         .collect();
     let mut logits = model.logits_at(&hidden, &last)?;
+    // Materialise the logits before reading the clock (lazy devices).
+    let _ = logits.dims();
+    timing.prefill_seconds = started.elapsed().as_secs_f64();
+    let decode_started = std::time::Instant::now();
     for step in 0..opts.max_new_tokens {
         let rows: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
         let mut next = vec![0u32; b];
@@ -166,8 +194,10 @@ pub fn generate(
             None,
         )?;
         logits = model.logits_at(&hidden, &(0..b).collect::<Vec<_>>())?;
+        timing.decode_steps += 1;
     }
-    Ok(out
+    timing.decode_seconds = decode_started.elapsed().as_secs_f64();
+    let generated = out
         .into_iter()
         .zip(texts)
         .zip(done)
@@ -176,5 +206,6 @@ pub fn generate(
             text,
             finish: d.unwrap_or("length"),
         })
-        .collect())
+        .collect();
+    Ok((generated, timing))
 }

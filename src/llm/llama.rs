@@ -7,8 +7,9 @@ use super::config::Config;
 use super::lora::{Lora, LoraConfig, Target};
 use super::ops::{self, AttnMask, RopeTable};
 use crate::sr::nn::Dropout;
-use candle_core::{DType, Device, Result, Tensor, D};
-use std::sync::Arc;
+use candle_core::backprop::GradStore;
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, Var, D};
+use std::sync::{Arc, Mutex};
 
 /// Where the frozen weights come from: a name (Hugging Face naming) → tensor lookup.
 pub trait WeightSource {
@@ -23,6 +24,7 @@ impl WeightSource for std::collections::HashMap<String, Tensor> {
 }
 
 /// A frozen projection with an optional bias and an optional LoRA adapter.
+#[derive(Clone)]
 pub struct Proj {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
@@ -46,6 +48,7 @@ impl Proj {
     }
 }
 
+#[derive(Clone)]
 pub struct Layer {
     pub input_layernorm: Tensor,
     pub q_proj: Proj,
@@ -141,6 +144,16 @@ pub struct Llama {
     pub lm_head: Tensor,
     pub lora: Option<LoraConfig>,
     inv_freq: Vec<f64>,
+    /// Activation checkpointing per decoder layer (training only; see [`Llama::set_checkpointing`]).
+    checkpoint: Option<Checkpointing>,
+}
+
+/// State of activation checkpointing: a scalar variable that keeps every checkpointed layer in
+/// the autograd graph, and the adapter gradients computed when layers are recomputed.
+#[derive(Clone)]
+struct Checkpointing {
+    anchor: Var,
+    sink: Arc<Mutex<Vec<(Var, Tensor)>>>,
 }
 
 fn get(
@@ -233,6 +246,7 @@ impl Llama {
             lm_head,
             lora: None,
             inv_freq: cfg.inv_freq(),
+            checkpoint: None,
         })
     }
 
@@ -344,45 +358,94 @@ impl Llama {
         };
         let table = RopeTable::new(&self.inv_freq, &positions);
         let mut x = x.clone();
+        let ckpt = self
+            .checkpoint
+            .as_ref()
+            .filter(|_| cache.is_none() && x.device().is_cpu());
         for (li, layer) in self.layers.iter().enumerate() {
-            let slot = cache.as_deref_mut().map(|c| &mut c.kv[li]);
-            x = self.layer_forward(layer, &x, &table, &mask, slot, &mut dropout)?;
+            // Each layer draws its masks from its own stream (seeded from the caller's), so a
+            // recomputed layer replays them exactly.
+            let mut layer_drop = dropout.as_deref_mut().map(|d| d.fork());
+            match ckpt {
+                Some(c) => {
+                    let y = layer_forward(
+                        &self.cfg,
+                        layer,
+                        &x.detach(),
+                        &table,
+                        &mask,
+                        None,
+                        &mut layer_drop.clone().as_mut(),
+                    )?
+                    .detach();
+                    let op = CheckpointedLayer {
+                        cfg: self.cfg.clone(),
+                        layer: layer.clone(),
+                        table: table.clone(),
+                        mask: mask.clone(),
+                        dropout: layer_drop,
+                        sink: c.sink.clone(),
+                    };
+                    x = x.apply_op3(&y, c.anchor.as_tensor(), op)?;
+                }
+                None => {
+                    let slot = cache.as_deref_mut().map(|c| &mut c.kv[li]);
+                    x = layer_forward(
+                        &self.cfg,
+                        layer,
+                        &x,
+                        &table,
+                        &mask,
+                        slot,
+                        &mut layer_drop.as_mut(),
+                    )?;
+                }
+            }
         }
         ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)
     }
 
-    fn layer_forward(
-        &self,
-        l: &Layer,
-        x: &Tensor,
-        table: &RopeTable,
-        mask: &AttnMask,
-        slot: Option<&mut Option<(Tensor, Tensor)>>,
-        dropout: &mut Option<&mut Dropout>,
-    ) -> Result<Tensor> {
-        let c = &self.cfg;
-        let (b, t, _) = x.dims3()?;
-        let (nh, nkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let h = ops::rms_norm(x, &l.input_layernorm, c.rms_norm_eps)?;
-        let q = l.q_proj.forward(&h, dropout)?.reshape((b, t, nh, d))?;
-        let k = l.k_proj.forward(&h, dropout)?.reshape((b, t, nkv, d))?;
-        let v = l.v_proj.forward(&h, dropout)?.reshape((b, t, nkv, d))?;
-        let q = ops::rope(&q, table)?;
-        let mut k = ops::rope(&k, table)?;
-        let mut v = v.transpose(1, 2)?.contiguous()?;
-        if let Some(slot) = slot {
-            if let Some((pk, pv)) = slot.as_ref() {
-                k = Tensor::cat(&[pk, &k], 2)?;
-                v = Tensor::cat(&[pv, &v], 2)?;
-            }
-            *slot = Some((k.clone(), v.clone()));
+    /// Turns activation checkpointing on or off: when on, training keeps only each decoder layer's
+    /// input and recomputes the layer in the backward pass (about a third more compute, a fraction
+    /// of the activation memory). CPU only; the adapter gradients of recomputed layers must be
+    /// collected with [`Llama::collect_checkpoint_grads`] after `backward`.
+    pub fn set_checkpointing(&mut self, on: bool) -> Result<()> {
+        self.checkpoint = if on {
+            Some(Checkpointing {
+                anchor: Var::zeros(1, DType::F32, &Device::Cpu)?,
+                sink: Arc::new(Mutex::new(vec![])),
+            })
+        } else {
+            None
+        };
+        Ok(())
+    }
+
+    pub fn checkpointing(&self) -> bool {
+        self.checkpoint.is_some()
+    }
+
+    /// `loss.backward()` plus the adapter gradients of checkpointed layers.
+    pub fn backward(&self, loss: &Tensor) -> Result<GradStore> {
+        let mut grads = loss.backward()?;
+        self.collect_checkpoint_grads(&mut grads)?;
+        Ok(grads)
+    }
+
+    /// Adds the adapter gradients computed while recomputing checkpointed layers to `grads`.
+    pub fn collect_checkpoint_grads(&self, grads: &mut GradStore) -> Result<()> {
+        let Some(c) = &self.checkpoint else {
+            return Ok(());
+        };
+        let pending: Vec<(Var, Tensor)> = std::mem::take(&mut *c.sink.lock().expect("sink lock"));
+        for (v, g) in pending {
+            let sum = match grads.get(v.as_tensor()) {
+                Some(old) => (old + g)?,
+                None => g,
+            };
+            grads.insert(v.as_tensor(), sum);
         }
-        let o = ops::attention(&q, &k, &v, mask, 1.0 / (d as f64).sqrt())?;
-        let x = (x + l.o_proj.forward(&o, dropout)?)?;
-        let h = ops::rms_norm(&x, &l.post_attention_layernorm, c.rms_norm_eps)?;
-        let g = l.gate_proj.forward(&h, dropout)?;
-        let u = l.up_proj.forward(&h, dropout)?;
-        x + l.down_proj.forward(&ops::swiglu(&g, &u)?, dropout)?
+        Ok(())
     }
 
     /// Logits `[N, vocab]` at the flat positions `b·T + t` of `hidden [B, T, H]` (only those rows
@@ -418,6 +481,114 @@ impl Llama {
         let logp = candle_nn::ops::log_softmax(&logits.to_dtype(dt)?, D::Minus1)?;
         let tg = Tensor::from_vec(targets.to_vec(), (targets.len(), 1), hidden.device())?;
         logp.gather(&tg, 1)?.mean_all()?.neg()
+    }
+}
+
+fn layer_forward(
+    c: &Config,
+    l: &Layer,
+    x: &Tensor,
+    table: &RopeTable,
+    mask: &AttnMask,
+    slot: Option<&mut Option<(Tensor, Tensor)>>,
+    dropout: &mut Option<&mut Dropout>,
+) -> Result<Tensor> {
+    let (b, t, _) = x.dims3()?;
+    let (nh, nkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+    let h = ops::rms_norm(x, &l.input_layernorm, c.rms_norm_eps)?;
+    let q = l.q_proj.forward(&h, dropout)?.reshape((b, t, nh, d))?;
+    let k = l.k_proj.forward(&h, dropout)?.reshape((b, t, nkv, d))?;
+    let v = l.v_proj.forward(&h, dropout)?.reshape((b, t, nkv, d))?;
+    let q = ops::rope(&q, table)?;
+    let mut k = ops::rope(&k, table)?;
+    let mut v = v.transpose(1, 2)?.contiguous()?;
+    if let Some(slot) = slot {
+        if let Some((pk, pv)) = slot.as_ref() {
+            k = Tensor::cat(&[pk, &k], 2)?;
+            v = Tensor::cat(&[pv, &v], 2)?;
+        }
+        *slot = Some((k.clone(), v.clone()));
+    }
+    let o = ops::attention(&q, &k, &v, mask, 1.0 / (d as f64).sqrt())?;
+    let x = (x + l.o_proj.forward(&o, dropout)?)?;
+    let h = ops::rms_norm(&x, &l.post_attention_layernorm, c.rms_norm_eps)?;
+    let g = l.gate_proj.forward(&h, dropout)?;
+    let u = l.up_proj.forward(&h, dropout)?;
+    x + l.down_proj.forward(&ops::swiglu(&g, &u)?, dropout)?
+}
+
+/// A decoder layer run without keeping its activations: the forward pass ran on a detached input
+/// (its output is the op's second argument, passed through); the backward pass recomputes the
+/// layer with the same dropout masks, returns the input gradient and leaves the adapter gradients
+/// in the sink. The third argument is a scalar variable that keeps the op in the graph even when
+/// the input does not track gradients.
+struct CheckpointedLayer {
+    cfg: Config,
+    layer: Layer,
+    table: RopeTable,
+    mask: AttnMask,
+    dropout: Option<Dropout>,
+    sink: Arc<Mutex<Vec<(Var, Tensor)>>>,
+}
+
+impl CustomOp3 for CheckpointedLayer {
+    fn name(&self) -> &'static str {
+        "checkpointed-layer"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _s1: &CpuStorage,
+        _l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        _s3: &CpuStorage,
+        _l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let Some((a, b)) = l2.contiguous_offsets() else {
+            candle_core::bail!("checkpointed layer: contiguous output expected");
+        };
+        let out = match s2 {
+            CpuStorage::F32(v) => CpuStorage::F32(v[a..b].to_vec()),
+            CpuStorage::F64(v) => CpuStorage::F64(v[a..b].to_vec()),
+            CpuStorage::BF16(v) => CpuStorage::BF16(v[a..b].to_vec()),
+            CpuStorage::F16(v) => CpuStorage::F16(v[a..b].to_vec()),
+            _ => candle_core::bail!("checkpointed layer: float storage expected"),
+        };
+        Ok((out, l2.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        _y: &Tensor,
+        _anchor: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let xv = Var::from_tensor(&x.detach())?;
+        let mut d = self.dropout.clone();
+        let out = layer_forward(
+            &self.cfg,
+            &self.layer,
+            xv.as_tensor(),
+            &self.table,
+            &self.mask,
+            None,
+            &mut d.as_mut(),
+        )?;
+        let grads = (out * grad.detach())?.sum_all()?.backward()?;
+        let mut sink = self.sink.lock().expect("sink lock");
+        for t in Target::ALL {
+            if let Some(l) = &self.layer.proj(t).lora {
+                for v in [&l.a, &l.b] {
+                    if let Some(g) = grads.get(v.as_tensor()) {
+                        sink.push((v.clone(), g.clone()));
+                    }
+                }
+            }
+        }
+        Ok((grads.get(xv.as_tensor()).cloned(), None, None))
     }
 }
 

@@ -114,6 +114,7 @@ impl LoraConfig {
 }
 
 /// One adapter pair on a frozen projection.
+#[derive(Clone)]
 pub struct Lora {
     pub a: Var,
     pub b: Var,

@@ -55,6 +55,7 @@ impl LayerNorm {
 }
 
 /// Inverted dropout with masks drawn from a seeded stream.
+#[derive(Clone)]
 pub struct Dropout {
     pub p: f64,
     rng: ChaCha8Rng,
@@ -82,6 +83,12 @@ impl Dropout {
         (0..n)
             .map(|_| u8::from(self.rng.random::<u32>() < threshold))
             .collect()
+    }
+
+    /// A dropout with the same rate and its own stream, seeded by one draw from this one.
+    pub fn fork(&mut self) -> Dropout {
+        use rand::SeedableRng;
+        Dropout::new(self.p, ChaCha8Rng::seed_from_u64(self.rng.random::<u64>()))
     }
 
     /// The multiplier of kept elements, `1 / (1 - p)`.
