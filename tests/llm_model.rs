@@ -402,3 +402,38 @@ fn activation_checkpointing_gives_the_same_loss_and_gradients() {
         }
     }
 }
+
+#[test]
+fn qwen2_style_biases_and_tied_embeddings_load_and_train() {
+    let cfg = Config {
+        qkv_bias: true,
+        tie_word_embeddings: true,
+        ..Config::tiny(V)
+    };
+    let w = random_weights(&cfg, 2, DType::F32, &Device::Cpu).unwrap();
+    assert!(!w.contains_key("lm_head.weight"));
+    let mut m = Llama::load(&w, &cfg, 4, DType::F32, &Device::Cpu).unwrap();
+    let lc = LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        targets: Target::parse_list("q,v").unwrap(),
+        rslora: true,
+    };
+    lora::add_adapters(&mut m, &lc, 1).unwrap();
+    let l = loss(&m, &inject_var(DType::F32));
+    assert!(l.to_scalar::<f32>().unwrap().is_finite());
+    let g = m.backward(&l).unwrap();
+    assert_eq!(adapter_vars(&m).len(), 2 * 2 * 2);
+    for (name, v) in adapter_vars(&m) {
+        assert!(g.get(v.as_tensor()).is_some(), "{name}");
+    }
+    // A missing bias is reported by name.
+    let mut w2 = w.clone();
+    w2.remove("model.layers.1.self_attn.k_proj.bias");
+    let e = Llama::load(&w2, &cfg, 4, DType::F32, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("model.layers.1.self_attn.k_proj.bias"), "{e}");
+}

@@ -352,3 +352,103 @@ fn hub_ids_without_network_say_how_to_pass_a_local_path() {
         "{err}"
     );
 }
+
+/// Writes tiny-llama's weights as `n` shards in `dtype` with an index, plus its config/tokenizer.
+fn sharded_copy(src: &Path, dst: &Path, n: usize, dtype: DType) {
+    std::fs::create_dir_all(dst).unwrap();
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(src.join(f), dst.join(f)).unwrap();
+    }
+    let all = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let mut names: Vec<&String> = all.keys().collect();
+    names.sort();
+    let mut map = serde_json::Map::new();
+    for (s, chunk) in names.chunks(names.len().div_ceil(n)).enumerate() {
+        let file = format!("model-{:05}-of-{n:05}.safetensors", s + 1);
+        let part: HashMap<String, Tensor> = chunk
+            .iter()
+            .map(|k| ((*k).clone(), all[*k].to_dtype(dtype).unwrap()))
+            .collect();
+        candle_core::safetensors::save(&part, dst.join(&file)).unwrap();
+        for k in chunk {
+            map.insert((*k).clone(), serde_json::json!(file));
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(dst.join("model.safetensors.index.json"), index.to_string()).unwrap();
+}
+
+#[test]
+fn sharded_and_half_precision_checkpoints_load() {
+    let Some(s) = shared() else { return };
+    let src = s.join("models/tiny-llama");
+    let tmp = tempfile::tempdir().unwrap();
+    let want = src.join("reference.safetensors");
+    let sharded = tmp.path().join("f32");
+    sharded_copy(&src, &sharded, 3, DType::F32);
+    let l = llm::load(sharded.to_str().unwrap(), &LlmOptions::cpu()).unwrap();
+    check(&l, &want, 1e-4);
+    // Weights stored in f16 / bf16, computed in f32: within their rounding of the reference.
+    for (dt, tol) in [(DType::F16, 0.05), (DType::BF16, 0.3)] {
+        let dir = tmp.path().join(format!("{dt:?}"));
+        sharded_copy(&src, &dir, 2, dt);
+        let l = llm::load(dir.to_str().unwrap(), &LlmOptions::cpu()).unwrap();
+        assert_eq!(l.model.dtype(), DType::F32);
+        check(&l, &want, tol);
+    }
+    // --dtype bf16 on the CPU runs (slowly) and stays near the reference.
+    let opts = LlmOptions {
+        dtype: Some(DType::BF16),
+        ..LlmOptions::cpu()
+    };
+    let l = llm::load(src.to_str().unwrap(), &opts).unwrap();
+    assert_eq!(l.model.dtype(), DType::BF16);
+    let ids = l
+        .tokenizer
+        .encode("The capital of France is", true)
+        .unwrap();
+    let got = all_logits(&l, &ids).to_dtype(DType::F32).unwrap();
+    let (_, r) = reference(&want);
+    assert!(max_abs_diff(&got, &r["p0.logits"]) < 0.3);
+    // A shard named by the index but missing is reported by path.
+    std::fs::remove_file(sharded.join("model-00002-of-00003.safetensors")).unwrap();
+    let e = llm::load(sharded.to_str().unwrap(), &LlmOptions::cpu())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("model-00002-of-00003.safetensors"), "{e}");
+}
+
+/// A hub id resolves from the standard cache layout (`HF_HOME/hub/models--owner--name`) with
+/// `HF_HUB_OFFLINE=1`, without any network.
+#[test]
+fn hub_ids_load_from_the_cache_offline() {
+    let Some(s) = shared() else { return };
+    let src = s.join("models/tiny-llama");
+    let home = tempfile::tempdir().unwrap();
+    let repo = home.path().join("hub/models--llara-test--tiny-llama");
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    let snap = repo.join("snapshots").join(commit);
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    for f in ["config.json", "tokenizer.json", "model.safetensors"] {
+        std::os::unix::fs::symlink(src.join(f), snap.join(f)).unwrap();
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_llara"))
+        .args(["llm", "info", "--json", "--llm", "llara-test/tiny-llama"])
+        .env("HF_HOME", home.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .env("LLARA_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["source"]["kind"], "hub");
+    assert_eq!(v["source"]["revision"], "main");
+    assert_eq!(v["vocab_size"], 32000);
+}
