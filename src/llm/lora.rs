@@ -250,6 +250,8 @@ pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig, LlmError> {
             Target::parse_list(&names.join(",")).map_err(bad)?
         }
         serde_json::Value::String(s) if s == "all-linear" => Target::ALL.to_vec(),
+        // A regular expression over module names: the adapter file says which modules it covers.
+        serde_json::Value::String(_) => vec![],
         other => return Err(bad(format!("target_modules {other} is not supported"))),
     };
     Ok(LoraConfig {
@@ -261,55 +263,113 @@ pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig, LlmError> {
     })
 }
 
-/// Loads a PEFT adapter folder onto `model` (which must not carry adapters yet). Every tensor the
-/// config implies must be present with the right shape; unknown tensors are an error.
+/// Loads a PEFT adapter folder onto `model` (which must not carry adapters yet). The adapted
+/// projections are the ones the file holds (so `target_modules` given as a regular expression and
+/// `layers_to_transform` work); every `lora_A` needs its `lora_B`, shapes must fit the backbone,
+/// and any other tensor is an error.
 pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<LoraConfig, LlmError> {
-    let cfg = read_adapter_config(dir)?;
+    let mut cfg = read_adapter_config(dir)?;
     let path = dir.join("adapter_model.safetensors");
     let bad = |msg: String| LlmError::Adapter {
         path: path.clone(),
         msg,
     };
+    if model.lora.is_some() {
+        return Err(bad("the model already carries adapters".into()));
+    }
     if !path.exists() {
         return Err(bad(
             "file not found (adapter_model.bin is not read; convert it to safetensors)".into(),
         ));
     }
-    let mut tensors = candle_core::safetensors::load(&path, &candle_core::Device::Cpu)
+    let tensors = candle_core::safetensors::load(&path, &candle_core::Device::Cpu)
         .map_err(|e| bad(e.to_string()))?;
-    // PEFT may store the adapter name (`lora_A.default.weight`): accept both.
-    let keys: Vec<String> = tensors.keys().cloned().collect();
-    for k in keys {
-        if k.contains(".lora_A.default.") || k.contains(".lora_B.default.") {
-            let t = tensors.remove(&k).expect("key listed");
-            tensors.insert(k.replace(".default.", "."), t);
-        }
-    }
-    add_adapters(model, &cfg, 0).map_err(|e| bad(e.to_string()))?;
-    let dt = adapter_dtype(model);
-    let dev = model.device().clone();
-    for (name, var) in adapter_vars(model) {
-        let t = tensors
-            .remove(&name)
-            .ok_or_else(|| bad(format!("tensor {name} is missing")))?;
-        if t.dims() != var.dims() {
+    let n_layers = model.layers.len();
+    type Pair = (Option<(String, Tensor)>, Option<(String, Tensor)>);
+    let mut pairs: std::collections::BTreeMap<(usize, Target), Pair> = Default::default();
+    for (name, t) in tensors {
+        // PEFT may store the adapter name (`lora_A.default.weight`): accept both.
+        let key = name.replace(".default.weight", ".weight");
+        let parsed = (|| {
+            let rest = key.strip_prefix("base_model.model.model.layers.")?;
+            let (layer, rest) = rest.split_once('.')?;
+            let layer: usize = layer.parse().ok()?;
+            let (parent, rest) = rest.split_once('.')?;
+            let (module, kind) = rest.split_once('.')?;
+            let t =
+                Target::parse(module).filter(|t| t.parent() == parent && module == t.module())?;
+            let is_a = match kind {
+                "lora_A.weight" => true,
+                "lora_B.weight" => false,
+                _ => return None,
+            };
+            Some((layer, t, is_a))
+        })();
+        let Some((layer, target, is_a)) = parsed else {
             return Err(bad(format!(
-                "tensor {name} has shape {:?}, expected {:?}",
-                t.dims(),
-                var.dims()
+                "unexpected tensor {name} (expected base_model.model.model.layers.N.<self_attn|mlp>.<module>.lora_<A|B>.weight)"
+            )));
+        };
+        if layer >= n_layers {
+            return Err(bad(format!(
+                "tensor {name}: the backbone has {n_layers} layers"
             )));
         }
-        let t = t
-            .to_dtype(dt)
-            .and_then(|t| t.to_device(&dev))
-            .map_err(|e| bad(e.to_string()))?;
-        var.set(&t).map_err(|e| bad(e.to_string()))?;
+        let slot = pairs.entry((layer, target)).or_default();
+        if is_a {
+            slot.0 = Some((name, t));
+        } else {
+            slot.1 = Some((name, t));
+        }
     }
-    if let Some(extra) = tensors.keys().next() {
-        return Err(bad(format!(
-            "unexpected tensor {extra} (only lora_A/lora_B of the configured targets are read)"
-        )));
+    if pairs.is_empty() {
+        return Err(bad("no LoRA tensors".into()));
     }
+    let dt = adapter_dtype(model);
+    let dev = model.device().clone();
+    let mut targets = vec![];
+    for ((layer, target), (a, b)) in pairs {
+        let prefix = peft_name(layer, target);
+        let (Some((an, a)), Some((bn, b))) = (a, b) else {
+            return Err(bad(format!(
+                "{prefix}: lora_A and lora_B must both be present"
+            )));
+        };
+        let p = model.layers[layer].proj_mut(target);
+        let (out, inp) = p.weight.dims2().map_err(|e| bad(e.to_string()))?;
+        let r = a.dim(0).map_err(|e| bad(e.to_string()))?;
+        if a.dims() != [r, inp] || b.dims() != [out, r] {
+            return Err(bad(format!(
+                "tensors {an} {:?} and {bn} {:?} do not fit the projection [{out}, {inp}] (expected [r, {inp}] and [{out}, r])",
+                a.dims(),
+                b.dims()
+            )));
+        }
+        if r != cfg.r {
+            return Err(bad(format!(
+                "tensor {an} has rank {r}, adapter_config.json says r = {}",
+                cfg.r
+            )));
+        }
+        let conv = |t: Tensor| -> Result<Var, LlmError> {
+            let t = t
+                .to_dtype(dt)
+                .and_then(|t| t.to_device(&dev))
+                .map_err(|e| bad(e.to_string()))?;
+            Var::from_tensor(&t).map_err(|e| bad(e.to_string()))
+        };
+        p.lora = Some(Lora {
+            a: conv(a)?,
+            b: conv(b)?,
+            scale: cfg.scale(),
+        });
+        if !targets.contains(&target) {
+            targets.push(target);
+        }
+    }
+    targets.sort();
+    cfg.targets = targets;
+    model.lora = Some(cfg.clone());
     Ok(cfg)
 }
 
@@ -327,6 +387,15 @@ pub fn save_adapter(
     let staged = crate::fsutil::StagedDir::new(dir, overwrite).map_err(|e| LlmError::io(dir, e))?;
     let mut targets: Vec<&str> = cfg.targets.iter().map(|t| t.module()).collect();
     targets.sort();
+    let adapted: Vec<usize> = (0..model.layers.len())
+        .filter(|&i| {
+            Target::ALL
+                .iter()
+                .any(|&t| model.layers[i].proj(t).lora.is_some())
+        })
+        .collect();
+    let layers_to_transform =
+        (adapted.len() != model.layers.len()).then(|| serde_json::json!(adapted));
     let pc = PeftConfig {
         peft_type: "LORA".into(),
         task_type: Some("CAUSAL_LM".into()),
@@ -340,7 +409,7 @@ pub fn save_adapter(
         use_dora: false,
         rank_pattern: Default::default(),
         alpha_pattern: Default::default(),
-        layers_to_transform: None,
+        layers_to_transform,
         modules_to_save: None,
         base_model_name_or_path: Some(base_model.to_string()),
         inference_mode: true,
