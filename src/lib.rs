@@ -12,5 +12,6 @@ pub mod data;
 pub mod device;
 pub mod eval;
 pub mod fsutil;
+pub mod llara;
 pub mod llm;
 pub mod sr;

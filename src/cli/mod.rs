@@ -5,6 +5,7 @@ pub mod data;
 pub mod llm;
 pub mod quickstart;
 pub mod sr;
+pub mod tune;
 
 use anyhow::Result;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
@@ -40,6 +41,10 @@ pub enum Command {
     TrainSr(Box<sr::TrainSrArgs>),
     /// Score a trained recommender (a train-sr run or LLaRA's released weights) on a dataset's candidates.
     EvalSr(sr::EvalSrArgs),
+    /// LLaRA curriculum prompt tuning: LoRA + projector on a backbone, with a frozen recommender.
+    Tune(Box<tune::TuneArgs>),
+    /// Generation-based evaluation of a tune run (ValidRatio, HitRatio@1).
+    Eval(tune::EvalArgs),
     /// Load a Llama-family backbone: info, generation, logits for parity checks.
     #[command(subcommand)]
     Llm(llm::LlmCommand),
@@ -62,5 +67,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::TrainSr(a) => sr::train_sr(*a),
         Command::EvalSr(a) => sr::eval_sr(a),
         Command::Llm(cmd) => llm::run(cmd),
+        Command::Tune(a) => tune::run_tune(*a, cli.quiet),
+        Command::Eval(a) => tune::run_eval(a, cli.quiet),
     }
 }

@@ -54,6 +54,9 @@ pub enum Source {
         path: PathBuf,
         weights: Vec<PathBuf>,
     },
+    Builtin {
+        name: String,
+    },
 }
 
 pub struct Loaded {
@@ -68,6 +71,7 @@ impl Loaded {
         match &self.source {
             Source::Folder { path, .. } | Source::Gguf { path, .. } => path.display().to_string(),
             Source::Hub { id, .. } => id.clone(),
+            Source::Builtin { name } => name.clone(),
         }
     }
 }
@@ -94,8 +98,31 @@ fn looks_like_hub_id(spec: &str) -> bool {
         })
 }
 
+/// The built-in demo backbone: a tiny random Llama (seeded) with a byte-level tokenizer. No files,
+/// no network: what `llara quickstart` and the tests tune. It knows nothing until trained.
+pub const BUILTIN_TINY: &str = "builtin:tiny";
+
 /// Loads the backbone named by `spec`.
 pub fn load(spec: &str, opts: &LlmOptions) -> Result<Loaded, LlmError> {
+    if spec == BUILTIN_TINY {
+        let cfg = Config {
+            hidden_size: 64,
+            intermediate_size: 128,
+            head_dim: 16,
+            vocab_size: 260,
+            eos_token_ids: vec![256],
+            ..Config::tiny(260)
+        };
+        let w = crate::llm::llama::random_weights(&cfg, 0, opts.dtype(), &opts.device)?;
+        let model = Llama::load(&w, &cfg, ADDED_TOKENS.len(), opts.dtype(), &opts.device)?;
+        return Ok(Loaded {
+            model,
+            tokenizer: crate::llm::tokenizer::byte_level_tokenizer(cfg.vocab_size),
+            source: Source::Builtin {
+                name: spec.to_string(),
+            },
+        });
+    }
     let path = Path::new(spec);
     if path.is_dir() {
         let weights = folder_weights(path)?;

@@ -9,6 +9,9 @@ use std::collections::HashMap;
 use std::path::Path;
 use tokenizers::{AddedToken, Tokenizer};
 
+/// Byte spans of tokens in the encoded text.
+pub type Offsets = Vec<(usize, usize)>;
+
 /// LLaRA's added tokens, in id order after the base vocabulary: a fixed placeholder and the three
 /// slots that carry projected recommender embeddings.
 pub const ADDED_TOKENS: [&str; 4] = ["[PH]", "[HistoryEmb]", "[CansEmb]", "[ItemEmb]"];
@@ -37,7 +40,9 @@ impl LlmTokenizer {
             .iter()
             .map(|t| AddedToken::from(*t, true).normalized(false))
             .collect();
-        inner.add_special_tokens(&toks);
+        inner
+            .add_special_tokens(toks)
+            .map_err(|e| format!("adding LLaRA's tokens: {e}"))?;
         let added = ADDED_TOKENS
             .iter()
             .map(|t| {
@@ -106,6 +111,27 @@ impl LlmTokenizer {
                 None => id,
             })
             .collect())
+    }
+
+    /// [`LlmTokenizer::encode`] with each token's byte span in `text` (`(0, 0)` for specials).
+    pub fn encode_with_offsets(
+        &self,
+        text: &str,
+        special: bool,
+    ) -> Result<(Vec<u32>, Offsets), String> {
+        let enc = self
+            .inner
+            .encode(text, special)
+            .map_err(|e| e.to_string())?;
+        let ids = enc
+            .get_ids()
+            .iter()
+            .map(|&id| match self.added.iter().position(|&a| a == id) {
+                Some(k) => self.vocab_size + k as u32,
+                None => id,
+            })
+            .collect();
+        Ok((ids, enc.get_offsets().to_vec()))
     }
 
     /// Text of model ids, skipping special and added tokens.
@@ -354,4 +380,50 @@ pub fn spm_merges(tokens: &[String], scores: &[f64], types: &[f64]) -> Vec<[Stri
         .into_iter()
         .map(|(_, _, l, r)| [tokens[l].clone(), tokens[r].clone()])
         .collect()
+}
+
+/// GPT-2's byte → printable-character table (`bytes_to_unicode`).
+fn byte_chars() -> Vec<char> {
+    let mut printable: Vec<u32> = (b'!' as u32..=b'~' as u32)
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
+    let mut chars: Vec<u32> = printable.clone();
+    let mut n = 0;
+    for b in 0..256u32 {
+        if !printable.contains(&b) {
+            printable.push(b);
+            chars.push(256 + n);
+            n += 1;
+        }
+    }
+    let mut table = vec!['\0'; 256];
+    for (b, c) in printable.iter().zip(&chars) {
+        table[*b as usize] = char::from_u32(*c).expect("valid code point");
+    }
+    table
+}
+
+/// A byte-level tokenizer without merges (one token per byte, ids 0..255) and `<|endoftext|>`
+/// (id 256, the EOS): it encodes any text, for the built-in demo backbone and tests.
+pub fn byte_level_tokenizer(vocab_size: usize) -> LlmTokenizer {
+    let table = byte_chars();
+    let mut vocab: serde_json::Map<String, serde_json::Value> = table
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.to_string(), json!(i)))
+        .collect();
+    vocab.insert("<|endoftext|>".into(), json!(256));
+    let doc = json!({"version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [{"id": 256, "content": "<|endoftext|>", "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true}],
+        "normalizer": null, "pre_tokenizer": byte_level(true),
+        "post_processor": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": true},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+            "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+            "vocab": vocab, "merges": []}});
+    let inner =
+        Tokenizer::from_bytes(serde_json::to_vec(&doc).expect("json")).expect("valid tokenizer");
+    LlmTokenizer::new(inner, vocab_size, None, vec![256]).expect("added tokens")
 }

@@ -1,0 +1,633 @@
+//! `llara tune` (curriculum prompt tuning) and `llara eval` (generation-based HR@1).
+
+use crate::data::Dataset;
+use crate::llara::evaluate::{EvalOptions, GenMetrics};
+use crate::llara::projector::Projector;
+use crate::llara::prompts::Templates;
+use crate::llara::tune::{self, EvalLog, Hooks, RunDir, RunState, Setup, StepLog, TuneOptions};
+use crate::llara::{Behaviour, Curriculum, PromptKit};
+use crate::llm::{self, LlmOptions, LoraConfig, Target};
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+#[derive(Args, Debug, Clone, Serialize)]
+pub struct TuneArgs {
+    /// Dataset folder (from `llara data`).
+    #[arg(long, value_name = "DIR", required_unless_present = "resume")]
+    pub data: Option<PathBuf>,
+    /// The frozen recommender: a `train-sr` run folder or LLaRA's released `.safetensors`.
+    #[arg(long, value_name = "SR_RUN", required_unless_present = "resume")]
+    pub sr: Option<PathBuf>,
+    /// The backbone: a Hugging Face folder, a .gguf file, a hub id, or builtin:tiny (a tiny random
+    /// model for demos and tests).
+    #[arg(long, value_name = "SPEC", required_unless_present = "resume")]
+    pub llm: Option<String>,
+    /// Hub revision when --llm is a hub id.
+    #[arg(long)]
+    pub revision: Option<String>,
+    /// Output run folder.
+    #[arg(long, value_name = "RUN", required_unless_present = "resume")]
+    pub out: Option<PathBuf>,
+    /// linear (the paper), text-only, hybrid-only, id-only, two-stage:K or mixed:P.
+    #[arg(long, default_value = "linear")]
+    pub curriculum: String,
+    #[arg(long, default_value_t = 5)]
+    pub epochs: usize,
+    /// Examples per forward pass.
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    /// Forward passes per optimizer step (effective batch = batch-size × grad-accum).
+    #[arg(long, default_value_t = 32)]
+    pub grad_accum: usize,
+    /// Peak learning rate (after a warm-up over the first 5% of steps from lr/100).
+    #[arg(long, default_value_t = 5e-4)]
+    pub lr: f64,
+    /// Floor of the cosine decay.
+    #[arg(long, default_value_t = 1e-6)]
+    pub min_lr: f64,
+    /// AdamW weight decay of the projector (LoRA has none).
+    #[arg(long, default_value_t = 1e-5)]
+    pub projector_weight_decay: f64,
+    /// Clip the global gradient norm to this value.
+    #[arg(long)]
+    pub max_grad_norm: Option<f64>,
+    #[arg(long, default_value_t = 8)]
+    pub lora_r: usize,
+    #[arg(long, default_value_t = 32.0)]
+    pub lora_alpha: f64,
+    #[arg(long, default_value_t = 0.1)]
+    pub lora_dropout: f64,
+    /// LoRA targets: q,k,v,o,gate,up,down or all.
+    #[arg(long, default_value = "all")]
+    pub lora_targets: String,
+    /// Train on a seeded subset of this many rows.
+    #[arg(long)]
+    pub max_train_samples: Option<usize>,
+    /// Cap the schedule at this many optimizer steps (curriculum and learning rate complete within it).
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// Stop this invocation after N optimizer steps; continue later with --resume.
+    #[arg(long)]
+    #[serde(skip)]
+    pub stop_after: Option<usize>,
+    /// Also validate every N optimizer steps (always after each epoch).
+    #[arg(long)]
+    pub eval_every: Option<usize>,
+    /// Validate on a fixed seeded subset of the valid split.
+    #[arg(long)]
+    pub valid_samples: Option<usize>,
+    /// Prompt template used for validation (training draws one per example).
+    #[arg(long, default_value_t = 0)]
+    pub template: usize,
+    /// Prompt templates file (default: the embedded ones for the dataset's domain).
+    #[arg(long, value_name = "FILE")]
+    pub prompts: Option<PathBuf>,
+    #[arg(long, default_value_t = 8)]
+    pub eval_batch_size: usize,
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// Recompute each decoder layer in the backward pass (less memory, more time).
+    #[arg(long)]
+    pub checkpoint_layers: bool,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Frozen weights' dtype: f32, bf16 or f16 (default f32 on CPU, bf16 on CUDA).
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// CPU threads for tensor ops.
+    #[arg(long, default_value_t = 2)]
+    #[serde(skip)]
+    pub threads: usize,
+    /// Replace an existing output folder.
+    #[arg(long)]
+    #[serde(skip)]
+    pub force: bool,
+    /// Continue the run in this folder from its last checkpoint (its tune.toml gives every option).
+    #[arg(long, value_name = "RUN", conflicts_with_all = ["data", "sr", "llm", "out"])]
+    #[serde(skip)]
+    pub resume: Option<PathBuf>,
+}
+
+/// `run.json`: what a run was built from.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunInfo {
+    pub llm: String,
+    pub llm_source: serde_json::Value,
+    pub sr: PathBuf,
+    pub sr_sha256: String,
+    pub sr_arch: String,
+    pub sr_hidden: usize,
+    pub data: PathBuf,
+    pub data_content_hash: String,
+    pub n_items: usize,
+    pub prompts: String,
+    pub curriculum: String,
+    pub eval_view: String,
+}
+
+fn sha256_file(path: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(format!("{:x}", Sha256::digest(&bytes)))
+}
+
+fn options(a: &TuneArgs) -> Result<TuneOptions> {
+    Ok(TuneOptions {
+        curriculum: Curriculum::parse(&a.curriculum).map_err(anyhow::Error::msg)?,
+        epochs: a.epochs,
+        batch_size: a.batch_size,
+        grad_accum: a.grad_accum,
+        lr: a.lr,
+        min_lr: a.min_lr,
+        projector_weight_decay: a.projector_weight_decay,
+        max_grad_norm: a.max_grad_norm,
+        lora: LoraConfig {
+            r: a.lora_r,
+            alpha: a.lora_alpha,
+            dropout: a.lora_dropout,
+            targets: Target::parse_list(&a.lora_targets)
+                .map_err(|e| anyhow::anyhow!("--lora-targets: {e}"))?,
+            rslora: false,
+        },
+        max_train_samples: a.max_train_samples,
+        max_steps: a.max_steps,
+        stop_after: a.stop_after,
+        eval_every: a.eval_every,
+        valid_samples: a.valid_samples,
+        template: a.template,
+        eval_batch_size: a.eval_batch_size,
+        max_new_tokens: a.max_new_tokens,
+        seed: a.seed,
+        checkpoint_layers: a.checkpoint_layers,
+    })
+}
+
+/// The pieces every LLaRA command loads: dataset, recommender table, backbone, templates.
+struct Loaded {
+    ds: Dataset,
+    item_embeddings: candle_core::Tensor,
+    sr_cfg: crate::sr::Config,
+    sr_weights: PathBuf,
+    llm: llm::Loaded,
+    templates: Templates,
+}
+
+fn load_parts(
+    data: &Path,
+    sr: &Path,
+    spec: &str,
+    revision: Option<String>,
+    device: &str,
+    dtype: Option<&str>,
+    prompts: Option<&Path>,
+) -> Result<Loaded> {
+    let device = crate::device::parse(device).map_err(anyhow::Error::msg)?;
+    let ds = Dataset::open(data).with_context(|| format!("--data {}", data.display()))?;
+    let (sr_weights, _) =
+        crate::sr::resolve_model_path(sr).with_context(|| format!("--sr {}", sr.display()))?;
+    let (model, sr_cfg) =
+        crate::sr::load_model(sr, &device).with_context(|| format!("--sr {}", sr.display()))?;
+    if sr_cfg.item_num != ds.n_items() {
+        bail!(
+            "--sr {}: the recommender scores {} items but the dataset {} has {} (train it on this dataset)",
+            sr.display(),
+            sr_cfg.item_num,
+            data.display(),
+            ds.n_items()
+        );
+    }
+    let item_embeddings = model.item_embeddings().narrow(0, 0, ds.n_items())?.detach();
+    let opts = LlmOptions {
+        device,
+        dtype: dtype.map(super::llm::parse_dtype).transpose()?,
+        revision,
+    };
+    let llm = llm::load(spec, &opts).with_context(|| format!("--llm {spec}"))?;
+    let templates = match prompts {
+        Some(p) => Templates::from_file(p).map_err(|e| anyhow::anyhow!("--prompts: {e}"))?,
+        None => Templates::for_domain(&ds.meta.domain),
+    };
+    Ok(Loaded {
+        ds,
+        item_embeddings,
+        sr_cfg,
+        sr_weights,
+        llm,
+        templates,
+    })
+}
+
+struct Bars {
+    train: ProgressBar,
+    eval: Option<ProgressBar>,
+    running: Option<f64>,
+    quiet: bool,
+}
+
+impl Hooks for Bars {
+    fn on_start(&mut self, total: usize, done: usize) {
+        self.train.set_length(total as u64);
+        self.train.set_position(done as u64);
+        self.train.reset_eta();
+    }
+
+    fn on_step(&mut self, l: &StepLog) {
+        let avg = match self.running {
+            None => l.loss,
+            Some(r) => 0.95 * r + 0.05 * l.loss,
+        };
+        self.running = Some(avg);
+        self.train.set_position(l.step as u64 + 1);
+        self.train.set_message(format!(
+            "epoch {}  loss {avg:.4}  lr {:.2e}  p {:.2} ({})  {:.0} tok/s",
+            l.epoch + 1,
+            l.lr,
+            l.p_hybrid,
+            if l.hybrid { "hybrid" } else { "text" },
+            l.tokens_per_second
+        ));
+    }
+
+    fn on_eval_start(&mut self, rows: usize) {
+        let b = ProgressBar::new(rows as u64).with_style(
+            ProgressStyle::with_template("  validating [{bar:30}] {pos}/{len} rows  ETA {eta}")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        if self.quiet {
+            b.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+        }
+        self.eval = Some(b);
+    }
+
+    fn on_eval_progress(&mut self, n: usize) {
+        if let Some(b) = &self.eval {
+            b.inc(n as u64);
+        }
+    }
+
+    fn on_eval(&mut self, e: &EvalLog) {
+        if let Some(b) = self.eval.take() {
+            b.finish_and_clear();
+        }
+        self.train.suspend(|| {
+            tracing::info!(
+                "step {:>5}  valid HR@1 {:.4}  valid ratio {:.4}  ({} rows){}",
+                e.step,
+                e.valid.hr1,
+                e.valid.valid_ratio,
+                e.valid.rows,
+                if e.best { "  *" } else { "" }
+            )
+        });
+    }
+}
+
+pub fn run_tune(a: TuneArgs, quiet: bool) -> Result<()> {
+    if let Some(run) = &a.resume {
+        let cfg = run.join("tune.toml");
+        if !cfg.is_file() {
+            bail!(
+                "--resume {}: no tune.toml here (not a tune run folder)",
+                run.display()
+            );
+        }
+        let mut argv: Vec<OsString> =
+            vec!["llara".into(), "tune".into(), "--config".into(), cfg.into()];
+        argv.extend(["--threads".into(), a.threads.to_string().into()]);
+        if let Some(s) = a.stop_after {
+            argv.extend(["--stop-after".into(), s.to_string().into()]);
+        }
+        let cli = super::parse(argv)?;
+        let super::Command::Tune(args) = cli.command else {
+            unreachable!("parsed a tune command")
+        };
+        return tune_in(*args, true, quiet);
+    }
+    tune_in(a, false, quiet)
+}
+
+fn tune_in(a: TuneArgs, resume: bool, quiet: bool) -> Result<()> {
+    super::sr::set_threads(a.threads)?;
+    let opts = options(&a)?;
+    let (data, sr, spec, out) = match (&a.data, &a.sr, &a.llm, &a.out) {
+        (Some(d), Some(s), Some(l), Some(o)) => (d.clone(), s.clone(), l.clone(), o.clone()),
+        _ => bail!("--data, --sr, --llm and --out are required"),
+    };
+    let run = RunDir { dir: out.clone() };
+    if !resume && out.exists() {
+        if !a.force {
+            bail!(
+                "--out {}: already exists (pass --force to replace it, or --resume {} to continue it)",
+                out.display(),
+                out.display()
+            );
+        }
+        std::fs::remove_dir_all(&out).with_context(|| format!("--out {}", out.display()))?;
+    }
+    let mut parts = load_parts(
+        &data,
+        &sr,
+        &spec,
+        a.revision.clone(),
+        &a.device,
+        a.dtype.as_deref(),
+        a.prompts.as_deref(),
+    )?;
+    let sr_hash = sha256_file(&parts.sr_weights)?;
+    let info = RunInfo {
+        llm: spec.clone(),
+        llm_source: serde_json::to_value(&parts.llm.source)?,
+        sr: std::fs::canonicalize(&sr).unwrap_or(sr.clone()),
+        sr_sha256: sr_hash.clone(),
+        sr_arch: parts.sr_cfg.model.name().to_string(),
+        sr_hidden: parts.sr_cfg.hidden_size,
+        data: std::fs::canonicalize(&data).unwrap_or(data.clone()),
+        data_content_hash: parts.ds.meta.content_hash.clone(),
+        n_items: parts.ds.n_items(),
+        prompts: parts.templates.source.clone(),
+        curriculum: opts.curriculum.name(),
+        eval_view: opts.curriculum.eval_view().name().into(),
+    };
+    let d_sr = parts.sr_cfg.hidden_size;
+    let d_llm = parts.llm.model.cfg.hidden_size;
+    let (projector, state) = if resume {
+        let old: RunInfo = serde_json::from_str(
+            &std::fs::read_to_string(out.join("run.json"))
+                .with_context(|| format!("--resume {}", out.display()))?,
+        )?;
+        if old.sr_sha256 != sr_hash || old.data_content_hash != info.data_content_hash {
+            bail!(
+                "--resume {}: the recommender or the dataset changed since the run started",
+                out.display()
+            );
+        }
+        let state =
+            tune::read_state(&run).with_context(|| format!("--resume {}", out.display()))?;
+        if state.finished {
+            println!(
+                "{} is finished ({} steps); nothing to do",
+                out.display(),
+                state.step
+            );
+            return Ok(());
+        }
+        let p = tune::load_weights(&mut parts.llm.model, &run.checkpoint(), d_sr)?;
+        tracing::info!(
+            "resuming {} at step {} of {}",
+            out.display(),
+            state.step,
+            state.total_steps
+        );
+        (p, state)
+    } else {
+        std::fs::create_dir_all(&out).with_context(|| format!("--out {}", out.display()))?;
+        let toml = toml::to_string(&a).context("serializing the run's options")?;
+        crate::fsutil::write_file_atomic(&out.join("tune.toml"), |p| {
+            std::fs::write(p, format!("# The exact options of this run: `llara tune --config tune.toml` reruns it, `llara tune --resume RUN` continues it.\n{toml}"))
+        })?;
+        crate::fsutil::write_file_atomic(&out.join("run.json"), |p| {
+            std::fs::write(p, serde_json::to_string_pretty(&info)? + "\n")
+        })?;
+        llm::lora::add_adapters(&mut parts.llm.model, &opts.lora, opts.seed)?;
+        let p = Projector::new(
+            d_sr,
+            d_llm,
+            opts.seed,
+            candle_core::DType::F32,
+            parts.llm.model.device(),
+        )?;
+        (p, RunState::default())
+    };
+    tracing::info!(
+        "tuning {} on {} ({} train rows, {} items) with {} ({}), curriculum {}, seed {}",
+        spec,
+        parts.ds.meta.name,
+        tune::training_rows(&parts.ds, &opts).len(),
+        parts.ds.n_items(),
+        info.sr_arch,
+        sr.display(),
+        opts.curriculum.name(),
+        opts.seed
+    );
+    let bar = ProgressBar::new(0).with_style(
+        ProgressStyle::with_template("[{bar:30}] {pos}/{len} steps  {msg}  ETA {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    if quiet {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let mut hooks = Bars {
+        train: bar,
+        eval: None,
+        running: None,
+        quiet,
+    };
+    let llm_name = parts.llm.name();
+    let setup = Setup {
+        model: &mut parts.llm.model,
+        tok: &parts.llm.tokenizer,
+        templates: &parts.templates,
+        ds: &parts.ds,
+        item_embeddings: &parts.item_embeddings,
+    };
+    let started = std::time::Instant::now();
+    let state = tune::tune(setup, projector, &opts, &run, state, &llm_name, &mut hooks)?;
+    hooks.train.finish_and_clear();
+    let frac = if state.step > 0 {
+        state.hybrid_steps as f64 / state.step as f64
+    } else {
+        0.0
+    };
+    match (&state.best, state.finished) {
+        (Some(b), true) => println!(
+            "{} steps ({:.0}s, {:.0}% hybrid); best valid HR@1 {:.4} (valid ratio {:.4}) at step {}; wrote {}",
+            state.step,
+            started.elapsed().as_secs_f64(),
+            100.0 * frac,
+            b.valid.hr1,
+            b.valid.valid_ratio,
+            b.step,
+            out.display()
+        ),
+        (None, true) => println!("{} steps; no valid split: kept the last weights; wrote {}", state.step, out.display()),
+        (_, false) => println!(
+            "stopped at step {} of {} ({:.0}% hybrid); continue with `llara tune --resume {}`",
+            state.step,
+            state.total_steps,
+            100.0 * frac,
+            out.display()
+        ),
+    }
+    Ok(())
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct EvalArgs {
+    /// A tune run folder.
+    #[arg(long, value_name = "RUN")]
+    pub run: PathBuf,
+    /// Dataset folder (default: the run's).
+    #[arg(long, value_name = "DIR")]
+    pub data: Option<PathBuf>,
+    #[arg(long, default_value = "test", value_parser = ["valid", "test"])]
+    pub split: String,
+    /// hr@1: generation-based (ValidRatio and HitRatio@1 as in the paper).
+    #[arg(long, default_value = "hr@1", value_parser = ["hr@1"])]
+    pub metric: String,
+    /// Prompt template (fixed for reproducible scores).
+    #[arg(long, default_value_t = 0)]
+    pub template: usize,
+    /// Evaluate only the first N rows.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// Backbone override (default: the run's --llm).
+    #[arg(long, value_name = "SPEC")]
+    pub llm: Option<String>,
+    /// Where predictions.jsonl and metrics.json go (default RUN/eval-<split>).
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Print the metrics as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    #[arg(long)]
+    pub dtype: Option<String>,
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+}
+
+pub fn run_eval(a: EvalArgs, quiet: bool) -> Result<()> {
+    super::sr::set_threads(a.threads)?;
+    let info_path = a.run.join("run.json");
+    let info: RunInfo = serde_json::from_str(
+        &std::fs::read_to_string(&info_path)
+            .with_context(|| format!("--run {}: not a tune run (run.json)", a.run.display()))?,
+    )
+    .with_context(|| info_path.display().to_string())?;
+    let toml_path = a.run.join("tune.toml");
+    let prompts: Option<PathBuf> = std::fs::read_to_string(&toml_path)
+        .ok()
+        .and_then(|t| toml::from_str::<toml::Table>(&t).ok())
+        .and_then(|t| t.get("prompts").and_then(|v| v.as_str()).map(PathBuf::from));
+    let data = a.data.clone().unwrap_or(info.data.clone());
+    let spec = a.llm.clone().unwrap_or(info.llm.clone());
+    let mut parts = load_parts(
+        &data,
+        &info.sr,
+        &spec,
+        None,
+        &a.device,
+        a.dtype.as_deref(),
+        prompts.as_deref(),
+    )?;
+    if sha256_file(&parts.sr_weights)? != info.sr_sha256 {
+        bail!(
+            "{}: the recommender changed since the run was trained",
+            info.sr.display()
+        );
+    }
+    let weights = if a.run.join("adapter").is_dir() && a.run.join("projector.safetensors").is_file()
+    {
+        a.run.clone()
+    } else if a.run.join("best/adapter").is_dir() {
+        a.run.join("best")
+    } else {
+        bail!(
+            "--run {}: no trained weights yet (adapter/ or best/)",
+            a.run.display()
+        );
+    };
+    let projector = tune::load_weights(&mut parts.llm.model, &weights, parts.sr_cfg.hidden_size)?;
+    let view = Curriculum::parse(&info.curriculum)
+        .map_err(anyhow::Error::msg)?
+        .eval_view();
+    let mut rows = tune::split_rows(&parts.ds, &a.split, a.template, None, 0);
+    if let Some(n) = a.limit {
+        rows.truncate(n);
+    }
+    let kit = PromptKit {
+        tok: &parts.llm.tokenizer,
+        templates: &parts.templates,
+        titles: &parts.ds.titles,
+    };
+    let behaviour = Behaviour {
+        item_embeddings: &parts.item_embeddings,
+        projector: &projector,
+    };
+    let eopts = EvalOptions {
+        view,
+        template: a.template,
+        batch_size: a.batch_size,
+        max_new_tokens: a.max_new_tokens,
+    };
+    let bar = ProgressBar::new(rows.len() as u64).with_style(
+        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} rows  ETA {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(a.split.clone());
+    if quiet || a.json {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let (preds, m) = tune::evaluate_split(
+        &parts.llm.model,
+        &kit,
+        view.uses_embeddings().then_some(&behaviour),
+        &rows,
+        &eopts,
+        |n| bar.inc(n as u64),
+    )?;
+    bar.finish_and_clear();
+    let out = a
+        .out
+        .clone()
+        .unwrap_or(a.run.join(format!("eval-{}", a.split)));
+    let staged = crate::fsutil::StagedDir::new(&out, true)
+        .with_context(|| format!("--out {}", out.display()))?;
+    let mut lines = String::new();
+    for p in &preds {
+        lines.push_str(&serde_json::to_string(p)?);
+        lines.push('\n');
+    }
+    std::fs::write(staged.path().join("predictions.jsonl"), lines)?;
+    let report = serde_json::json!({
+        "split": a.split, "template": a.template, "view": view.name(),
+        "valid_ratio": m.valid_ratio, "hr@1": m.hr1, "hr@1_of_valid": m.hr1_of_valid, "rows": m.rows,
+    });
+    std::fs::write(
+        staged.path().join("metrics.json"),
+        serde_json::to_string_pretty(&report)? + "\n",
+    )?;
+    staged
+        .commit()
+        .with_context(|| format!("--out {}", out.display()))?;
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print_metrics(&a.split, &m);
+        println!("predictions: {}", out.join("predictions.jsonl").display());
+    }
+    Ok(())
+}
+
+fn print_metrics(split: &str, m: &GenMetrics) {
+    println!("split   rows   valid_ratio   hr@1     hr@1_of_valid");
+    println!(
+        "{split:<7} {:<6} {:<13.4} {:<8.4} {:.4}",
+        m.rows, m.valid_ratio, m.hr1, m.hr1_of_valid
+    );
+}

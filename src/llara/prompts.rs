@@ -1,0 +1,252 @@
+//! LLaRA's prompts: templates per domain (`configs/prompts/*.txt`, embedded), item renderings
+//! (text-only, hybrid, id-only) and tokenization with the answer span located.
+
+use crate::llm::LlmTokenizer;
+use std::path::Path;
+
+/// How items appear in a prompt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ItemView {
+    /// `title [PH]`: the easy, text-only prompt.
+    Text,
+    /// `title [HistoryEmb]` / `title [CansEmb]`: the hard prompt carrying behaviour tokens.
+    Hybrid,
+    /// `[HistoryEmb]` / `[CansEmb]` without titles (ablation).
+    IdOnly,
+}
+
+impl ItemView {
+    pub fn name(self) -> &'static str {
+        match self {
+            ItemView::Text => "text",
+            ItemView::Hybrid => "hybrid",
+            ItemView::IdOnly => "id-only",
+        }
+    }
+
+    /// Whether the prompt carries projected recommender embeddings.
+    pub fn uses_embeddings(self) -> bool {
+        self != ItemView::Text
+    }
+}
+
+pub const HISTORY_SLOT: &str = "[HistoryHere]";
+pub const CANDIDATES_SLOT: &str = "[CansHere]";
+pub const COUNT_SLOT: &str = "[N]";
+
+const EMBEDDED: [(&str, &str); 4] = [
+    ("movie", include_str!("../../configs/prompts/movie.txt")),
+    ("game", include_str!("../../configs/prompts/game.txt")),
+    ("artist", include_str!("../../configs/prompts/artist.txt")),
+    ("item", include_str!("../../configs/prompts/item.txt")),
+];
+
+/// The templates of one domain.
+#[derive(Debug, Clone)]
+pub struct Templates {
+    /// Where they came from (`embedded:movie` or a path).
+    pub source: String,
+    pub list: Vec<String>,
+}
+
+impl Templates {
+    /// The embedded templates for a dataset's domain noun (`movie`, `game`, `music artist`, …;
+    /// the last word picks the file, `item` when none matches).
+    pub fn for_domain(domain: &str) -> Templates {
+        let noun = domain
+            .split_whitespace()
+            .last()
+            .unwrap_or("item")
+            .to_ascii_lowercase();
+        let noun = noun.trim_end_matches('s');
+        let (name, text) = EMBEDDED
+            .iter()
+            .find(|(n, _)| *n == noun)
+            .copied()
+            .unwrap_or(EMBEDDED[3]);
+        Self::parse(text, &format!("embedded:{name}")).expect("embedded templates are valid")
+    }
+
+    pub fn from_file(path: &Path) -> Result<Templates, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Templates separated by `---` lines; `#` lines are comments. Each must hold `[HistoryHere]`
+    /// and `[CansHere]` exactly once.
+    pub fn parse(text: &str, source: &str) -> Result<Templates, String> {
+        let mut list = vec![];
+        let mut cur: Vec<&str> = vec![];
+        let mut start_line = 1;
+        let mut flush = |cur: &mut Vec<&str>, line: usize| -> Result<(), String> {
+            let t = cur.join("\n").trim().to_string();
+            cur.clear();
+            if t.is_empty() {
+                return Ok(());
+            }
+            for slot in [HISTORY_SLOT, CANDIDATES_SLOT] {
+                let n = t.matches(slot).count();
+                if n != 1 {
+                    return Err(format!(
+                        "{source}: the template starting at line {line} has {slot} {n} times (expected once)"
+                    ));
+                }
+            }
+            list.push(t);
+            Ok(())
+        };
+        for (i, line) in text.lines().enumerate() {
+            if line.trim() == "---" {
+                flush(&mut cur, start_line)?;
+                start_line = i + 2;
+            } else if !line.trim_start().starts_with('#') {
+                cur.push(line);
+            }
+        }
+        flush(&mut cur, start_line)?;
+        if list.is_empty() {
+            return Err(format!("{source}: no templates"));
+        }
+        Ok(Templates {
+            source: source.to_string(),
+            list,
+        })
+    }
+}
+
+/// One item as it appears in a list.
+fn item_text(title: &str, view: ItemView, slot: &str) -> String {
+    match view {
+        ItemView::Text => format!("{title} [PH]"),
+        ItemView::Hybrid => format!("{title} {slot}"),
+        ItemView::IdOnly => slot.to_string(),
+    }
+}
+
+/// The prompt text for a history and candidate list.
+pub fn render(
+    template: &str,
+    titles: &[String],
+    history: &[u32],
+    candidates: &[u32],
+    view: ItemView,
+) -> String {
+    let list = |items: &[u32], slot: &str| {
+        items
+            .iter()
+            .map(|&i| item_text(&titles[i as usize], view, slot))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    template
+        .replace(HISTORY_SLOT, &list(history, "[HistoryEmb]"))
+        .replace(CANDIDATES_SLOT, &list(candidates, "[CansEmb]"))
+        .replace(COUNT_SLOT, &candidates.len().to_string())
+}
+
+/// The answer the model is trained to produce: a space, the title, a newline.
+pub fn answer(title: &str) -> String {
+    format!(" {title}\n")
+}
+
+/// A tokenized example.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Encoded {
+    /// Prompt then answer (model ids; added tokens at `vocab_size + k`).
+    pub ids: Vec<u32>,
+    /// Index of the first answer token (`ids.len()` when there is no answer).
+    pub answer_start: usize,
+}
+
+/// Tokenizes `prompt` (with the tokenizer's specials, e.g. BOS) followed by `answer`, as one text
+/// so the boundary tokenizes as it would in a continuation; the answer span starts at the first
+/// token that begins inside the answer.
+pub fn encode(tok: &LlmTokenizer, prompt: &str, answer: Option<&str>) -> Result<Encoded, String> {
+    let Some(ans) = answer else {
+        let ids = tok.encode(prompt, true)?;
+        return Ok(Encoded {
+            answer_start: ids.len(),
+            ids,
+        });
+    };
+    let text = format!("{prompt}{ans}");
+    let (ids, offsets) = tok.encode_with_offsets(&text, true)?;
+    let boundary = prompt.len();
+    let start = offsets
+        .iter()
+        .position(|&(s, e)| e > s && e > boundary)
+        .ok_or_else(|| format!("the answer {ans:?} produced no tokens"))?;
+    Ok(Encoded {
+        ids,
+        answer_start: start,
+    })
+}
+
+/// Checks that the placeholders of `ids` match the items: as many `[HistoryEmb]` as history items
+/// and `[CansEmb]` as candidates (for views that carry embeddings; none otherwise).
+pub fn check_slots(
+    tok: &LlmTokenizer,
+    ids: &[u32],
+    history: usize,
+    candidates: usize,
+    view: ItemView,
+) -> Result<(), String> {
+    let h = tok.added_id("[HistoryEmb]").expect("added token");
+    let c = tok.added_id("[CansEmb]").expect("added token");
+    let nh = ids.iter().filter(|&&i| i == h).count();
+    let nc = ids.iter().filter(|&&i| i == c).count();
+    let (eh, ec) = if view.uses_embeddings() {
+        (history, candidates)
+    } else {
+        (0, 0)
+    };
+    if nh != eh || nc != ec {
+        return Err(format!(
+            "the prompt holds {nh} [HistoryEmb] and {nc} [CansEmb] placeholders for {eh} history items and {ec} candidates (a title containing a placeholder, or a template that repeats them?)"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_templates_parse_and_pick_by_domain() {
+        assert_eq!(Templates::for_domain("movie").source, "embedded:movie");
+        assert_eq!(
+            Templates::for_domain("music artist").source,
+            "embedded:artist"
+        );
+        assert_eq!(Templates::for_domain("games").source, "embedded:game");
+        assert_eq!(Templates::for_domain("book").source, "embedded:item");
+        for (name, _) in EMBEDDED {
+            assert!(Templates::for_domain(name).list.len() >= 4);
+        }
+        let e = Templates::parse("only [HistoryHere]\n---\n", "x.txt").unwrap_err();
+        assert!(
+            e.contains("x.txt") && e.contains("[CansHere] 0 times"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn renders_the_three_views_with_the_true_count() {
+        let titles: Vec<String> = ["A", "B", "C"].iter().map(|s| s.to_string()).collect();
+        let t = "H: [HistoryHere]. C ([N]): [CansHere].";
+        assert_eq!(
+            render(t, &titles, &[0, 1], &[2, 0], ItemView::Text),
+            "H: A [PH], B [PH]. C (2): C [PH], A [PH]."
+        );
+        assert_eq!(
+            render(t, &titles, &[0], &[2], ItemView::Hybrid),
+            "H: A [HistoryEmb]. C (1): C [CansEmb]."
+        );
+        assert_eq!(
+            render(t, &titles, &[0], &[2, 1, 0], ItemView::IdOnly),
+            "H: [HistoryEmb]. C (3): [CansEmb], [CansEmb], [CansEmb]."
+        );
+    }
+}

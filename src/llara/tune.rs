@@ -1,0 +1,596 @@
+//! Curriculum prompt tuning: LoRA on the backbone (always) and the projector (on hard steps),
+//! AdamW with warm-up + cosine, gradient accumulation, generation-based validation, and a run
+//! folder with atomic checkpoints from which `--resume` continues bit for bit.
+//!
+//! Every random draw derives from the seed and the optimizer step (curriculum, templates,
+//! negatives, dropout) or the epoch (row order), so a resumed run needs only the step counter,
+//! the trainable tensors and the optimizer moments.
+
+use super::evaluate::{evaluate, EvalOptions, GenMetrics, Prediction};
+use super::optim::{self, AdamW};
+use super::projector::Projector;
+use super::prompts::{ItemView, Templates};
+use super::{embed_batch, stream_seed, Behaviour, Curriculum, Example, PromptKit};
+use crate::data::{Dataset, Row};
+use crate::fsutil::StagedDir;
+use crate::llm::lora::{self, LoraConfig};
+use crate::llm::{Llama, LlmError, LlmTokenizer, Step};
+use crate::sr::nn::Dropout;
+use candle_core::{Tensor, Var};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TuneError {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("writing the run folder: {0}")]
+    Write(#[from] std::io::Error),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Llm(#[from] LlmError),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TuneError + '_ {
+    move |source| TuneError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+type TResult<T> = Result<T, TuneError>;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TuneOptions {
+    pub curriculum: Curriculum,
+    pub epochs: usize,
+    /// Examples per forward pass.
+    pub batch_size: usize,
+    /// Forward passes per optimizer step (effective batch = batch_size × grad_accum).
+    pub grad_accum: usize,
+    pub lr: f64,
+    pub min_lr: f64,
+    pub projector_weight_decay: f64,
+    pub max_grad_norm: Option<f64>,
+    pub lora: LoraConfig,
+    pub max_train_samples: Option<usize>,
+    /// Caps the schedule's total steps (the curriculum and the learning rate complete within it).
+    pub max_steps: Option<usize>,
+    /// Stops this invocation after that many optimizer steps (the schedule is unchanged; continue
+    /// with resume).
+    pub stop_after: Option<usize>,
+    /// Validate every N steps as well as after each epoch.
+    pub eval_every: Option<usize>,
+    /// Validate on a fixed seeded subset of the valid split.
+    pub valid_samples: Option<usize>,
+    pub template: usize,
+    pub eval_batch_size: usize,
+    pub max_new_tokens: usize,
+    pub seed: u64,
+    pub checkpoint_layers: bool,
+}
+
+/// What one optimizer step did (a line of `train_log.jsonl`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StepLog {
+    pub step: usize,
+    pub epoch: usize,
+    pub loss: f64,
+    pub lr: f64,
+    pub p_hybrid: f64,
+    pub hybrid: bool,
+    /// Fraction of hard steps so far (tracks the mean of p).
+    pub hybrid_fraction: f64,
+    pub grad_norm: f64,
+    pub tokens: usize,
+    pub tokens_per_second: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EvalLog {
+    pub step: usize,
+    pub epoch: usize,
+    pub valid: GenMetrics,
+    pub best: bool,
+}
+
+/// The resumable part of a run (`checkpoint/state.json`).
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct RunState {
+    pub step: usize,
+    pub total_steps: usize,
+    pub hybrid_steps: usize,
+    pub best: Option<EvalLog>,
+    pub evals: Vec<EvalLog>,
+    pub finished: bool,
+}
+
+/// Called as training goes (progress bars, logs).
+pub trait Hooks {
+    fn on_start(&mut self, _total_steps: usize, _done: usize) {}
+    fn on_step(&mut self, _log: &StepLog) {}
+    fn on_eval_start(&mut self, _rows: usize) {}
+    fn on_eval_progress(&mut self, _done: usize) {}
+    fn on_eval(&mut self, _log: &EvalLog) {}
+}
+
+impl Hooks for () {}
+
+/// The inputs of a tuning run.
+pub struct Setup<'a> {
+    pub model: &'a mut Llama,
+    pub tok: &'a LlmTokenizer,
+    pub templates: &'a Templates,
+    pub ds: &'a Dataset,
+    /// `[N, d_sr]` frozen item embeddings of the recommender.
+    pub item_embeddings: &'a Tensor,
+}
+
+/// Where a run keeps its files.
+pub struct RunDir {
+    pub dir: PathBuf,
+}
+
+impl RunDir {
+    pub fn checkpoint(&self) -> PathBuf {
+        self.dir.join("checkpoint")
+    }
+    pub fn best(&self) -> PathBuf {
+        self.dir.join("best")
+    }
+    pub fn log(&self) -> PathBuf {
+        self.dir.join("train_log.jsonl")
+    }
+}
+
+/// The training rows after `max_train_samples` (a seeded subset, in the file's order).
+pub fn training_rows<'a>(ds: &'a Dataset, opts: &TuneOptions) -> Vec<&'a Row> {
+    let rows: Vec<&Row> = ds.splits.train.iter().collect();
+    match opts.max_train_samples {
+        Some(n) if n < rows.len() => {
+            let mut idx: Vec<usize> = (0..rows.len()).collect();
+            idx.shuffle(&mut ChaCha8Rng::seed_from_u64(stream_seed(
+                opts.seed,
+                "train-subset",
+                0,
+            )));
+            let mut keep: Vec<usize> = idx[..n].to_vec();
+            keep.sort_unstable();
+            keep.into_iter().map(|i| rows[i]).collect()
+        }
+        _ => rows,
+    }
+}
+
+/// Steps per epoch and the schedule's total.
+pub fn schedule(n_rows: usize, opts: &TuneOptions) -> (usize, usize) {
+    let per_step = opts.batch_size * opts.grad_accum;
+    let per_epoch = n_rows.div_ceil(per_step.max(1)).max(1);
+    let total = per_epoch * opts.epochs;
+    (per_epoch, opts.max_steps.map_or(total, |m| m.min(total)))
+}
+
+/// The target and `k − 1` distinct uniform negatives outside the history, shuffled.
+pub fn sample_candidates(row: &Row, n_items: usize, k: usize, rng: &mut ChaCha8Rng) -> Vec<u32> {
+    let mut out = vec![row.next];
+    let k = k.min(n_items.saturating_sub(row.history.len()).max(1));
+    while out.len() < k {
+        let c = rng.random_range(0..n_items as u32);
+        if !out.contains(&c) && !row.history.contains(&c) {
+            out.push(c);
+        }
+    }
+    out.shuffle(rng);
+    out
+}
+
+/// The fixed rows of `split` with their candidate sets: all, or a subset of `samples` rows drawn
+/// from `seed`.
+pub fn split_rows(
+    ds: &Dataset,
+    split: &str,
+    template: usize,
+    samples: Option<usize>,
+    seed: u64,
+) -> Vec<(usize, Example)> {
+    let (rows, cands) = match split {
+        "test" => (&ds.splits.test, &ds.candidates_test),
+        _ => (&ds.splits.valid, &ds.candidates_valid),
+    };
+    let mut idx: Vec<usize> = (0..rows.len()).collect();
+    if let Some(n) = samples.filter(|&n| n < rows.len()) {
+        idx.shuffle(&mut ChaCha8Rng::seed_from_u64(stream_seed(
+            seed,
+            "valid-subset",
+            0,
+        )));
+        idx.truncate(n);
+        idx.sort_unstable();
+    }
+    idx.into_iter()
+        .map(|i| {
+            (
+                i,
+                Example {
+                    history: rows[i].history.clone(),
+                    candidates: cands[i].clone(),
+                    target: rows[i].next,
+                    template,
+                },
+            )
+        })
+        .collect()
+}
+
+struct Trainables {
+    projector: Projector,
+    opt: AdamW,
+    vars: Vec<(String, Var)>,
+}
+
+fn trainables(model: &Llama, projector: Projector, opts: &TuneOptions) -> TResult<Trainables> {
+    let mut vars: Vec<(String, Var)> = lora::adapter_vars(model);
+    let mut groups: Vec<(String, Var, f64)> = vars
+        .iter()
+        .map(|(n, v)| (n.clone(), v.clone(), 0.0))
+        .collect();
+    for (n, v) in projector.vars() {
+        let name = format!("projector.{n}");
+        groups.push((name.clone(), v.clone(), opts.projector_weight_decay));
+        vars.push((name, v));
+    }
+    Ok(Trainables {
+        projector,
+        opt: AdamW::new(groups)?,
+        vars,
+    })
+}
+
+fn write_json<T: Serialize>(path: &Path, v: &T) -> TResult<()> {
+    std::fs::write(
+        path,
+        serde_json::to_string_pretty(v).expect("serialisable") + "\n",
+    )
+    .map_err(io(path))
+}
+
+/// Writes adapter + projector (+ optimizer and state for a checkpoint) into `dest` atomically.
+fn save_weights(
+    model: &Llama,
+    t: &Trainables,
+    dest: &Path,
+    llm_name: &str,
+    state: Option<&RunState>,
+) -> TResult<()> {
+    let staged = StagedDir::new(dest, true).map_err(io(dest))?;
+    lora::save_adapter(model, &staged.path().join("adapter"), llm_name, false)?;
+    t.projector
+        .save(&staged.path().join("projector.safetensors"))?;
+    if let Some(state) = state {
+        candle_core::safetensors::save(
+            &t.opt.state()?,
+            staged.path().join("optimizer.safetensors"),
+        )?;
+        write_json(&staged.path().join("state.json"), state)?;
+    }
+    staged.commit().map_err(io(dest))?;
+    Ok(())
+}
+
+/// Runs (or resumes) tuning in `run`. A fresh run expects adapters on the model already and a
+/// new projector; a resumed one loads both from the checkpoint first (see [`resume_weights`]).
+pub fn tune(
+    setup: Setup<'_>,
+    projector: Projector,
+    opts: &TuneOptions,
+    run: &RunDir,
+    mut state: RunState,
+    llm_name: &str,
+    hooks: &mut dyn Hooks,
+) -> TResult<RunState> {
+    let Setup {
+        model,
+        tok,
+        templates,
+        ds,
+        item_embeddings,
+    } = setup;
+    if opts.batch_size == 0 || opts.grad_accum == 0 || opts.epochs == 0 {
+        return Err(TuneError::Invalid(
+            "--batch-size, --grad-accum and --epochs must be at least 1".into(),
+        ));
+    }
+    if opts.template >= templates.list.len() {
+        return Err(TuneError::Invalid(format!(
+            "--template {}: {} has {} templates",
+            opts.template,
+            templates.source,
+            templates.list.len()
+        )));
+    }
+    model.set_checkpointing(opts.checkpoint_layers)?;
+    let rows = training_rows(ds, opts);
+    if rows.is_empty() {
+        return Err(TuneError::Invalid(format!(
+            "{}: the train split is empty",
+            ds.dir.display()
+        )));
+    }
+    let (per_epoch, total) = schedule(rows.len(), opts);
+    state.total_steps = total;
+    let mut t = trainables(model, projector, opts)?;
+    if state.step > 0 {
+        let path = run.checkpoint().join("optimizer.safetensors");
+        let st = candle_core::safetensors::load(&path, &candle_core::Device::Cpu)?;
+        t.opt
+            .load_state(&st)
+            .map_err(|m| TuneError::Invalid(format!("{}: {m}", path.display())))?;
+    }
+    let kit = PromptKit {
+        tok,
+        templates,
+        titles: &ds.titles,
+    };
+    let valid = split_rows(ds, "valid", opts.template, opts.valid_samples, opts.seed);
+    let n_items = ds.n_items();
+    let k = ds.meta.candidates;
+    // The log keeps the lines of steps already done (a resumed run drops any after its checkpoint).
+    let log_path = run.log();
+    let kept: Vec<String> = std::fs::read_to_string(&log_path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| serde_json::from_str::<StepLog>(l).is_ok_and(|s| s.step < state.step))
+        .map(String::from)
+        .collect();
+    let mut log = std::fs::File::create(&log_path).map_err(io(&log_path))?;
+    for l in &kept {
+        writeln!(log, "{l}").map_err(io(&log_path))?;
+    }
+    hooks.on_start(total, state.step);
+    let mut order: Option<(usize, Vec<usize>)> = None;
+    let mut done_now = 0;
+    while state.step < total {
+        if opts.stop_after.is_some_and(|s| done_now >= s) {
+            break;
+        }
+        let step = state.step;
+        let epoch = step / per_epoch;
+        if order.as_ref().is_none_or(|(e, _)| *e != epoch) {
+            let mut o: Vec<usize> = (0..rows.len()).collect();
+            o.shuffle(&mut ChaCha8Rng::seed_from_u64(stream_seed(
+                opts.seed,
+                "epoch",
+                epoch as u64,
+            )));
+            order = Some((epoch, o));
+        }
+        let o = &order.as_ref().expect("set above").1;
+        let per_step = opts.batch_size * opts.grad_accum;
+        let start = (step % per_epoch) * per_step;
+        let idx = &o[start.min(o.len())..(start + per_step).min(o.len())];
+        let mut rng = ChaCha8Rng::seed_from_u64(stream_seed(opts.seed, "step", step as u64));
+        let p = opts.curriculum.p_hard(step, total, epoch);
+        let hard = rng.random::<f64>() < p;
+        let view = if hard {
+            opts.curriculum.hard_view()
+        } else {
+            ItemView::Text
+        };
+        let examples: Vec<Example> = idx
+            .iter()
+            .map(|&i| {
+                let row = rows[i];
+                let template = rng.random_range(0..templates.list.len());
+                Example {
+                    history: row.history.clone(),
+                    candidates: sample_candidates(row, n_items, k, &mut rng),
+                    target: row.next,
+                    template,
+                }
+            })
+            .collect();
+        let mut dropout = Dropout::new(
+            opts.lora.dropout,
+            ChaCha8Rng::seed_from_u64(stream_seed(opts.seed, "dropout", step as u64)),
+        );
+        let started = std::time::Instant::now();
+        let mut grads: HashMap<String, Tensor> = HashMap::new();
+        let mut loss_sum = 0.0;
+        let mut tokens = 0;
+        let behaviour = Behaviour {
+            item_embeddings,
+            projector: &t.projector,
+        };
+        for micro in examples.chunks(opts.batch_size) {
+            let toks = micro
+                .iter()
+                .map(|ex| kit.tokenize(ex, view, true))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(TuneError::Invalid)?;
+            let refs: Vec<_> = toks.iter().collect();
+            let (x, lengths) = embed_batch(
+                model,
+                &refs,
+                |t| t.ids.len(),
+                view.uses_embeddings().then_some(&behaviour),
+            )?;
+            let tt = x.dim(1)?;
+            tokens += lengths.iter().sum::<usize>();
+            let mut pos = vec![];
+            let mut targets = vec![];
+            for (b, tk) in toks.iter().enumerate() {
+                for p in tk.answer_start..tk.ids.len() {
+                    pos.push(b * tt + p - 1);
+                    targets.push(tk.ids[p]);
+                }
+            }
+            let h = model.forward(
+                &x,
+                Step::padded(&lengths, tt),
+                (opts.lora.dropout > 0.0).then_some(&mut dropout),
+            )?;
+            let loss = model.loss_at(&h, &pos, &targets)?;
+            let share = micro.len() as f64 / examples.len() as f64;
+            loss_sum += loss.to_scalar::<f32>()? as f64 * share;
+            let g = model.backward(&(loss * share)?)?;
+            for (name, v) in &t.vars {
+                if let Some(gv) = g.get(v.as_tensor()) {
+                    let sum = match grads.remove(name) {
+                        Some(old) => (old + gv)?,
+                        None => gv.clone(),
+                    };
+                    grads.insert(name.clone(), sum);
+                }
+            }
+        }
+        let grad_norm = optim::clip(&mut grads, opts.max_grad_norm)?;
+        let lr = optim::lr_at(step, total, opts.lr, opts.min_lr);
+        t.opt.step(&grads, lr)?;
+        state.step += 1;
+        done_now += 1;
+        state.hybrid_steps += usize::from(hard);
+        let entry = StepLog {
+            step,
+            epoch,
+            loss: loss_sum,
+            lr,
+            p_hybrid: p,
+            hybrid: hard,
+            hybrid_fraction: state.hybrid_steps as f64 / state.step as f64,
+            grad_norm,
+            tokens,
+            tokens_per_second: tokens as f64 / started.elapsed().as_secs_f64().max(1e-9),
+        };
+        writeln!(
+            log,
+            "{}",
+            serde_json::to_string(&entry).expect("serialisable")
+        )
+        .map_err(io(&log_path))?;
+        hooks.on_step(&entry);
+        let end_of_epoch = state.step.is_multiple_of(per_epoch);
+        let periodic = opts
+            .eval_every
+            .is_some_and(|n| n > 0 && state.step.is_multiple_of(n));
+        let last = state.step == total;
+        if end_of_epoch || periodic || last {
+            if !valid.is_empty() {
+                hooks.on_eval_start(valid.len());
+                let eval_opts = EvalOptions {
+                    view: opts.curriculum.eval_view(),
+                    template: opts.template,
+                    batch_size: opts.eval_batch_size,
+                    max_new_tokens: opts.max_new_tokens,
+                };
+                let behaviour = Behaviour {
+                    item_embeddings,
+                    projector: &t.projector,
+                };
+                let preds = evaluate(
+                    model,
+                    &kit,
+                    eval_opts.view.uses_embeddings().then_some(&behaviour),
+                    &valid,
+                    &eval_opts,
+                    |n| hooks.on_eval_progress(n),
+                )?;
+                let m = GenMetrics::of(&preds);
+                let better = state.best.as_ref().is_none_or(|b| m.hr1 > b.valid.hr1);
+                let e = EvalLog {
+                    step: state.step,
+                    epoch,
+                    valid: m,
+                    best: better,
+                };
+                if better {
+                    save_weights(model, &t, &run.best(), llm_name, None)?;
+                    state.best = Some(e.clone());
+                }
+                state.evals.push(e.clone());
+                hooks.on_eval(&e);
+            }
+            save_weights(model, &t, &run.checkpoint(), llm_name, Some(&state))?;
+        }
+    }
+    if state.step < total && done_now > 0 {
+        // Stopped early (--stop-after): make the position resumable.
+        save_weights(model, &t, &run.checkpoint(), llm_name, Some(&state))?;
+    }
+    if state.step == total && !state.finished {
+        // The run's result: the best validated weights (or the last ones without a valid split).
+        if state.best.is_none() {
+            save_weights(model, &t, &run.best(), llm_name, None)?;
+        }
+        publish_best(run)?;
+        state.finished = true;
+        save_weights(model, &t, &run.checkpoint(), llm_name, Some(&state))?;
+    }
+    let metrics = serde_json::json!({
+        "best": state.best,
+        "evals": state.evals,
+        "steps": state.step,
+        "total_steps": total,
+        "hybrid_fraction": if state.step > 0 { state.hybrid_steps as f64 / state.step as f64 } else { 0.0 },
+        "finished": state.finished,
+    });
+    crate::fsutil::write_file_atomic(&run.dir.join("metrics.json"), |p| write_json(p, &metrics))?;
+    Ok(state)
+}
+
+/// Copies `best/` to the run's top level (`adapter/`, `projector.safetensors`), each atomically.
+fn publish_best(run: &RunDir) -> TResult<()> {
+    let best = run.best();
+    let dest = run.dir.join("adapter");
+    let staged = StagedDir::new(&dest, true).map_err(io(&dest))?;
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        let from = best.join("adapter").join(f);
+        std::fs::copy(&from, staged.path().join(f)).map_err(io(&from))?;
+    }
+    staged.commit().map_err(io(&dest))?;
+    let from = best.join("projector.safetensors");
+    crate::fsutil::write_file_atomic(&run.dir.join("projector.safetensors"), |p| {
+        std::fs::copy(&from, p).map(|_| ()).map_err(io(&from))
+    })?;
+    Ok(())
+}
+
+/// Loads the trainable state of a checkpoint folder (adapter + projector) onto a fresh model.
+pub fn load_weights(model: &mut Llama, dir: &Path, d_sr: usize) -> TResult<Projector> {
+    lora::load_adapter(model, &dir.join("adapter"))?;
+    let d_llm = model.cfg.hidden_size;
+    let p = dir.join("projector.safetensors");
+    Projector::load(&p, d_sr, d_llm, candle_core::DType::F32, model.device())
+        .map_err(|e| TuneError::Invalid(e.to_string()))
+}
+
+/// The checkpoint's state.
+pub fn read_state(run: &RunDir) -> TResult<RunState> {
+    let p = run.checkpoint().join("state.json");
+    let text = std::fs::read_to_string(&p).map_err(io(&p))?;
+    serde_json::from_str(&text).map_err(|e| TuneError::Invalid(format!("{}: {e}", p.display())))
+}
+
+/// Generation-based evaluation of a model (used by `llara eval`).
+pub fn evaluate_split(
+    model: &Llama,
+    kit: &PromptKit,
+    behaviour: Option<&Behaviour>,
+    rows: &[(usize, Example)],
+    opts: &EvalOptions,
+    progress: impl FnMut(usize),
+) -> TResult<(Vec<Prediction>, GenMetrics)> {
+    let preds = evaluate(model, kit, behaviour, rows, opts, progress)?;
+    let m = GenMetrics::of(&preds);
+    Ok((preds, m))
+}
