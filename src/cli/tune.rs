@@ -17,20 +17,20 @@ use std::path::{Path, PathBuf};
 #[derive(Args, Debug, Clone, Serialize)]
 pub struct TuneArgs {
     /// Dataset folder (from `llara data`).
-    #[arg(long, value_name = "DIR", required_unless_present = "resume")]
+    #[arg(long, value_name = "DIR")]
     pub data: Option<PathBuf>,
     /// The frozen recommender: a `train-sr` run folder or LLaRA's released `.safetensors`.
-    #[arg(long, value_name = "SR_RUN", required_unless_present = "resume")]
+    #[arg(long, value_name = "SR_RUN")]
     pub sr: Option<PathBuf>,
     /// The backbone: a Hugging Face folder, a .gguf file, a hub id, or builtin:tiny (a tiny random
     /// model for demos and tests).
-    #[arg(long, value_name = "SPEC", required_unless_present = "resume")]
+    #[arg(long, value_name = "SPEC")]
     pub llm: Option<String>,
     /// Hub revision when --llm is a hub id.
     #[arg(long)]
     pub revision: Option<String>,
     /// Output run folder.
-    #[arg(long, value_name = "RUN", required_unless_present = "resume")]
+    #[arg(long, value_name = "RUN")]
     pub out: Option<PathBuf>,
     /// linear (the paper), text-only, hybrid-only, id-only, two-stage:K or mixed:P.
     #[arg(long, default_value = "linear")]
@@ -319,7 +319,7 @@ fn tune_in(a: TuneArgs, resume: bool, quiet: bool) -> Result<()> {
     let opts = options(&a)?;
     let (data, sr, spec, out) = match (&a.data, &a.sr, &a.llm, &a.out) {
         (Some(d), Some(s), Some(l), Some(o)) => (d.clone(), s.clone(), l.clone(), o.clone()),
-        _ => bail!("--data, --sr, --llm and --out are required"),
+        _ => bail!("--data, --sr, --llm and --out are required (or --resume RUN)"),
     };
     let run = RunDir { dir: out.clone() };
     if !resume && out.exists() {

@@ -8,6 +8,18 @@ use rand_chacha::ChaCha8Rng;
 use std::collections::HashMap;
 use std::path::Path;
 
+/// `x Wᵀ + b`: the deterministic fused kernel for f32 on the CPU, candle's ops elsewhere.
+fn affine(x: &Tensor, w: &Var, b: &Var) -> Result<Tensor> {
+    if crate::llm::ops::fused(&[x, w.as_tensor(), b.as_tensor()]) && x.rank() == 2 {
+        return x.contiguous()?.apply_op3(
+            w.as_tensor(),
+            b.as_tensor(),
+            crate::llm::kernels::Affine,
+        );
+    }
+    x.matmul(&w.as_tensor().t()?)?.broadcast_add(b.as_tensor())
+}
+
 pub struct Projector {
     pub w1: Var,
     pub b1: Var,
@@ -35,12 +47,8 @@ impl Projector {
     /// `[M, d_sr]` → `[M, d_llm]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let x = x.to_dtype(self.w1.dtype())?;
-        let h = x
-            .matmul(&self.w1.as_tensor().t()?)?
-            .broadcast_add(self.b1.as_tensor())?
-            .gelu_erf()?;
-        h.matmul(&self.w2.as_tensor().t()?)?
-            .broadcast_add(self.b2.as_tensor())
+        let h = affine(&x, &self.w1, &self.b1)?.gelu_erf()?;
+        affine(&h, &self.w2, &self.b2)
     }
 
     /// The trainable tensors with their PyTorch names.
@@ -84,5 +92,90 @@ impl Projector {
             w2: get("2.weight", &[d_llm, d_llm])?,
             b2: get("2.bias", &[d_llm])?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fused_projector_matches_composed_in_value_and_gradient() {
+        let dev = Device::Cpu;
+        let run = |dt: DType| {
+            let p = Projector::new(6, 5, 3, dt, &dev).unwrap();
+            let x: Vec<f64> = (0..24).map(|i| (i as f64 * 0.37).sin()).collect();
+            let x = Var::from_tensor(
+                &Tensor::from_vec(x, (4, 6), &dev)
+                    .unwrap()
+                    .to_dtype(dt)
+                    .unwrap(),
+            )
+            .unwrap();
+            let c: Vec<f64> = (0..20).map(|i| (i as f64 * 0.11).cos()).collect();
+            let c = Tensor::from_vec(c, (4, 5), &dev)
+                .unwrap()
+                .to_dtype(dt)
+                .unwrap();
+            let loss = (p.forward(x.as_tensor()).unwrap() * c)
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            let g = loss.backward().unwrap();
+            let mut out = vec![loss
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()];
+            for v in [
+                x.clone(),
+                p.w1.clone(),
+                p.b1.clone(),
+                p.w2.clone(),
+                p.b2.clone(),
+            ] {
+                let gv: Vec<f64> = g
+                    .get(v.as_tensor())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                out.extend(gv);
+            }
+            out
+        };
+        let (a, b) = (run(DType::F32), run(DType::F64));
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() < 1e-5 * (1.0 + y.abs()), "{x} vs {y}");
+        }
+    }
+
+    #[test]
+    fn save_load_round_trip_and_shape_errors() {
+        let dev = Device::Cpu;
+        let p = Projector::new(6, 5, 3, DType::F32, &dev).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("projector.safetensors");
+        p.save(&f).unwrap();
+        let q = Projector::load(&f, 6, 5, DType::F32, &dev).unwrap();
+        for ((_, a), (_, b)) in p.vars().iter().zip(q.vars()) {
+            let (x, y): (Vec<f32>, Vec<f32>) = (
+                a.as_tensor().flatten_all().unwrap().to_vec1().unwrap(),
+                b.as_tensor().flatten_all().unwrap().to_vec1().unwrap(),
+            );
+            assert_eq!(x, y);
+        }
+        let e = Projector::load(&f, 8, 5, DType::F32, &dev)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("0.weight") && e.contains("recommender dim 8"),
+            "{e}"
+        );
     }
 }

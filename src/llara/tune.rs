@@ -195,6 +195,35 @@ pub fn sample_candidates(row: &Row, n_items: usize, k: usize, rng: &mut ChaCha8R
     out
 }
 
+/// The curriculum draw of optimizer step `step`: p(τ), whether the step is hard, and the step's
+/// random stream (templates and negatives are drawn from it next).
+pub fn draw_step(
+    c: Curriculum,
+    seed: u64,
+    step: usize,
+    total: usize,
+    epoch: usize,
+) -> (f64, bool, ChaCha8Rng) {
+    let mut rng = ChaCha8Rng::seed_from_u64(stream_seed(seed, "step", step as u64));
+    let p = c.p_hard(step, total, epoch);
+    let hard = rng.random::<f64>() < p;
+    (p, hard, rng)
+}
+
+/// The loss positions of a right-padded batch (row length `t`): position `p − 1` predicts answer
+/// token `p`, for the answer tokens only (prompt and padding never count).
+pub fn answer_targets(rows: &[&super::Tokenized], t: usize) -> (Vec<usize>, Vec<u32>) {
+    let mut pos = vec![];
+    let mut targets = vec![];
+    for (b, tk) in rows.iter().enumerate() {
+        for p in tk.answer_start..tk.ids.len() {
+            pos.push(b * t + p - 1);
+            targets.push(tk.ids[p]);
+        }
+    }
+    (pos, targets)
+}
+
 /// The fixed rows of `split` with their candidate sets: all, or a subset of `samples` rows drawn
 /// from `seed`.
 pub fn split_rows(
@@ -379,9 +408,7 @@ pub fn tune(
         let per_step = opts.batch_size * opts.grad_accum;
         let start = (step % per_epoch) * per_step;
         let idx = &o[start.min(o.len())..(start + per_step).min(o.len())];
-        let mut rng = ChaCha8Rng::seed_from_u64(stream_seed(opts.seed, "step", step as u64));
-        let p = opts.curriculum.p_hard(step, total, epoch);
-        let hard = rng.random::<f64>() < p;
+        let (p, hard, mut rng) = draw_step(opts.curriculum, opts.seed, step, total, epoch);
         let view = if hard {
             opts.curriculum.hard_view()
         } else {
@@ -427,14 +454,7 @@ pub fn tune(
             )?;
             let tt = x.dim(1)?;
             tokens += lengths.iter().sum::<usize>();
-            let mut pos = vec![];
-            let mut targets = vec![];
-            for (b, tk) in toks.iter().enumerate() {
-                for p in tk.answer_start..tk.ids.len() {
-                    pos.push(b * tt + p - 1);
-                    targets.push(tk.ids[p]);
-                }
-            }
+            let (pos, targets) = answer_targets(&refs, tt);
             let h = model.forward(
                 &x,
                 Step::padded(&lengths, tt),

@@ -41,37 +41,57 @@ pub fn mm(
         // where gemm would pack it first.
         return small_m(c, a, b, m, n, k, acc, alpha);
     }
-    let par = if m * n * k >= 64 * 64 * 64 {
-        gemm::Parallelism::Rayon(candle_core::utils::get_num_threads())
-    } else {
-        gemm::Parallelism::None
-    };
+    let threads = candle_core::utils::get_num_threads();
     let (a_cs, a_rs) = if ta { (m as isize, 1) } else { (1, k as isize) };
     let (b_cs, b_rs) = if tb { (k as isize, 1) } else { (1, n as isize) };
-    // SAFETY: the slices hold at least m·k, k·n and m·n elements (asserted), and the strides
-    // above address exactly those row-major layouts.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            acc,
-            a.as_ptr(),
-            a_cs,
-            a_rs,
-            b.as_ptr(),
-            b_cs,
-            b_rs,
-            1.0,
-            alpha,
-            false,
-            false,
-            false,
-            par,
-        )
+    // gemm's own multi-threading does not give the same bits from run to run; split the rows of
+    // `c` into one block per thread instead, each a single-threaded gemm (deterministic for a
+    // given thread count).
+    let blocks = if threads > 1 && m >= 2 * threads && m * n * k >= 64 * 64 * 64 {
+        threads
+    } else {
+        1
+    };
+    let rows = m.div_ceil(blocks);
+    let (a_ptr, b_ptr) = (a.as_ptr() as usize, b.as_ptr() as usize);
+    let run = |i0: usize, c_blk: &mut [f32]| {
+        let mb = c_blk.len() / n;
+        // SAFETY: `c_blk` holds rows i0..i0+mb of c; the lhs pointer is offset to row i0 of op(a)
+        // (a column offset when transposed); the slices hold at least m·k, k·n and m·n elements
+        // (asserted above) and the strides address exactly those row-major layouts.
+        unsafe {
+            let a_off = if ta { i0 } else { i0 * k };
+            gemm::gemm(
+                mb,
+                n,
+                k,
+                c_blk.as_mut_ptr(),
+                1,
+                n as isize,
+                acc,
+                (a_ptr as *const f32).add(a_off),
+                a_cs,
+                a_rs,
+                b_ptr as *const f32,
+                b_cs,
+                b_rs,
+                1.0,
+                alpha,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            )
+        }
+    };
+    if blocks == 1 {
+        run(0, &mut c[..m * n]);
+    } else {
+        use rayon::prelude::*;
+        c[..m * n]
+            .par_chunks_mut(rows * n)
+            .enumerate()
+            .for_each(|(bi, blk)| run(bi * rows, blk));
     }
 }
 
@@ -603,5 +623,72 @@ impl CustomOp2 for SwiGlu {
             dg.push(d * u * s * (1.0 + g * (1.0 - s)));
         }
         Ok((Some(tensor(dg, g.shape())?), Some(tensor(du, u.shape())?)))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// A trainable `y = x Wᵀ + b` over `x [M, in]`, `W [out, in]`, `b [out]` with the deterministic
+/// row-blocked matmuls above (candle's own matmul is multi-threaded by gemm, whose bits vary from
+/// run to run).
+pub struct Affine;
+
+impl CustomOp3 for Affine {
+    fn name(&self) -> &'static str {
+        "affine"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w, b) = (
+            slice(s1, l1, "affine")?,
+            slice(s2, l2, "affine")?,
+            slice(s3, l3, "affine")?,
+        );
+        let (m, i) = l1.shape().dims2()?;
+        let o = b.len();
+        let mut y = vec![0f32; m * o];
+        for row in y.chunks_exact_mut(o) {
+            row.copy_from_slice(b);
+        }
+        mm(&mut y, x, w, m, o, i, false, true, true, 1.0);
+        Ok((CpuStorage::F32(y), Shape::from((m, o))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (m, i) = x.dims2()?;
+        let o = b.elem_count();
+        let (xv, wv, gv) = (
+            with(x, |v| v.to_vec())?,
+            with(w, |v| v.to_vec())?,
+            with(grad, |v| v.to_vec())?,
+        );
+        let mut dx = vec![0f32; m * i];
+        mm(&mut dx, &gv, &wv, m, i, o, false, false, false, 1.0);
+        let mut dw = vec![0f32; o * i];
+        mm(&mut dw, &gv, &xv, o, i, m, true, false, false, 1.0);
+        let mut db = vec![0f32; o];
+        for row in gv.chunks_exact(o) {
+            db.iter_mut().zip(row).for_each(|(d, g)| *d += g);
+        }
+        Ok((
+            Some(tensor(dx, x.shape())?),
+            Some(tensor(dw, w.shape())?),
+            Some(tensor(db, b.shape())?),
+        ))
     }
 }

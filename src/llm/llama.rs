@@ -230,10 +230,14 @@ impl Llama {
             }
             _ => embed_tokens.clone(),
         };
-        let mean = embed_tokens
-            .to_dtype(DType::F32)?
-            .mean_keepdim(0)?
-            .to_dtype(dt)?;
+        // The mean row, summed in a fixed order (candle's reductions may vary in the last bit).
+        let rows: Vec<Vec<f32>> = embed_tokens.to_dtype(DType::F32)?.to_vec2()?;
+        let mut acc = vec![0f64; h];
+        for r in &rows {
+            acc.iter_mut().zip(r).for_each(|(a, &v)| *a += v as f64);
+        }
+        let mean: Vec<f32> = acc.iter().map(|a| (a / rows.len() as f64) as f32).collect();
+        let mean = Tensor::from_vec(mean, (1, h), dev)?.to_dtype(dt)?;
         let extra_embeddings = mean
             .repeat((extra_tokens.max(1), 1))?
             .narrow(0, 0, extra_tokens)?;

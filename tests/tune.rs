@@ -1,0 +1,587 @@
+//! `llara tune` / `llara eval` on tiny configurations: synthetic data, the built-in tiny random
+//! Llama, a recommender trained for a few epochs.
+
+mod common;
+
+use candle_core::Tensor;
+use common::{fails, ok};
+use llara::data::Dataset;
+use llara::llara::projector::Projector;
+use llara::llara::prompts::{ItemView, Templates};
+use llara::llara::tune::{self, answer_targets, draw_step, RunDir, RunState, Setup, TuneOptions};
+use llara::llara::{embed_batch, Behaviour, Curriculum, Example, PromptKit};
+use llara::llm::{self, LlmOptions, LoraConfig, Target};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+/// A synthetic dataset and a SASRec trained on it, built once per test binary.
+fn fixture() -> &'static (PathBuf, PathBuf) {
+    static F: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+    F.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("llara-tune-fixture-{}", std::process::id()));
+        let data = dir.join("data");
+        let sr = dir.join("sr");
+        ok(&[
+            "data",
+            "synth",
+            "--users",
+            "60",
+            "--items",
+            "40",
+            "--candidates",
+            "5",
+            "--out",
+            data.to_str().unwrap(),
+            "--force",
+        ]);
+        ok(&[
+            "train-sr",
+            "--data",
+            data.to_str().unwrap(),
+            "--epochs",
+            "2",
+            "--hidden",
+            "16",
+            "--out",
+            sr.to_str().unwrap(),
+            "--force",
+        ]);
+        (data, sr)
+    })
+}
+
+fn short_templates() -> Templates {
+    Templates::parse(
+        "[HistoryHere] | [CansHere] ->\n---\nH [HistoryHere] C ([N]) [CansHere] ->",
+        "test",
+    )
+    .unwrap()
+}
+
+fn item_table(sr: &Path, n: usize) -> Tensor {
+    let (m, _) = llara::sr::load_model(sr, &candle_core::Device::Cpu).unwrap();
+    m.item_embeddings().narrow(0, 0, n).unwrap().detach()
+}
+
+#[test]
+fn linear_curriculum_tracks_tau_over_t() {
+    let total = 4000;
+    let hard: Vec<bool> = (0..total)
+        .map(|s| draw_step(Curriculum::Linear, 7, s, total, 0).1)
+        .collect();
+    for q in 0..4 {
+        let part = &hard[q * 1000..(q + 1) * 1000];
+        let frac = part.iter().filter(|&&h| h).count() as f64 / 1000.0;
+        let mean_p = (q as f64 + 0.5) / 4.0;
+        assert!(
+            (frac - mean_p).abs() < 0.06,
+            "quarter {q}: {frac} vs {mean_p}"
+        );
+    }
+    assert!(!draw_step(Curriculum::Linear, 7, 0, total, 0).1, "p(0) = 0");
+    let count = |c: Curriculum, epoch_of: &dyn Fn(usize) -> usize| {
+        (0..1000)
+            .filter(|&s| draw_step(c, 3, s, 1000, epoch_of(s)).1)
+            .count()
+    };
+    assert_eq!(count(Curriculum::TextOnly, &|_| 0), 0);
+    assert_eq!(count(Curriculum::HybridOnly, &|_| 0), 1000);
+    assert_eq!(count(Curriculum::TwoStage(1), &|s| s / 250), 750);
+    let mixed = count(Curriculum::Mixed(0.3), &|_| 0) as f64 / 1000.0;
+    assert!((mixed - 0.3).abs() < 0.05, "{mixed}");
+    // The draw depends on (seed, step) only.
+    assert_eq!(draw_step(Curriculum::Linear, 7, 123, total, 0).1, hard[123]);
+}
+
+#[test]
+fn loss_covers_the_answer_tokens_only() {
+    let (data, _) = fixture();
+    let ds = Dataset::open(data).unwrap();
+    let l = llm::load("builtin:tiny", &LlmOptions::cpu()).unwrap();
+    let templates = Templates::for_domain(&ds.meta.domain);
+    let kit = PromptKit {
+        tok: &l.tokenizer,
+        templates: &templates,
+        titles: &ds.titles,
+    };
+    let row = &ds.splits.train[0];
+    let ex = Example {
+        history: row.history.clone(),
+        candidates: vec![row.next, 1, 2],
+        target: row.next,
+        template: 1,
+    };
+    let a = kit.tokenize(&ex, ItemView::Text, true).unwrap();
+    let b = kit
+        .tokenize(
+            &Example {
+                template: 2,
+                ..ex.clone()
+            },
+            ItemView::Text,
+            true,
+        )
+        .unwrap();
+    let t = a.ids.len().max(b.ids.len());
+    let (pos, targets) = answer_targets(&[&a, &b], t);
+    // Targets are exactly the answer tokens (" title\n"), predicted from the position before each.
+    let na = a.ids.len() - a.answer_start;
+    assert_eq!(&targets[..na], &a.ids[a.answer_start..]);
+    assert_eq!(&targets[na..], &b.ids[b.answer_start..]);
+    assert_eq!(
+        l.tokenizer.decode(&targets[..na]).unwrap(),
+        format!(" {}\n", ds.titles[row.next as usize])
+    );
+    assert_eq!(pos[0], a.answer_start - 1);
+    assert_eq!(pos[na], t + b.answer_start - 1);
+    assert!(pos.iter().all(|&p| p % t < t - 1
+        || p / t == 0 && a.ids.len() == t
+        || p / t == 1 && b.ids.len() == t));
+    // Changing a prompt token never changes what is scored.
+    let mut c = a.clone();
+    c.ids[3] = (c.ids[3] + 1) % 200;
+    assert_eq!(
+        answer_targets(&[&c], c.ids.len()).1,
+        answer_targets(&[&a], a.ids.len()).1
+    );
+    // Without an answer the prompt tokenizes the same as the answer's prefix.
+    let p = kit.tokenize(&ex, ItemView::Text, false).unwrap();
+    assert_eq!(p.ids[..], a.ids[..a.answer_start]);
+}
+
+#[test]
+fn placeholders_carry_the_projected_recommender_rows() {
+    let (data, sr) = fixture();
+    let ds = Dataset::open(data).unwrap();
+    let l = llm::load("builtin:tiny", &LlmOptions::cpu()).unwrap();
+    let table = item_table(sr, ds.n_items());
+    let projector = Projector::new(
+        table.dim(1).unwrap(),
+        64,
+        1,
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let templates = short_templates();
+    let kit = PromptKit {
+        tok: &l.tokenizer,
+        templates: &templates,
+        titles: &ds.titles,
+    };
+    let ex = Example {
+        history: vec![3, 5, 7],
+        candidates: vec![9, 3],
+        target: 9,
+        template: 0,
+    };
+    for view in [ItemView::Hybrid, ItemView::IdOnly] {
+        let tk = kit.tokenize(&ex, view, true).unwrap();
+        assert_eq!(tk.slot_items, vec![3, 5, 7, 9, 3]);
+        let behaviour = Behaviour {
+            item_embeddings: &table,
+            projector: &projector,
+        };
+        let (x, _) = embed_batch(&l.model, &[&tk], |t| t.ids.len(), Some(&behaviour)).unwrap();
+        let x = x.squeeze(0).unwrap();
+        let slots: Vec<usize> = tk
+            .ids
+            .iter()
+            .enumerate()
+            .filter(|(_, &i)| i == 261 || i == 262)
+            .map(|(p, _)| p)
+            .collect();
+        assert_eq!(slots.len(), 5);
+        let idx = Tensor::new(&[3u32, 5, 7, 9, 3], &candle_core::Device::Cpu).unwrap();
+        let want = projector
+            .forward(&table.index_select(&idx, 0).unwrap())
+            .unwrap();
+        for (k, &p) in slots.iter().enumerate() {
+            let got: Vec<f32> = x.get(p).unwrap().to_vec1().unwrap();
+            let w: Vec<f32> = want.get(k).unwrap().to_vec1().unwrap();
+            assert_eq!(got, w, "slot {k}");
+        }
+    }
+    // A title containing a placeholder would shift the items: an error, not a silent mismatch.
+    let mut titles = ds.titles.clone();
+    titles[3] = "Trick [CansEmb]".into();
+    let kit = PromptKit {
+        tok: &l.tokenizer,
+        templates: &templates,
+        titles: &titles,
+    };
+    let e = kit.tokenize(&ex, ItemView::Hybrid, true).unwrap_err();
+    assert!(e.contains("placeholders"), "{e}");
+}
+
+fn tiny_opts(curriculum: Curriculum) -> TuneOptions {
+    TuneOptions {
+        curriculum,
+        epochs: 1,
+        batch_size: 4,
+        grad_accum: 1,
+        lr: 3e-3,
+        min_lr: 1e-4,
+        projector_weight_decay: 1e-5,
+        max_grad_norm: Some(1.0),
+        lora: LoraConfig {
+            r: 8,
+            alpha: 16.0,
+            dropout: 0.0,
+            targets: Target::ALL.to_vec(),
+            rslora: false,
+        },
+        max_train_samples: Some(4),
+        max_steps: None,
+        stop_after: None,
+        eval_every: None,
+        valid_samples: Some(0),
+        template: 0,
+        eval_batch_size: 4,
+        max_new_tokens: 40,
+        seed: 5,
+        checkpoint_layers: false,
+    }
+}
+
+#[test]
+fn a_tiny_run_overfits_a_handful_of_examples() {
+    let (data, sr) = fixture();
+    let mut ds = Dataset::open(data).unwrap();
+    // Short distinct titles: a byte-level random backbone this small cannot count repeated
+    // letters ("Horror"), which is not what this test is about.
+    const WORDS: [&str; 40] = [
+        "ant", "bear", "cat", "dog", "eagle", "fox", "goat", "hawk", "ibis", "jay", "kiwi", "lion",
+        "mole", "newt", "owl", "puma", "quail", "rat", "seal", "toad", "urial", "viper", "wolf",
+        "yak", "zebra", "crab", "dingo", "elk", "frog", "gnu", "hare", "koala", "lynx", "mink",
+        "orca", "panda", "raven", "sloth", "tiger", "whale",
+    ];
+    ds.titles = WORDS.iter().map(|w| w.to_string()).collect();
+    let mut l = llm::load("builtin:tiny", &LlmOptions::cpu()).unwrap();
+    let table = item_table(sr, ds.n_items());
+    let templates = short_templates();
+    let opts = TuneOptions {
+        epochs: 100,
+        lr: 1e-2,
+        ..tiny_opts(Curriculum::Linear)
+    };
+    llm::lora::add_adapters(&mut l.model, &opts.lora, opts.seed).unwrap();
+    let projector = Projector::new(
+        table.dim(1).unwrap(),
+        64,
+        opts.seed,
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let run = RunDir {
+        dir: tmp.path().to_path_buf(),
+    };
+    let setup = Setup {
+        model: &mut l.model,
+        tok: &l.tokenizer,
+        templates: &templates,
+        ds: &ds,
+        item_embeddings: &table,
+    };
+    let state = tune::tune(
+        setup,
+        projector,
+        &opts,
+        &run,
+        RunState::default(),
+        "builtin:tiny",
+        &mut (),
+    )
+    .unwrap();
+    assert!(state.finished);
+    // The trained weights, scored by generation on the same rows with fixed candidates.
+    let mut fresh = llm::load("builtin:tiny", &LlmOptions::cpu()).unwrap();
+    let projector =
+        tune::load_weights(&mut fresh.model, tmp.path(), table.dim(1).unwrap()).unwrap();
+    let rows = tune::training_rows(&ds, &opts);
+    let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(1);
+    let examples: Vec<(usize, Example)> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let candidates = tune::sample_candidates(r, ds.n_items(), 5, &mut rng);
+            (
+                i,
+                Example {
+                    history: r.history.clone(),
+                    candidates,
+                    target: r.next,
+                    template: 0,
+                },
+            )
+        })
+        .collect();
+    let kit = PromptKit {
+        tok: &fresh.tokenizer,
+        templates: &templates,
+        titles: &ds.titles,
+    };
+    let behaviour = Behaviour {
+        item_embeddings: &table,
+        projector: &projector,
+    };
+    let eopts = llara::llara::evaluate::EvalOptions {
+        view: ItemView::Hybrid,
+        template: 0,
+        batch_size: 4,
+        max_new_tokens: 40,
+    };
+    let (preds, m) = tune::evaluate_split(
+        &fresh.model,
+        &kit,
+        Some(&behaviour),
+        &examples,
+        &eopts,
+        |_| {},
+    )
+    .unwrap();
+    assert_eq!(
+        m.hr1,
+        1.0,
+        "{:#?}",
+        preds
+            .iter()
+            .map(|p| (&p.output, &p.target_title))
+            .collect::<Vec<_>>()
+    );
+    let log = std::fs::read_to_string(tmp.path().join("train_log.jsonl")).unwrap();
+    let losses: Vec<f64> = log
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect();
+    assert!(losses.last().unwrap() < &(losses[0] / 10.0), "{losses:?}");
+}
+
+fn tune_args<'a>(data: &'a str, sr: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec![
+        "tune",
+        "--data",
+        data,
+        "--sr",
+        sr,
+        "--llm",
+        "builtin:tiny",
+        "--out",
+        out,
+        "--epochs",
+        "2",
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "2",
+        "--lr",
+        "5e-3",
+        "--max-train-samples",
+        "12",
+        "--valid-samples",
+        "3",
+        "--max-new-tokens",
+        "8",
+        "--lora-dropout",
+        "0.1",
+        "--seed",
+        "9",
+    ];
+    v.extend_from_slice(extra);
+    v
+}
+
+/// The log without its wall-clock field, gradient norms rounded to 12 significant digits (the
+/// norm is a diagnostic summed in f64; its last bit is not part of the training state).
+fn log_lines(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("train_log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let o = v.as_object_mut().unwrap();
+            o.remove("tokens_per_second");
+            let g = o["grad_norm"].as_f64().unwrap();
+            o.insert("grad_norm".into(), serde_json::json!(format!("{g:.12e}")));
+            v
+        })
+        .collect()
+}
+
+#[test]
+fn resuming_continues_bit_for_bit() {
+    let (data, sr) = fixture();
+    let tmp = tempfile::tempdir().unwrap();
+    let (d, s) = (data.to_str().unwrap(), sr.to_str().unwrap());
+    let straight = tmp.path().join("straight");
+    let parts = tmp.path().join("parts");
+    ok(&tune_args(d, s, straight.to_str().unwrap(), &[]));
+    // Stop after 2 of the 6 steps (mid-epoch), then twice more via --resume.
+    let out = ok(&tune_args(
+        d,
+        s,
+        parts.to_str().unwrap(),
+        &["--stop-after", "2"],
+    ));
+    assert!(out.contains("--resume"), "{out}");
+    ok(&[
+        "tune",
+        "--resume",
+        parts.to_str().unwrap(),
+        "--stop-after",
+        "2",
+    ]);
+    ok(&["tune", "--resume", parts.to_str().unwrap()]);
+    for f in [
+        "adapter/adapter_model.safetensors",
+        "projector.safetensors",
+        "checkpoint/optimizer.safetensors",
+    ] {
+        assert_eq!(
+            std::fs::read(straight.join(f)).unwrap(),
+            std::fs::read(parts.join(f)).unwrap(),
+            "{f}"
+        );
+    }
+    assert_eq!(log_lines(&straight), log_lines(&parts));
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(parts.join("metrics.json")).unwrap())
+            .unwrap();
+    assert_eq!(m["steps"], 6);
+    assert_eq!(m["finished"], true);
+    // A finished run has nothing left to do.
+    assert!(ok(&["tune", "--resume", parts.to_str().unwrap()]).contains("finished"));
+    // The run folder records what it was built from.
+    let toml = std::fs::read_to_string(parts.join("tune.toml")).unwrap();
+    assert!(
+        toml.contains("curriculum = \"linear\"") && toml.contains("seed = 9"),
+        "{toml}"
+    );
+    let info: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(parts.join("run.json")).unwrap()).unwrap();
+    assert_eq!(info["llm"], "builtin:tiny");
+    assert_eq!(info["sr_sha256"].as_str().unwrap().len(), 64);
+}
+
+#[test]
+fn eval_writes_predictions_and_metrics() {
+    let (data, sr) = fixture();
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let (d, s, r) = (
+        data.to_str().unwrap(),
+        sr.to_str().unwrap(),
+        run.to_str().unwrap(),
+    );
+    ok(&tune_args(d, s, r, &["--curriculum", "two-stage:1"]));
+    let log = log_lines(&run);
+    assert!(
+        log.iter().take(3).all(|l| l["hybrid"] == false),
+        "first epoch is text-only"
+    );
+    assert!(
+        log.iter().skip(3).all(|l| l["hybrid"] == true),
+        "second epoch is hybrid"
+    );
+    let out = ok(&[
+        "eval",
+        "--run",
+        r,
+        "--split",
+        "test",
+        "--limit",
+        "4",
+        "--json",
+        "--max-new-tokens",
+        "8",
+    ]);
+    let m: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    for k in ["valid_ratio", "hr@1", "hr@1_of_valid", "rows"] {
+        assert!(m.get(k).is_some(), "{k} missing: {m}");
+    }
+    assert_eq!(m["rows"], 4);
+    let preds = std::fs::read_to_string(run.join("eval-test/predictions.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(preds.lines().next().unwrap()).unwrap();
+    for k in [
+        "prompt",
+        "output",
+        "target",
+        "candidates",
+        "valid",
+        "correct",
+    ] {
+        assert!(first.get(k).is_some(), "{k} missing");
+    }
+    assert!(first["prompt"].as_str().unwrap().contains("[CansEmb]"));
+    // Deterministic: the same command gives the same predictions.
+    ok(&[
+        "eval",
+        "--run",
+        r,
+        "--split",
+        "test",
+        "--limit",
+        "4",
+        "--json",
+        "--max-new-tokens",
+        "8",
+    ]);
+    assert_eq!(
+        preds,
+        std::fs::read_to_string(run.join("eval-test/predictions.jsonl")).unwrap()
+    );
+}
+
+#[test]
+fn bad_inputs_are_reported_by_name() {
+    let (data, sr) = fixture();
+    let tmp = tempfile::tempdir().unwrap();
+    let (d, s) = (data.to_str().unwrap(), sr.to_str().unwrap());
+    // A recommender trained on another catalogue.
+    let other = tmp.path().join("other");
+    ok(&[
+        "data",
+        "synth",
+        "--users",
+        "30",
+        "--items",
+        "25",
+        "--candidates",
+        "5",
+        "--out",
+        other.to_str().unwrap(),
+    ]);
+    let out = tmp.path().join("run");
+    let e = fails(&tune_args(
+        other.to_str().unwrap(),
+        s,
+        out.to_str().unwrap(),
+        &[],
+    ));
+    assert!(
+        e.contains("--sr") && e.contains("40 items") && e.contains("25"),
+        "{e}"
+    );
+    assert!(!out.exists(), "nothing written on a refused start");
+    // An existing output folder is not replaced silently.
+    std::fs::create_dir_all(&out).unwrap();
+    let e = fails(&tune_args(d, s, out.to_str().unwrap(), &[]));
+    assert!(e.contains("already exists") && e.contains("--force"), "{e}");
+    let e = fails(&tune_args(
+        d,
+        s,
+        out.to_str().unwrap(),
+        &["--force", "--curriculum", "sometimes"],
+    ));
+    assert!(e.contains("--curriculum sometimes"), "{e}");
+    let e = fails(&["tune", "--resume", tmp.path().to_str().unwrap()]);
+    assert!(e.contains("tune.toml"), "{e}");
+    let e = fails(&["eval", "--run", tmp.path().to_str().unwrap()]);
+    assert!(e.contains("run.json"), "{e}");
+}
