@@ -25,17 +25,9 @@ impl StagedDir {
                 ),
             ));
         }
-        let parent = match dest.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        fs::create_dir_all(&parent)?;
-        let name = dest
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "out".into());
+        let (parent, prefix) = temp_place(dest)?;
         let tmp = tempfile::Builder::new()
-            .prefix(&format!(".{name}.tmp-"))
+            .prefix(&prefix)
             .tempdir_in(&parent)?;
         Ok(Self {
             tmp: Some(tmp),
@@ -86,12 +78,8 @@ impl StagedDir {
     }
 }
 
-/// Writes one file atomically: `write` fills a temporary sibling of `dest`, which is then renamed
-/// over `dest`. On error (or panic) the temporary file is removed and `dest` is untouched.
-pub fn write_file_atomic<E: From<io::Error>>(
-    dest: &Path,
-    write: impl FnOnce(&Path) -> Result<(), E>,
-) -> Result<(), E> {
+/// The folder a temporary sibling of `dest` goes in (created if needed) and its name prefix.
+fn temp_place(dest: &Path) -> io::Result<(PathBuf, String)> {
     let parent = match dest.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -101,8 +89,18 @@ pub fn write_file_atomic<E: From<io::Error>>(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "out".into());
+    Ok((parent, format!(".{name}.tmp-")))
+}
+
+/// Writes one file atomically: `write` fills a temporary sibling of `dest`, which is then renamed
+/// over `dest`. On error (or panic) the temporary file is removed and `dest` is untouched.
+pub fn write_file_atomic<E: From<io::Error>>(
+    dest: &Path,
+    write: impl FnOnce(&Path) -> Result<(), E>,
+) -> Result<(), E> {
+    let (parent, prefix) = temp_place(dest)?;
     let tmp = tempfile::Builder::new()
-        .prefix(&format!(".{name}.tmp-"))
+        .prefix(&prefix)
         .tempfile_in(&parent)?;
     write(tmp.path())?;
     tmp.persist(dest).map_err(|e| e.error)?;

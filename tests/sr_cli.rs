@@ -311,11 +311,34 @@ fn released_checkpoints_evaluate_on_prepared_splits() {
 fn quickstart_runs_end_to_end() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("qs");
-    let stdout = ok(&["quickstart", "--out", s(&out), "--epochs", "2"]);
+    let stdout = ok(&[
+        "quickstart",
+        "--out",
+        s(&out),
+        "--epochs",
+        "2",
+        "--tune-samples",
+        "8",
+    ]);
     assert!(stdout.contains("HR@1"), "{stdout}");
     assert!(out.join("data/meta.json").exists());
     let m = json(&out.join("sasrec/metrics.json"));
     assert!(m["hr@1"].as_f64().unwrap() > 0.05, "{m}");
+    // The LLaRA stage: a finished tune run and its generation-based test metrics.
+    assert!(json(&out.join("llara/metrics.json"))["finished"]
+        .as_bool()
+        .unwrap());
+    assert!(out.join("llara/adapter/adapter_model.safetensors").exists());
+    let e = json(&out.join("llara/eval-test/metrics.json"));
+    assert_eq!(e["rows"], 32);
     // Running it again replaces its outputs.
-    ok(&["quickstart", "--out", s(&out), "--epochs", "1"]);
+    ok(&[
+        "quickstart",
+        "--out",
+        s(&out),
+        "--epochs",
+        "1",
+        "--tune-samples",
+        "8",
+    ]);
 }

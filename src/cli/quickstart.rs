@@ -101,7 +101,10 @@ pub fn run(a: QuickstartArgs) -> Result<()> {
         seed.into(),
         "--force".into(),
     ])?;
-    println!("== 4/4  llara eval --run {} --split test --limit 32", run.display());
+    println!(
+        "== 4/4  llara eval --run {} --split test --limit 32",
+        run.display()
+    );
     step(&[
         "eval".into(),
         "--run".into(),

@@ -3,6 +3,7 @@
 //! recomputes its probabilities instead of keeping `[B, heads, T, T]` scores and probabilities).
 //! [`super::ops`] chooses between these and differentiable compositions.
 
+use crate::sr::ops::f32_slice;
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor,
 };
@@ -165,16 +166,6 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("{what}: f32 expected");
-    };
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("{what}: contiguous input expected");
-    };
-    Ok(&v[a..b])
-}
-
 /// Runs `f` on the f32 contents of a CPU tensor (made contiguous first).
 fn with<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let t = t.contiguous()?;
@@ -182,7 +173,7 @@ fn with<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let Storage::Cpu(cs) = &*st else {
         candle_core::bail!("fused kernel: CPU tensor expected");
     };
-    Ok(f(slice(cs, l, "fused kernel")?))
+    Ok(f(f32_slice(cs, l, "fused kernel")?))
 }
 
 fn tensor(v: Vec<f32>, shape: &Shape) -> Result<Tensor> {
@@ -257,7 +248,7 @@ impl CustomOp1 for Linear {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (m, i, o, shape) = self.dims(l)?;
-        let y = self.base(slice(s, l, "frozen-linear")?, m, i, o)?;
+        let y = self.base(f32_slice(s, l, "frozen-linear")?, m, i, o)?;
         Ok((CpuStorage::F32(y), shape))
     }
 
@@ -289,9 +280,9 @@ impl CustomOp3 for Linear {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (m, i, o, shape) = self.dims(l1)?;
-        let x = slice(s1, l1, "lora-linear")?;
-        let a = slice(s2, l2, "lora-linear")?;
-        let b = slice(s3, l3, "lora-linear")?;
+        let x = f32_slice(s1, l1, "lora-linear")?;
+        let a = f32_slice(s2, l2, "lora-linear")?;
+        let b = f32_slice(s3, l3, "lora-linear")?;
         let r = a.len() / i;
         let mut y = self.base(x, m, i, o)?;
         let xd = self.dropped(x);
@@ -471,9 +462,9 @@ impl CustomOp3 for Attention {
     ) -> Result<(CpuStorage, Shape)> {
         let dm = Self::dims(l1.shape(), l2.shape())?;
         let (q, k, v) = (
-            slice(s1, l1, "attention")?,
-            slice(s2, l2, "attention")?,
-            slice(s3, l3, "attention")?,
+            f32_slice(s1, l1, "attention")?,
+            f32_slice(s2, l2, "attention")?,
+            f32_slice(s3, l3, "attention")?,
         );
         let (rt, d) = (dm.rep() * dm.t, dm.d);
         let mut out = vec![0f32; dm.b * dm.t * dm.nh * d];
@@ -598,7 +589,7 @@ impl CustomOp2 for SwiGlu {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (g, u) = (slice(s1, l1, "swiglu")?, slice(s2, l2, "swiglu")?);
+        let (g, u) = (f32_slice(s1, l1, "swiglu")?, f32_slice(s2, l2, "swiglu")?);
         let out = g.iter().zip(u).map(|(&g, &u)| g * sigmoid(g) * u).collect();
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -648,9 +639,9 @@ impl CustomOp3 for Affine {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (x, w, b) = (
-            slice(s1, l1, "affine")?,
-            slice(s2, l2, "affine")?,
-            slice(s3, l3, "affine")?,
+            f32_slice(s1, l1, "affine")?,
+            f32_slice(s2, l2, "affine")?,
+            f32_slice(s3, l3, "affine")?,
         );
         let (m, i) = l1.shape().dims2()?;
         let o = b.len();

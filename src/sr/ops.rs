@@ -4,7 +4,8 @@
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+/// The contiguous f32 contents of a CPU storage (fused kernels' inputs).
+pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     let CpuStorage::F32(v) = s else {
         candle_core::bail!("{what}: f32 expected");
     };
@@ -103,7 +104,7 @@ fn normalise(x: &[f32], h: usize, eps: f32) -> (Vec<f32>, Vec<f32>) {
     (xhat, rstd)
 }
 
-fn host_vec(t: &Tensor) -> Result<Vec<f32>> {
+pub(crate) fn host_vec(t: &Tensor) -> Result<Vec<f32>> {
     t.flatten_all()?.to_vec1::<f32>()
 }
 
@@ -202,7 +203,7 @@ pub fn layer_norm_composed(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Resu
 
 /// Dot product with 8 independent accumulators (vectorises without reassociation flags).
 #[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let mut ca = a.chunks_exact(8);
     let mut cb = b.chunks_exact(8);
