@@ -458,7 +458,11 @@ fn tune_in(a: TuneArgs, resume: bool, quiet: bool) -> Result<()> {
             b.step,
             out.display()
         ),
-        (None, true) => println!("{} steps; no valid split: kept the last weights; wrote {}", state.step, out.display()),
+        (None, true) => println!(
+            "{} steps; no validation rows: kept the last weights; wrote {}",
+            state.step,
+            out.display()
+        ),
         (_, false) => println!(
             "stopped at step {} of {} ({:.0}% hybrid); continue with `llara tune --resume {}`",
             state.step,
