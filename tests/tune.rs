@@ -519,6 +519,23 @@ fn eval_writes_predictions_and_metrics() {
         assert!(first.get(k).is_some(), "{k} missing");
     }
     assert!(first["prompt"].as_str().unwrap().contains("[CansEmb]"));
+    // Candidate scoring: every ranking metric, valid ratio 1, one score per candidate.
+    let out = ok(&[
+        "eval", "--run", r, "--split", "test", "--limit", "3", "--json", "--mode", "score",
+    ]);
+    let m: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    for k in ["hr@1", "hr@5", "hr@10", "ndcg@5", "ndcg@10", "mrr"] {
+        assert!(m[k].as_f64().is_some(), "{k} missing: {m}");
+    }
+    assert_eq!(m["valid_ratio"], 1.0);
+    let scores = std::fs::read_to_string(run.join("eval-test-score/scores.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(scores.lines().next().unwrap()).unwrap();
+    assert_eq!(
+        first["scores"].as_array().unwrap().len(),
+        first["candidates"].as_array().unwrap().len()
+    );
+    let e = fails(&["eval", "--run", r, "--metric", "ndcg@5"]);
+    assert!(e.contains("--mode score"), "{e}");
     // Deterministic: the same command gives the same predictions.
     ok(&[
         "eval",
@@ -584,4 +601,109 @@ fn bad_inputs_are_reported_by_name() {
     assert!(e.contains("tune.toml"), "{e}");
     let e = fails(&["eval", "--run", tmp.path().to_str().unwrap()]);
     assert!(e.contains("run.json"), "{e}");
+}
+
+#[test]
+fn candidate_scoring_with_a_shared_prompt_cache_equals_full_recomputation() {
+    use llara::llara::evaluate::{score_candidates, EvalOptions, ScoreMode};
+    let (data, sr) = fixture();
+    let ds = Dataset::open(data).unwrap();
+    let l = llm::load("builtin:tiny", &LlmOptions::cpu()).unwrap();
+    let table = item_table(sr, ds.n_items());
+    let projector = Projector::new(
+        table.dim(1).unwrap(),
+        64,
+        2,
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let templates = short_templates();
+    let kit = PromptKit {
+        tok: &l.tokenizer,
+        templates: &templates,
+        titles: &ds.titles,
+    };
+    let behaviour = Behaviour {
+        item_embeddings: &table,
+        projector: &projector,
+    };
+    let rows = tune::split_rows(&ds, "test", 0, Some(2), 1);
+    for view in [ItemView::Hybrid, ItemView::Text] {
+        let opts = EvalOptions {
+            view,
+            template: 0,
+            batch_size: 1,
+            max_new_tokens: 8,
+        };
+        let got = score_candidates(
+            &l.model,
+            &kit,
+            Some(&behaviour),
+            &rows,
+            &opts,
+            ScoreMode::Sum,
+            3,
+            |_| {},
+        )
+        .unwrap();
+        let mean = score_candidates(
+            &l.model,
+            &kit,
+            Some(&behaviour),
+            &rows,
+            &opts,
+            ScoreMode::Mean,
+            5,
+            |_| {},
+        )
+        .unwrap();
+        for ((_, ex), (g, m)) in rows.iter().zip(got.iter().zip(&mean)) {
+            assert_eq!(g.candidates, ex.candidates);
+            for (i, &c) in ex.candidates.iter().enumerate() {
+                // The answer's log-likelihood from one full forward pass, without any cache.
+                let tk = kit
+                    .tokenize(
+                        &Example {
+                            target: c,
+                            ..ex.clone()
+                        },
+                        view,
+                        true,
+                    )
+                    .unwrap();
+                let (x, lens) =
+                    embed_batch(&l.model, &[&tk], |t| t.ids.len(), Some(&behaviour)).unwrap();
+                let h = l
+                    .model
+                    .forward(&x, llm::Step::padded(&lens, lens[0]), None)
+                    .unwrap();
+                let (pos, targets) = answer_targets(&[&tk], lens[0]);
+                let nll = l
+                    .model
+                    .loss_at(&h, &pos, &targets)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                let want = -nll * targets.len() as f32;
+                assert!(
+                    (g.scores[i] - want).abs() < 1e-3 * (1.0 + want.abs()),
+                    "{view:?} {c}: {} vs {want}",
+                    g.scores[i]
+                );
+                assert!(
+                    (m.scores[i] - want / targets.len() as f32).abs() < 1e-3,
+                    "mean"
+                );
+            }
+            let ti = ex.candidates.iter().position(|&c| c == ex.target).unwrap();
+            let better = g
+                .scores
+                .iter()
+                .enumerate()
+                .filter(|&(i, s)| i != ti && *s >= g.scores[ti])
+                .count();
+            assert_eq!(g.rank, better);
+        }
+    }
 }

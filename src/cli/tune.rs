@@ -1,7 +1,8 @@
 //! `llara tune` (curriculum prompt tuning) and `llara eval` (generation-based HR@1).
 
 use crate::data::Dataset;
-use crate::llara::evaluate::{EvalOptions, GenMetrics};
+use crate::eval::metrics::{RankAccumulator, RankMetrics};
+use crate::llara::evaluate::{score_candidates, EvalOptions, GenMetrics, ScoreMode};
 use crate::llara::projector::Projector;
 use crate::llara::prompts::Templates;
 use crate::llara::tune::{self, EvalLog, Hooks, RunDir, RunState, Setup, StepLog, TuneOptions};
@@ -484,9 +485,16 @@ pub struct EvalArgs {
     pub data: Option<PathBuf>,
     #[arg(long, default_value = "test", value_parser = ["valid", "test"])]
     pub split: String,
-    /// hr@1: generation-based (ValidRatio and HitRatio@1 as in the paper).
-    #[arg(long, default_value = "hr@1", value_parser = ["hr@1"])]
+    /// The headline metric: hr@1 (both modes); hr@5, hr@10, ndcg@5, ndcg@10, mrr (--mode score).
+    #[arg(long, default_value = "hr@1", value_parser = ["hr@1", "hr@5", "hr@10", "ndcg@5", "ndcg@10", "mrr"])]
     pub metric: String,
+    /// generate: greedy answers judged by LLaRA's substring rule (ValidRatio, HitRatio@1); score: rank
+    /// the candidates by the log-likelihood of their answers (HR@k, NDCG@k, MRR).
+    #[arg(long, default_value = "generate", value_parser = ["generate", "score"])]
+    pub mode: String,
+    /// With --mode score: sum or mean (length-normalised) of the answer tokens' log-probabilities.
+    #[arg(long, default_value = "sum", value_parser = ["sum", "mean"])]
+    pub score: String,
     /// Prompt template (fixed for reproducible scores).
     #[arg(long, default_value_t = 0)]
     pub template: usize,
@@ -500,7 +508,8 @@ pub struct EvalArgs {
     /// Backbone override (default: the run's --llm).
     #[arg(long, value_name = "SPEC")]
     pub llm: Option<String>,
-    /// Where predictions.jsonl and metrics.json go (default RUN/eval-<split>).
+    /// Where predictions.jsonl (scores.jsonl) and metrics.json go (default RUN/eval-<split>, or
+    /// RUN/eval-<split>-score).
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
     /// Print the metrics as one JSON object.
@@ -587,44 +596,111 @@ pub fn run_eval(a: EvalArgs, quiet: bool) -> Result<()> {
     if quiet || a.json {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
-    let (preds, m) = tune::evaluate_split(
-        &parts.llm.model,
-        &kit,
-        view.uses_embeddings().then_some(&behaviour),
-        &rows,
-        &eopts,
-        |n| bar.inc(n as u64),
-    )?;
+    let behaviour = view.uses_embeddings().then_some(&behaviour);
+    let started = std::time::Instant::now();
+    if a.mode == "score" {
+        let mode = ScoreMode::parse(&a.score).map_err(anyhow::Error::msg)?;
+        let scored = score_candidates(
+            &parts.llm.model,
+            &kit,
+            behaviour,
+            &rows,
+            &eopts,
+            mode,
+            20,
+            |n| bar.inc(n as u64),
+        )?;
+        bar.finish_and_clear();
+        let mut acc = RankAccumulator::default();
+        for r in &scored {
+            acc.push(r.rank);
+        }
+        let m = acc.finish();
+        let out = a
+            .out
+            .clone()
+            .unwrap_or(a.run.join(format!("eval-{}-score", a.split)));
+        let mut report = serde_json::to_value(m)?;
+        let o = report.as_object_mut().expect("object");
+        for (k, v) in [
+            ("split", serde_json::json!(a.split)),
+            ("mode", serde_json::json!("score")),
+            ("score", serde_json::json!(a.score)),
+            ("template", serde_json::json!(a.template)),
+            ("view", serde_json::json!(view.name())),
+            ("valid_ratio", serde_json::json!(1.0)),
+            (
+                "seconds",
+                serde_json::json!(started.elapsed().as_secs_f64()),
+            ),
+        ] {
+            o.insert(k.into(), v);
+        }
+        write_eval(&out, "scores.jsonl", &scored, &report)?;
+        if a.json {
+            println!("{}", serde_json::to_string(&report)?);
+        } else {
+            print!("{}", RankMetrics::table(&[(a.split.as_str(), &m)]));
+            println!(
+                "{}: {:.4}; scores: {}",
+                a.metric,
+                report[a.metric.as_str()].as_f64().unwrap_or(f64::NAN),
+                out.join("scores.jsonl").display()
+            );
+        }
+        return Ok(());
+    }
+    if a.metric != "hr@1" {
+        bail!(
+            "--metric {}: generation gives hr@1 only (use --mode score for ranking metrics)",
+            a.metric
+        );
+    }
+    let (preds, m) = tune::evaluate_split(&parts.llm.model, &kit, behaviour, &rows, &eopts, |n| {
+        bar.inc(n as u64)
+    })?;
     bar.finish_and_clear();
     let out = a
         .out
         .clone()
         .unwrap_or(a.run.join(format!("eval-{}", a.split)));
-    let staged = crate::fsutil::StagedDir::new(&out, true)
-        .with_context(|| format!("--out {}", out.display()))?;
-    let mut lines = String::new();
-    for p in &preds {
-        lines.push_str(&serde_json::to_string(p)?);
-        lines.push('\n');
-    }
-    std::fs::write(staged.path().join("predictions.jsonl"), lines)?;
     let report = serde_json::json!({
-        "split": a.split, "template": a.template, "view": view.name(),
+        "split": a.split, "mode": "generate", "template": a.template, "view": view.name(),
         "valid_ratio": m.valid_ratio, "hr@1": m.hr1, "hr@1_of_valid": m.hr1_of_valid, "rows": m.rows,
+        "seconds": started.elapsed().as_secs_f64(),
     });
-    std::fs::write(
-        staged.path().join("metrics.json"),
-        serde_json::to_string_pretty(&report)? + "\n",
-    )?;
-    staged
-        .commit()
-        .with_context(|| format!("--out {}", out.display()))?;
+    write_eval(&out, "predictions.jsonl", &preds, &report)?;
     if a.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         print_metrics(&a.split, &m);
         println!("predictions: {}", out.join("predictions.jsonl").display());
     }
+    Ok(())
+}
+
+/// Writes `lines` (one JSON object each) and `metrics.json` into `out`, atomically.
+fn write_eval<T: Serialize>(
+    out: &Path,
+    name: &str,
+    lines: &[T],
+    report: &serde_json::Value,
+) -> Result<()> {
+    let staged = crate::fsutil::StagedDir::new(out, true)
+        .with_context(|| format!("--out {}", out.display()))?;
+    let mut text = String::new();
+    for p in lines {
+        text.push_str(&serde_json::to_string(p)?);
+        text.push('\n');
+    }
+    std::fs::write(staged.path().join(name), text)?;
+    std::fs::write(
+        staged.path().join("metrics.json"),
+        serde_json::to_string_pretty(report)? + "\n",
+    )?;
+    staged
+        .commit()
+        .with_context(|| format!("--out {}", out.display()))?;
     Ok(())
 }
 

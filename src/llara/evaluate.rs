@@ -200,3 +200,165 @@ mod tests {
         assert_eq!(GenMetrics::of(&[]).hr1, 0.0);
     }
 }
+
+/// How a candidate's answer log-likelihood is turned into a score.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScoreMode {
+    /// Sum of the answer tokens' log-probabilities.
+    Sum,
+    /// Their mean (length-normalised).
+    Mean,
+}
+
+impl ScoreMode {
+    pub fn parse(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "sum" => Ok(ScoreMode::Sum),
+            "mean" => Ok(ScoreMode::Mean),
+            other => Err(format!("--score {other}: expected sum or mean")),
+        }
+    }
+}
+
+/// One row scored: each candidate's score (in candidate order) and the target's 0-based rank.
+#[derive(Debug, Clone, Serialize)]
+pub struct RowScores {
+    pub row: usize,
+    pub target: u32,
+    pub candidates: Vec<u32>,
+    pub scores: Vec<f32>,
+    pub rank: usize,
+}
+
+/// Log-softmax of one logits row, at `token`.
+fn logprob(row: &[f32], token: u32) -> f32 {
+    let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let lse = max + row.iter().map(|v| (v - max).exp()).sum::<f32>().ln();
+    row[token as usize] - lse
+}
+
+/// Ranks each row's candidates by the log-likelihood of their answers (` title` and a newline)
+/// after the prompt. The prompt runs once; its KV cache is copied to every candidate, which then
+/// costs only its few answer tokens (`chunk` candidates per forward pass).
+#[allow(clippy::too_many_arguments)]
+pub fn score_candidates(
+    model: &Llama,
+    kit: &PromptKit,
+    behaviour: Option<&Behaviour>,
+    rows: &[(usize, Example)],
+    opts: &EvalOptions,
+    mode: ScoreMode,
+    chunk: usize,
+    mut progress: impl FnMut(usize),
+) -> Result<Vec<RowScores>> {
+    use crate::llm::llama::{KvCache, Step};
+    let mut out = Vec::with_capacity(rows.len());
+    for (row, ex) in rows {
+        let ex = Example {
+            template: opts.template,
+            ..ex.clone()
+        };
+        let prompt = kit
+            .tokenize(&ex, opts.view, false)
+            .map_err(candle_core::Error::Msg)?;
+        // Each candidate's answer tokens, as they tokenize after this prompt.
+        let answers: Vec<Vec<u32>> = ex
+            .candidates
+            .iter()
+            .map(|&c| {
+                let with = kit.tokenize(
+                    &Example {
+                        target: c,
+                        ..ex.clone()
+                    },
+                    opts.view,
+                    true,
+                )?;
+                if with.ids[..with.answer_start] != prompt.ids[..] {
+                    return Err("the answer changed the prompt's tokens".to_string());
+                }
+                Ok(with.ids[with.answer_start..].to_vec())
+            })
+            .collect::<std::result::Result<_, _>>()
+            .map_err(candle_core::Error::Msg)?;
+        let (x, lengths) = embed_batch(model, &[&prompt], |t| t.answer_start, behaviour)?;
+        let t = lengths[0];
+        let mut cache = KvCache::new(model.layers.len(), 1);
+        let h = model.forward(&x, Step::padded(&[t], t).with_cache(&mut cache), None)?;
+        let first: Vec<f32> = model
+            .logits_at(&h, &[t - 1])?
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1()?;
+        let mut scores = Vec::with_capacity(answers.len());
+        for group in answers.chunks(chunk.max(1)) {
+            let n = group.len();
+            let l = group.iter().map(|a| a.len()).max().unwrap_or(0);
+            let mut totals: Vec<f32> = group.iter().map(|a| logprob(&first, a[0])).collect();
+            if l > 1 {
+                // Feed all but each answer's last token; position j predicts token j + 1.
+                let inputs: Vec<Vec<u32>> =
+                    group.iter().map(|a| a[..a.len() - 1].to_vec()).collect();
+                let lens: Vec<usize> = inputs.iter().map(|a| a.len()).collect();
+                let w = l - 1;
+                let padded: Vec<Vec<u32>> = inputs
+                    .iter()
+                    .map(|a| [a.clone(), vec![0; w - a.len()]].concat())
+                    .collect();
+                let xe = model.embed(&padded, None)?;
+                let mut c = cache.repeat_row(0, n)?;
+                let step = Step {
+                    positions: (0..n).flat_map(|_| t..t + w).collect(),
+                    valid: lens
+                        .iter()
+                        .map(|&m| (0..w).map(|j| j < m).collect())
+                        .collect(),
+                    cache: Some(&mut c),
+                };
+                let hc = model.forward(&xe, step, None)?;
+                let pos: Vec<usize> = (0..n)
+                    .flat_map(|b| (0..lens[b]).map(move |j| b * w + j))
+                    .collect();
+                let logits: Vec<Vec<f32>> = model
+                    .logits_at(&hc, &pos)?
+                    .to_dtype(candle_core::DType::F32)?
+                    .to_vec2()?;
+                let mut k = 0;
+                for (b, a) in group.iter().enumerate() {
+                    for j in 0..lens[b] {
+                        totals[b] += logprob(&logits[k], a[j + 1]);
+                        k += 1;
+                    }
+                }
+            }
+            for (tot, a) in totals.iter().zip(group) {
+                scores.push(match mode {
+                    ScoreMode::Sum => *tot,
+                    ScoreMode::Mean => tot / a.len() as f32,
+                });
+            }
+        }
+        let ti = ex
+            .candidates
+            .iter()
+            .position(|&c| c == ex.target)
+            .expect("target among candidates");
+        let rank = scores
+            .iter()
+            .enumerate()
+            .filter(|&(i, s)| {
+                i != ti && s.partial_cmp(&scores[ti]) != Some(std::cmp::Ordering::Less)
+            })
+            .count();
+        out.push(RowScores {
+            row: *row,
+            target: ex.target,
+            candidates: ex.candidates.clone(),
+            scores,
+            rank,
+        });
+        progress(1);
+    }
+    Ok(out)
+}

@@ -109,6 +109,32 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// A cache of `n` rows, each a copy of row `row` of this one (a shared prompt continued by `n`
+    /// different suffixes).
+    pub fn repeat_row(&self, row: usize, n: usize) -> Result<KvCache> {
+        let kv = self
+            .kv
+            .iter()
+            .map(|slot| {
+                slot.as_ref()
+                    .map(|(k, v)| -> Result<(Tensor, Tensor)> {
+                        let pick = |t: &Tensor| -> Result<Tensor> {
+                            let one = t.narrow(0, row, 1)?;
+                            let mut dims = one.dims().to_vec();
+                            dims[0] = n;
+                            one.broadcast_as(dims)?.contiguous()
+                        };
+                        Ok((pick(k)?, pick(v)?))
+                    })
+                    .transpose()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(KvCache {
+            kv,
+            key_valid: vec![self.key_valid[row].clone(); n],
+        })
+    }
 }
 
 /// The positions, mask and optional cache of one forward call.
@@ -118,6 +144,16 @@ pub struct Step<'a> {
     /// Per row, whether each new step is a real token (false on right padding).
     pub valid: Vec<Vec<bool>>,
     pub cache: Option<&'a mut KvCache>,
+}
+
+impl<'a> Step<'a> {
+    /// The same step writing into (and reading from) `cache`.
+    pub fn with_cache(self, cache: &'a mut KvCache) -> Step<'a> {
+        Step {
+            cache: Some(cache),
+            ..self
+        }
+    }
 }
 
 impl Step<'_> {
