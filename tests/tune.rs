@@ -707,3 +707,87 @@ fn candidate_scoring_with_a_shared_prompt_cache_equals_full_recomputation() {
         }
     }
 }
+
+#[test]
+fn recommend_ranks_candidates_for_one_user_or_many() {
+    let (data, sr) = fixture();
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let (d, s, r) = (
+        data.to_str().unwrap(),
+        sr.to_str().unwrap(),
+        run.to_str().unwrap(),
+    );
+    ok(&tune_args(d, s, r, &[]));
+    let ds = Dataset::open(data).unwrap();
+    let t0 = ds.titles[0].clone();
+    let t3 = ds.titles[3].to_uppercase();
+    let out = ok(&[
+        "recommend",
+        "--run",
+        r,
+        "--history",
+        &t0,
+        "--history",
+        "1,2",
+        "--candidate",
+        &t3,
+        "--candidate",
+        "5",
+        "--candidate",
+        "7",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let ids: Vec<u64> = v["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, vec![0, 1, 2]);
+    let ranking = v["ranking"].as_array().unwrap();
+    let mut got: Vec<u64> = ranking.iter().map(|x| x["id"].as_u64().unwrap()).collect();
+    got.sort();
+    assert_eq!(got, vec![3, 5, 7], "a title matches case-insensitively");
+    let scores: Vec<f64> = ranking
+        .iter()
+        .map(|x| x["score"].as_f64().unwrap())
+        .collect();
+    assert!(
+        scores.windows(2).all(|w| w[0] >= w[1]),
+        "sorted by score: {scores:?}"
+    );
+    // Unknown titles suggest the closest ones.
+    let partial = &ds.titles[0][4..];
+    let e = fails(&["recommend", "--run", r, "--history", partial]);
+    assert!(
+        e.contains("no such title") && e.contains(&ds.titles[0]),
+        "{e}"
+    );
+    // Many users as JSON lines on stdin; candidates sampled when omitted.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_llara"))
+        .args(["recommend", "--run", r, "--json", "--n-candidates", "4"])
+        .env("LLARA_LOG", "warn")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write as _;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"{\"history\": [1, 2, 3]}\n{\"history\": [4], \"candidates\": [8, 9]}\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["ranking"].as_array().unwrap().len(), 4);
+    assert_eq!(lines[1]["ranking"].as_array().unwrap().len(), 2);
+}

@@ -4,6 +4,7 @@ pub mod config;
 pub mod data;
 pub mod llm;
 pub mod quickstart;
+pub mod recommend;
 pub mod sr;
 pub mod tune;
 
@@ -45,6 +46,8 @@ pub enum Command {
     Tune(Box<tune::TuneArgs>),
     /// Generation-based evaluation of a tune run (ValidRatio, HitRatio@1).
     Eval(tune::EvalArgs),
+    /// Rank candidates for one user (or many: JSON lines on stdin) with a tuned run.
+    Recommend(recommend::RecommendArgs),
     /// Load a Llama-family backbone: info, generation, logits for parity checks.
     #[command(subcommand)]
     Llm(llm::LlmCommand),
@@ -69,5 +72,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Llm(cmd) => llm::run(cmd),
         Command::Tune(a) => tune::run_tune(*a, cli.quiet),
         Command::Eval(a) => tune::run_eval(a, cli.quiet),
+        Command::Recommend(a) => recommend::run(a),
     }
 }

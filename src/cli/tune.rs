@@ -133,7 +133,7 @@ pub struct RunInfo {
     pub eval_view: String,
 }
 
-fn sha256_file(path: &Path) -> Result<String> {
+pub(super) fn sha256_file(path: &Path) -> Result<String> {
     use sha2::{Digest, Sha256};
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     Ok(format!("{:x}", Sha256::digest(&bytes)))
@@ -171,16 +171,16 @@ fn options(a: &TuneArgs) -> Result<TuneOptions> {
 }
 
 /// The pieces every LLaRA command loads: dataset, recommender table, backbone, templates.
-struct Loaded {
-    ds: Dataset,
-    item_embeddings: candle_core::Tensor,
-    sr_cfg: crate::sr::Config,
-    sr_weights: PathBuf,
-    llm: llm::Loaded,
-    templates: Templates,
+pub(super) struct Loaded {
+    pub(super) ds: Dataset,
+    pub(super) item_embeddings: candle_core::Tensor,
+    pub(super) sr_cfg: crate::sr::Config,
+    pub(super) sr_weights: PathBuf,
+    pub(super) llm: llm::Loaded,
+    pub(super) templates: Templates,
 }
 
-fn load_parts(
+pub(super) fn load_parts(
     data: &Path,
     sr: &Path,
     spec: &str,
@@ -525,49 +525,13 @@ pub struct EvalArgs {
 
 pub fn run_eval(a: EvalArgs, quiet: bool) -> Result<()> {
     super::sr::set_threads(a.threads)?;
-    let info_path = a.run.join("run.json");
-    let info: RunInfo = serde_json::from_str(
-        &std::fs::read_to_string(&info_path)
-            .with_context(|| format!("--run {}: not a tune run (run.json)", a.run.display()))?,
-    )
-    .with_context(|| info_path.display().to_string())?;
-    let toml_path = a.run.join("tune.toml");
-    let prompts: Option<PathBuf> = std::fs::read_to_string(&toml_path)
-        .ok()
-        .and_then(|t| toml::from_str::<toml::Table>(&t).ok())
-        .and_then(|t| t.get("prompts").and_then(|v| v.as_str()).map(PathBuf::from));
-    let data = a.data.clone().unwrap_or(info.data.clone());
-    let spec = a.llm.clone().unwrap_or(info.llm.clone());
-    let mut parts = load_parts(
-        &data,
-        &info.sr,
-        &spec,
-        None,
+    let (parts, projector, view) = open_run(
+        &a.run,
+        a.data.as_deref(),
+        a.llm.as_deref(),
         &a.device,
         a.dtype.as_deref(),
-        prompts.as_deref(),
     )?;
-    if sha256_file(&parts.sr_weights)? != info.sr_sha256 {
-        bail!(
-            "{}: the recommender changed since the run was trained",
-            info.sr.display()
-        );
-    }
-    let weights = if a.run.join("adapter").is_dir() && a.run.join("projector.safetensors").is_file()
-    {
-        a.run.clone()
-    } else if a.run.join("best/adapter").is_dir() {
-        a.run.join("best")
-    } else {
-        bail!(
-            "--run {}: no trained weights yet (adapter/ or best/)",
-            a.run.display()
-        );
-    };
-    let projector = tune::load_weights(&mut parts.llm.model, &weights, parts.sr_cfg.hidden_size)?;
-    let view = Curriculum::parse(&info.curriculum)
-        .map_err(anyhow::Error::msg)?
-        .eval_view();
     let mut rows = tune::split_rows(&parts.ds, &a.split, a.template, None, 0);
     if let Some(n) = a.limit {
         rows.truncate(n);
@@ -710,4 +674,58 @@ fn print_metrics(split: &str, m: &GenMetrics) {
         "{split:<7} {:<6} {:<13.4} {:<8.4} {:.4}",
         m.rows, m.valid_ratio, m.hr1, m.hr1_of_valid
     );
+}
+
+/// A trained run ready to answer: its dataset, recommender table, backbone with the run's adapter,
+/// projector, and the prompt kind it is evaluated with.
+pub(super) fn open_run(
+    run: &Path,
+    data: Option<&Path>,
+    llm_spec: Option<&str>,
+    device: &str,
+    dtype: Option<&str>,
+) -> Result<(Loaded, Projector, crate::llara::prompts::ItemView)> {
+    let info_path = run.join("run.json");
+    let info: RunInfo = serde_json::from_str(
+        &std::fs::read_to_string(&info_path)
+            .with_context(|| format!("--run {}: not a tune run (run.json)", run.display()))?,
+    )
+    .with_context(|| info_path.display().to_string())?;
+    let toml_path = run.join("tune.toml");
+    let prompts: Option<PathBuf> = std::fs::read_to_string(&toml_path)
+        .ok()
+        .and_then(|t| toml::from_str::<toml::Table>(&t).ok())
+        .and_then(|t| t.get("prompts").and_then(|v| v.as_str()).map(PathBuf::from));
+    let data = data.map(Path::to_path_buf).unwrap_or(info.data.clone());
+    let spec = llm_spec.map(String::from).unwrap_or(info.llm.clone());
+    let mut parts = load_parts(
+        &data,
+        &info.sr,
+        &spec,
+        None,
+        device,
+        dtype,
+        prompts.as_deref(),
+    )?;
+    if sha256_file(&parts.sr_weights)? != info.sr_sha256 {
+        bail!(
+            "{}: the recommender changed since the run was trained",
+            info.sr.display()
+        );
+    }
+    let weights = if run.join("adapter").is_dir() && run.join("projector.safetensors").is_file() {
+        run.to_path_buf()
+    } else if run.join("best/adapter").is_dir() {
+        run.join("best")
+    } else {
+        bail!(
+            "--run {}: no trained weights yet (adapter/ or best/)",
+            run.display()
+        );
+    };
+    let projector = tune::load_weights(&mut parts.llm.model, &weights, parts.sr_cfg.hidden_size)?;
+    let view = Curriculum::parse(&info.curriculum)
+        .map_err(anyhow::Error::msg)?
+        .eval_view();
+    Ok((parts, projector, view))
 }
