@@ -180,6 +180,9 @@ pub fn run(a: RecommendArgs) -> Result<()> {
                 }
             }
         }
+        if candidates.is_empty() {
+            bail!("{origin}: no candidates (give --candidate, or --n-candidates of at least 1 with items outside the history)");
+        }
         let ex = Example {
             history: history.clone(),
             target: candidates[0],
