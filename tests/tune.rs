@@ -605,7 +605,7 @@ fn bad_inputs_are_reported_by_name() {
 
 #[test]
 fn candidate_scoring_with_a_shared_prompt_cache_equals_full_recomputation() {
-    use llara::llara::evaluate::{score_candidates, EvalOptions, ScoreMode};
+    use llara::llara::evaluate::{score_candidates, EvalOptions, ScoreMode, ScoreOptions};
     let (data, sr) = fixture();
     let ds = Dataset::open(data).unwrap();
     let l = llm::load("builtin:tiny", &LlmOptions::cpu()).unwrap();
@@ -636,14 +636,18 @@ fn candidate_scoring_with_a_shared_prompt_cache_equals_full_recomputation() {
             batch_size: 1,
             max_new_tokens: 8,
         };
+        let so = |mode, chunk, shared_prompt| ScoreOptions {
+            mode,
+            chunk,
+            shared_prompt,
+        };
         let got = score_candidates(
             &l.model,
             &kit,
             Some(&behaviour),
             &rows,
             &opts,
-            ScoreMode::Sum,
-            3,
+            so(ScoreMode::Sum, 3, true),
             |_| {},
         )
         .unwrap();
@@ -653,11 +657,28 @@ fn candidate_scoring_with_a_shared_prompt_cache_equals_full_recomputation() {
             Some(&behaviour),
             &rows,
             &opts,
-            ScoreMode::Mean,
-            5,
+            so(ScoreMode::Mean, 5, true),
             |_| {},
         )
         .unwrap();
+        let full = score_candidates(
+            &l.model,
+            &kit,
+            Some(&behaviour),
+            &rows,
+            &opts,
+            so(ScoreMode::Sum, 4, false),
+            |_| {},
+        )
+        .unwrap();
+        for (a, b) in got.iter().zip(&full) {
+            for (x, y) in a.scores.iter().zip(&b.scores) {
+                assert!(
+                    (x - y).abs() < 1e-3 * (1.0 + y.abs()),
+                    "cache {x} vs no cache {y}"
+                );
+            }
+        }
         for ((_, ex), (g, m)) in rows.iter().zip(got.iter().zip(&mean)) {
             assert_eq!(g.candidates, ex.candidates);
             for (i, &c) in ex.candidates.iter().enumerate() {

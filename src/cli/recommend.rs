@@ -1,7 +1,7 @@
 //! `llara recommend`: ask a tuned run about one user (or many, as JSON lines on stdin).
 
 use super::tune::open_run;
-use crate::llara::evaluate::{score_candidates, EvalOptions, ScoreMode};
+use crate::llara::evaluate::{score_candidates, EvalOptions, ScoreMode, ScoreOptions};
 use crate::llara::{Behaviour, Example, PromptKit};
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -195,8 +195,7 @@ pub fn run(a: RecommendArgs) -> Result<()> {
             view.uses_embeddings().then_some(&behaviour),
             &[(0, ex)],
             &opts,
-            mode,
-            20,
+            ScoreOptions::new(mode),
             |_| {},
         )?;
         let mut ranked: Vec<(u32, f32)> = candidates

@@ -2,7 +2,7 @@
 
 use crate::data::Dataset;
 use crate::eval::metrics::{RankAccumulator, RankMetrics};
-use crate::llara::evaluate::{score_candidates, EvalOptions, GenMetrics, ScoreMode};
+use crate::llara::evaluate::{score_candidates, EvalOptions, GenMetrics, ScoreMode, ScoreOptions};
 use crate::llara::projector::Projector;
 use crate::llara::prompts::Templates;
 use crate::llara::tune::{self, EvalLog, Hooks, RunDir, RunState, Setup, StepLog, TuneOptions};
@@ -495,6 +495,10 @@ pub struct EvalArgs {
     /// With --mode score: sum or mean (length-normalised) of the answer tokens' log-probabilities.
     #[arg(long, default_value = "sum", value_parser = ["sum", "mean"])]
     pub score: String,
+    /// With --mode score: run the whole prompt again for every candidate instead of sharing its KV
+    /// cache (the slow reference, for benchmarks).
+    #[arg(long)]
+    pub no_prompt_cache: bool,
     /// Prompt template (fixed for reproducible scores).
     #[arg(long, default_value_t = 0)]
     pub template: usize,
@@ -564,16 +568,13 @@ pub fn run_eval(a: EvalArgs, quiet: bool) -> Result<()> {
     let started = std::time::Instant::now();
     if a.mode == "score" {
         let mode = ScoreMode::parse(&a.score).map_err(anyhow::Error::msg)?;
-        let scored = score_candidates(
-            &parts.llm.model,
-            &kit,
-            behaviour,
-            &rows,
-            &eopts,
-            mode,
-            20,
-            |n| bar.inc(n as u64),
-        )?;
+        let so = ScoreOptions {
+            shared_prompt: !a.no_prompt_cache,
+            ..ScoreOptions::new(mode)
+        };
+        let scored = score_candidates(&parts.llm.model, &kit, behaviour, &rows, &eopts, so, |n| {
+            bar.inc(n as u64)
+        })?;
         bar.finish_and_clear();
         let mut acc = RankAccumulator::default();
         for r in &scored {

@@ -238,21 +238,41 @@ fn logprob(row: &[f32], token: u32) -> f32 {
     row[token as usize] - lse
 }
 
+/// How candidates are scored.
+#[derive(Debug, Clone, Copy)]
+pub struct ScoreOptions {
+    pub mode: ScoreMode,
+    /// Candidates per forward pass.
+    pub chunk: usize,
+    /// Run the prompt once and copy its KV cache to the candidates (else every candidate runs the
+    /// whole prompt again: the reference the cache is measured against).
+    pub shared_prompt: bool,
+}
+
+impl ScoreOptions {
+    pub fn new(mode: ScoreMode) -> Self {
+        Self {
+            mode,
+            chunk: 20,
+            shared_prompt: true,
+        }
+    }
+}
+
 /// Ranks each row's candidates by the log-likelihood of their answers (` title` and a newline)
-/// after the prompt. The prompt runs once; its KV cache is copied to every candidate, which then
-/// costs only its few answer tokens (`chunk` candidates per forward pass).
-#[allow(clippy::too_many_arguments)]
+/// after the prompt. With `shared_prompt` the prompt runs once and its KV cache is copied to every
+/// candidate, which then costs only its few answer tokens.
 pub fn score_candidates(
     model: &Llama,
     kit: &PromptKit,
     behaviour: Option<&Behaviour>,
     rows: &[(usize, Example)],
     opts: &EvalOptions,
-    mode: ScoreMode,
-    chunk: usize,
+    so: ScoreOptions,
     mut progress: impl FnMut(usize),
 ) -> Result<Vec<RowScores>> {
     use crate::llm::llama::{KvCache, Step};
+    let (mode, chunk) = (so.mode, so.chunk);
     let mut out = Vec::with_capacity(rows.len());
     for (row, ex) in rows {
         let ex = Example {
@@ -263,7 +283,7 @@ pub fn score_candidates(
             .tokenize(&ex, opts.view, false)
             .map_err(candle_core::Error::Msg)?;
         // Each candidate's answer tokens, as they tokenize after this prompt.
-        let answers: Vec<Vec<u32>> = ex
+        let full: Vec<super::Tokenized> = ex
             .candidates
             .iter()
             .map(|&c| {
@@ -278,10 +298,44 @@ pub fn score_candidates(
                 if with.ids[..with.answer_start] != prompt.ids[..] {
                     return Err("the answer changed the prompt's tokens".to_string());
                 }
-                Ok(with.ids[with.answer_start..].to_vec())
+                Ok(with)
             })
             .collect::<std::result::Result<_, _>>()
             .map_err(candle_core::Error::Msg)?;
+        let answers: Vec<Vec<u32>> = full
+            .iter()
+            .map(|w| w.ids[w.answer_start..].to_vec())
+            .collect();
+        if !so.shared_prompt {
+            // Reference path: every candidate runs prompt + answer in full.
+            let mut scores = Vec::with_capacity(full.len());
+            for group in full.chunks(chunk.max(1)) {
+                let refs: Vec<&super::Tokenized> = group.iter().collect();
+                let (x, lens) = embed_batch(model, &refs, |t| t.ids.len(), behaviour)?;
+                let t = x.dim(1)?;
+                let h = model.forward(&x, Step::padded(&lens, t), None)?;
+                let (pos, targets) = super::tune::answer_targets(&refs, t);
+                let logits: Vec<Vec<f32>> = model
+                    .logits_at(&h, &pos)?
+                    .to_dtype(candle_core::DType::F32)?
+                    .to_vec2()?;
+                let mut k = 0;
+                for w in group {
+                    let n = w.ids.len() - w.answer_start;
+                    let tot: f32 = (0..n)
+                        .map(|j| logprob(&logits[k + j], targets[k + j]))
+                        .sum();
+                    k += n;
+                    scores.push(match mode {
+                        ScoreMode::Sum => tot,
+                        ScoreMode::Mean => tot / n as f32,
+                    });
+                }
+            }
+            out.push(ranked(*row, &ex, scores));
+            progress(1);
+            continue;
+        }
         let (x, lengths) = embed_batch(model, &[&prompt], |t| t.answer_start, behaviour)?;
         let t = lengths[0];
         let mut cache = KvCache::new(model.layers.len(), 1);
@@ -339,26 +393,29 @@ pub fn score_candidates(
                 });
             }
         }
-        let ti = ex
-            .candidates
-            .iter()
-            .position(|&c| c == ex.target)
-            .expect("target among candidates");
-        let rank = scores
-            .iter()
-            .enumerate()
-            .filter(|&(i, s)| {
-                i != ti && s.partial_cmp(&scores[ti]) != Some(std::cmp::Ordering::Less)
-            })
-            .count();
-        out.push(RowScores {
-            row: *row,
-            target: ex.target,
-            candidates: ex.candidates.clone(),
-            scores,
-            rank,
-        });
+        out.push(ranked(*row, &ex, scores));
         progress(1);
     }
     Ok(out)
+}
+
+/// The row's scores with the target's 0-based rank (ties count against the target).
+fn ranked(row: usize, ex: &Example, scores: Vec<f32>) -> RowScores {
+    let ti = ex
+        .candidates
+        .iter()
+        .position(|&c| c == ex.target)
+        .unwrap_or(0);
+    let rank = scores
+        .iter()
+        .enumerate()
+        .filter(|&(i, s)| i != ti && s.partial_cmp(&scores[ti]) != Some(std::cmp::Ordering::Less))
+        .count();
+    RowScores {
+        row,
+        target: ex.target,
+        candidates: ex.candidates.clone(),
+        scores,
+        rank,
+    }
 }
