@@ -331,6 +331,16 @@ fn quickstart_runs_end_to_end() {
     assert!(out.join("llara/adapter/adapter_model.safetensors").exists());
     let e = json(&out.join("llara/eval-test/metrics.json"));
     assert_eq!(e["rows"], 32);
+    assert!(json(&out.join("llara/eval-test-score/metrics.json"))["ndcg@10"].is_number());
+    // The comparison table: the recommender and both LLaRA evaluations, same dataset.
+    for want in [
+        "recommender scores",
+        "| generation |",
+        "scoring (sum)",
+        "| synth |",
+    ] {
+        assert!(stdout.contains(want), "{want} missing from {stdout}");
+    }
     // Running it again replaces its outputs.
     ok(&[
         "quickstart",

@@ -601,6 +601,8 @@ fn bad_inputs_are_reported_by_name() {
     assert!(e.contains("tune.toml"), "{e}");
     let e = fails(&["eval", "--run", tmp.path().to_str().unwrap()]);
     assert!(e.contains("run.json"), "{e}");
+    let e = fails(&["report", tmp.path().to_str().unwrap()]);
+    assert!(e.contains("neither a tune run"), "{e}");
 }
 
 #[test]

@@ -5,6 +5,7 @@ pub mod data;
 pub mod llm;
 pub mod quickstart;
 pub mod recommend;
+pub mod report;
 pub mod sr;
 pub mod tune;
 
@@ -48,6 +49,8 @@ pub enum Command {
     Eval(tune::EvalArgs),
     /// Rank candidates for one user (or many: JSON lines on stdin) with a tuned run.
     Recommend(recommend::RecommendArgs),
+    /// One table of every metric for recommender and LLaRA runs on the same candidate sets.
+    Report(report::ReportArgs),
     /// Load a Llama-family backbone: info, generation, logits for parity checks.
     #[command(subcommand)]
     Llm(llm::LlmCommand),
@@ -73,5 +76,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Tune(a) => tune::run_tune(*a, cli.quiet),
         Command::Eval(a) => tune::run_eval(a, cli.quiet),
         Command::Recommend(a) => recommend::run(a),
+        Command::Report(a) => report::run(a),
     }
 }

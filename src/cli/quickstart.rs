@@ -34,7 +34,7 @@ pub fn run(a: QuickstartArgs) -> Result<()> {
     let data = a.out.join("data");
     let sasrec = a.out.join("sasrec");
     let seed = a.seed.to_string();
-    println!("== 1/4  llara data synth --out {}", data.display());
+    println!("== 1/5  llara data synth --out {}", data.display());
     step(&[
         "data".into(),
         "synth".into(),
@@ -45,7 +45,7 @@ pub fn run(a: QuickstartArgs) -> Result<()> {
         "--force".into(),
     ])?;
     println!(
-        "== 2/4  llara train-sr --model sasrec --data {} --out {}",
+        "== 2/5  llara train-sr --model sasrec --data {} --out {}",
         data.display(),
         sasrec.display()
     );
@@ -67,7 +67,7 @@ pub fn run(a: QuickstartArgs) -> Result<()> {
     ])?;
     let run = a.out.join("llara");
     println!(
-        "== 3/4  llara tune --llm builtin:tiny --curriculum linear --data {} --sr {} --out {}",
+        "== 3/5  llara tune --llm builtin:tiny --curriculum linear --data {} --sr {} --out {}",
         data.display(),
         sasrec.display(),
         run.display()
@@ -78,7 +78,7 @@ pub fn run(a: QuickstartArgs) -> Result<()> {
         "--data".into(),
         data.clone().into(),
         "--sr".into(),
-        sasrec.into(),
+        sasrec.clone().into(),
         "--llm".into(),
         "builtin:tiny".into(),
         "--out".into(),
@@ -116,6 +116,23 @@ pub fn run(a: QuickstartArgs) -> Result<()> {
         "--max-new-tokens".into(),
         "32".into(),
     ])?;
+    step(&[
+        "eval".into(),
+        "--run".into(),
+        run.clone().into(),
+        "--split".into(),
+        "test".into(),
+        "--limit".into(),
+        "32".into(),
+        "--mode".into(),
+        "score".into(),
+    ])?;
+    println!(
+        "== 5/5  llara report {} {}",
+        sasrec.display(),
+        run.display()
+    );
+    step(&["report".into(), sasrec.into(), run.into()])?;
     println!(
         "The backbone here is a tiny random model, so its HR@1 means nothing; the same commands take a real one, e.g. `--llm ../shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf` (see README.md). Data: `llara data stats {}`.",
         data.display()

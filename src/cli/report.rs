@@ -1,0 +1,265 @@
+//! `llara report RUN...`: one table of every metric on the same fixed candidate sets, for
+//! recommender runs (`train-sr`) and LLaRA runs (`tune`, with their `eval` results).
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+#[derive(Args, Debug, Clone)]
+pub struct ReportArgs {
+    /// Run folders: `train-sr` runs and `tune` runs (evaluated with `llara eval`, both modes).
+    #[arg(required = true, value_name = "RUN")]
+    pub runs: Vec<PathBuf>,
+    /// Split whose metrics are reported.
+    #[arg(long, default_value = "test", value_parser = ["valid", "test"])]
+    pub split: String,
+    /// Also write report.md and report.csv into this folder.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+}
+
+/// One line of the table.
+#[derive(Debug, Clone, serde::Serialize)]
+struct Line {
+    run: String,
+    model: String,
+    dataset: String,
+    method: String,
+    config: String,
+    seed: String,
+    #[serde(rename = "hr@1")]
+    hr1: Option<f64>,
+    #[serde(rename = "hr@5")]
+    hr5: Option<f64>,
+    #[serde(rename = "hr@10")]
+    hr10: Option<f64>,
+    #[serde(rename = "ndcg@5")]
+    ndcg5: Option<f64>,
+    #[serde(rename = "ndcg@10")]
+    ndcg10: Option<f64>,
+    mrr: Option<f64>,
+    valid_ratio: Option<f64>,
+    rows: Option<u64>,
+    train_seconds: Option<f64>,
+}
+
+fn read_json(path: &Path) -> Result<Value> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))
+}
+
+fn f(v: &Value, k: &str) -> Option<f64> {
+    v.get(k).and_then(Value::as_f64)
+}
+
+fn sr_lines(run: &Path, split: &str) -> Result<Vec<Line>> {
+    let cfg = read_json(&run.join("config.json"))?;
+    let m = read_json(&run.join("metrics.json"))?;
+    let metrics = if split == "valid" {
+        m.get("valid").cloned().unwrap_or(Value::Null)
+    } else {
+        m.clone()
+    };
+    let t = &cfg["training"];
+    Ok(vec![Line {
+        run: run.display().to_string(),
+        model: cfg["model"].as_str().unwrap_or("?").to_string(),
+        dataset: cfg["dataset"]["name"].as_str().unwrap_or("?").to_string(),
+        method: "recommender scores".into(),
+        config: format!(
+            "hidden {}, lr {}, best epoch {}",
+            t["hidden"], t["lr"], m["best_epoch"]
+        ),
+        seed: t["seed"].to_string(),
+        hr1: f(&metrics, "hr@1"),
+        hr5: f(&metrics, "hr@5"),
+        hr10: f(&metrics, "hr@10"),
+        ndcg5: f(&metrics, "ndcg@5"),
+        ndcg10: f(&metrics, "ndcg@10"),
+        mrr: f(&metrics, "mrr"),
+        valid_ratio: Some(1.0),
+        rows: metrics.get("rows").and_then(Value::as_u64),
+        train_seconds: f(&m, "train_seconds"),
+    }])
+}
+
+fn llara_lines(run: &Path, split: &str) -> Result<Vec<Line>> {
+    let info = read_json(&run.join("run.json"))?;
+    let toml: toml::Table = std::fs::read_to_string(run.join("tune.toml"))
+        .ok()
+        .and_then(|t| toml::from_str(&t).ok())
+        .unwrap_or_default();
+    // Training time: the sum of the logged steps (tokens / tokens per second).
+    let train_seconds = std::fs::read_to_string(run.join("train_log.jsonl"))
+        .ok()
+        .map(|log| {
+            log.lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .map(|v| {
+                    f(&v, "tokens").unwrap_or(0.0)
+                        / f(&v, "tokens_per_second").unwrap_or(f64::INFINITY)
+                })
+                .sum::<f64>()
+        });
+    let get = |k: &str| {
+        toml.get(k)
+            .map(|v| v.to_string().trim_matches('"').to_string())
+            .unwrap_or("?".into())
+    };
+    let config = format!(
+        "{} ({}), curriculum {}, lr {}, epochs {}, batch {}×{}{}",
+        Path::new(info["llm"].as_str().unwrap_or("?"))
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        info["sr_arch"].as_str().unwrap_or("?"),
+        get("curriculum"),
+        get("lr"),
+        get("epochs"),
+        get("batch_size"),
+        get("grad_accum"),
+        toml.get("max_train_samples")
+            .map(|v| format!(", {v} train rows"))
+            .unwrap_or_default()
+    );
+    let data_dir = Path::new(info["data"].as_str().unwrap_or("?"));
+    let dataset = read_json(&data_dir.join("meta.json"))
+        .ok()
+        .and_then(|m| m["name"].as_str().map(String::from))
+        .or_else(|| {
+            data_dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+        })
+        .unwrap_or_default();
+    let base = Line {
+        run: run.display().to_string(),
+        model: format!("LLaRA {}", get("curriculum")),
+        dataset,
+        method: String::new(),
+        config,
+        seed: get("seed"),
+        hr1: None,
+        hr5: None,
+        hr10: None,
+        ndcg5: None,
+        ndcg10: None,
+        mrr: None,
+        valid_ratio: None,
+        rows: None,
+        train_seconds,
+    };
+    let mut out = vec![];
+    let generated = run.join(format!("eval-{split}/metrics.json"));
+    if generated.is_file() {
+        let m = read_json(&generated)?;
+        out.push(Line {
+            method: "generation".into(),
+            hr1: f(&m, "hr@1"),
+            valid_ratio: f(&m, "valid_ratio"),
+            rows: m.get("rows").and_then(Value::as_u64),
+            ..base.clone()
+        });
+    }
+    let scored = run.join(format!("eval-{split}-score/metrics.json"));
+    if scored.is_file() {
+        let m = read_json(&scored)?;
+        out.push(Line {
+            method: format!("scoring ({})", m["score"].as_str().unwrap_or("sum")),
+            hr1: f(&m, "hr@1"),
+            hr5: f(&m, "hr@5"),
+            hr10: f(&m, "hr@10"),
+            ndcg5: f(&m, "ndcg@5"),
+            ndcg10: f(&m, "ndcg@10"),
+            mrr: f(&m, "mrr"),
+            valid_ratio: Some(1.0),
+            rows: m.get("rows").and_then(Value::as_u64),
+            ..base.clone()
+        });
+    }
+    if out.is_empty() {
+        out.push(Line {
+            method: format!(
+                "not evaluated (llara eval --run {} --split {split} [--mode score])",
+                run.display()
+            ),
+            ..base
+        });
+    }
+    Ok(out)
+}
+
+fn cell(v: Option<f64>) -> String {
+    v.map_or("-".into(), |x| format!("{x:.4}"))
+}
+
+fn markdown(lines: &[Line], split: &str) -> String {
+    let mut s = format!("Metrics on the fixed {split} candidate sets (20 per row; ties count against the target).\n\n");
+    s.push_str("| model | dataset | method | HR@1 | HR@5 | HR@10 | NDCG@5 | NDCG@10 | MRR | valid ratio | rows | train s | seed | config | run |\n");
+    s.push_str("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n");
+    for l in lines {
+        s.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            l.model,
+            l.dataset,
+            l.method,
+            cell(l.hr1),
+            cell(l.hr5),
+            cell(l.hr10),
+            cell(l.ndcg5),
+            cell(l.ndcg10),
+            cell(l.mrr),
+            cell(l.valid_ratio),
+            l.rows.map_or("-".into(), |r| r.to_string()),
+            l.train_seconds.map_or("-".into(), |t| format!("{t:.0}")),
+            l.seed,
+            l.config,
+            l.run
+        ));
+    }
+    s
+}
+
+pub fn run(a: ReportArgs) -> Result<()> {
+    let mut lines = vec![];
+    for r in &a.runs {
+        let l = if r.join("run.json").is_file() {
+            llara_lines(r, &a.split)?
+        } else if r.join("config.json").is_file() && r.join("metrics.json").is_file() {
+            sr_lines(r, &a.split)?
+        } else {
+            bail!(
+                "{}: neither a tune run (run.json) nor a train-sr run (config.json + metrics.json)",
+                r.display()
+            );
+        };
+        lines.extend(l);
+    }
+    let datasets: std::collections::BTreeSet<&str> =
+        lines.iter().map(|l| l.dataset.as_str()).collect();
+    if datasets.len() > 1 {
+        tracing::warn!(
+            "the runs cover several datasets ({}): compare rows of the same dataset only",
+            datasets.into_iter().collect::<Vec<_>>().join(", ")
+        );
+    }
+    let md = markdown(&lines, &a.split);
+    print!("{md}");
+    if let Some(out) = &a.out {
+        let staged = crate::fsutil::StagedDir::new(out, true)
+            .with_context(|| format!("--out {}", out.display()))?;
+        std::fs::write(staged.path().join("report.md"), &md)?;
+        let mut w = csv::Writer::from_path(staged.path().join("report.csv"))?;
+        for l in &lines {
+            w.serialize(l)?;
+        }
+        w.flush()?;
+        drop(w);
+        staged
+            .commit()
+            .with_context(|| format!("--out {}", out.display()))?;
+    }
+    Ok(())
+}
