@@ -536,6 +536,17 @@ fn eval_writes_predictions_and_metrics() {
     );
     let e = fails(&["eval", "--run", r, "--metric", "ndcg@5"]);
     assert!(e.contains("--mode score"), "{e}");
+    // The report: table, CSV and the run's training curves.
+    let rep = tmp.path().join("report");
+    let table = ok(&["report", r, "--out", rep.to_str().unwrap()]);
+    assert!(
+        table.contains("| generation |") && table.contains("scoring (sum)"),
+        "{table}"
+    );
+    let csv = std::fs::read_to_string(rep.join("report.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 3, "{csv}");
+    let svg = std::fs::read_to_string(rep.join("curves-1-run.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.matches("<polyline").count() >= 3);
     // Deterministic: the same command gives the same predictions.
     ok(&[
         "eval",

@@ -14,7 +14,8 @@ pub struct ReportArgs {
     /// Split whose metrics are reported.
     #[arg(long, default_value = "test", value_parser = ["valid", "test"])]
     pub split: String,
-    /// Also write report.md and report.csv into this folder.
+    /// Also write report.md, report.csv and, per tune run, its training curves
+    /// (curves-N-NAME.svg: loss, p(τ), realised hybrid fraction) into this folder.
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
 }
@@ -257,9 +258,101 @@ pub fn run(a: ReportArgs) -> Result<()> {
         }
         w.flush()?;
         drop(w);
+        for (i, r) in a.runs.iter().enumerate() {
+            if r.join("run.json").is_file() {
+                let name = r
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                plot_curves(
+                    r,
+                    &staged.path().join(format!("curves-{}-{name}.svg", i + 1)),
+                )?;
+            }
+        }
         staged
             .commit()
             .with_context(|| format!("--out {}", out.display()))?;
     }
     Ok(())
+}
+
+/// Training curves of a tune run as SVG: the loss, and p(τ) with the realised fraction of hybrid
+/// steps, against the optimizer step.
+fn plot_curves(run: &Path, dest: &Path) -> Result<bool> {
+    use plotters::prelude::*;
+    let Ok(log) = std::fs::read_to_string(run.join("train_log.jsonl")) else {
+        return Ok(false);
+    };
+    let rows: Vec<Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    if rows.len() < 2 {
+        return Ok(false);
+    }
+    let pts = |k: &str| -> Vec<(f64, f64)> {
+        rows.iter()
+            .filter_map(|r| Some((f(r, "step")?, f(r, k)?)))
+            .collect()
+    };
+    let (loss, p, frac) = (pts("loss"), pts("p_hybrid"), pts("hybrid_fraction"));
+    let max_step = loss.last().map_or(1.0, |x| x.0).max(1.0);
+    let (lo, hi) = loss
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| {
+            (a.min(x.1), b.max(x.1))
+        });
+    let err = |e: &dyn std::fmt::Display| anyhow::anyhow!("{}: {e}", dest.display());
+    let root = SVGBackend::new(dest, (800, 560)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let (top, bottom) = root.split_vertically(300);
+    let title = run
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut c = ChartBuilder::on(&top)
+        .caption(format!("{title}: training loss"), ("sans-serif", 18))
+        .margin(10)
+        .x_label_area_size(30)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0f64..max_step, (lo * 0.95)..(hi * 1.05))
+        .map_err(|e| err(&e))?;
+    c.configure_mesh()
+        .x_desc("optimizer step")
+        .y_desc("loss")
+        .draw()
+        .map_err(|e| err(&e))?;
+    c.draw_series(LineSeries::new(loss, &BLUE))
+        .map_err(|e| err(&e))?;
+    let mut c = ChartBuilder::on(&bottom)
+        .caption(
+            "curriculum: p(τ) and the realised fraction of hybrid steps",
+            ("sans-serif", 16),
+        )
+        .margin(10)
+        .x_label_area_size(30)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0f64..max_step, 0f64..1.05)
+        .map_err(|e| err(&e))?;
+    c.configure_mesh()
+        .x_desc("optimizer step")
+        .y_desc("probability")
+        .draw()
+        .map_err(|e| err(&e))?;
+    c.draw_series(LineSeries::new(p, &RED))
+        .map_err(|e| err(&e))?
+        .label("p(τ)")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
+    c.draw_series(LineSeries::new(frac, &BLACK))
+        .map_err(|e| err(&e))?
+        .label("hybrid fraction so far")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
+    c.configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.8))
+        .draw()
+        .map_err(|e| err(&e))?;
+    root.present().map_err(|e| err(&e))?;
+    Ok(true)
 }
