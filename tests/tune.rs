@@ -479,8 +479,44 @@ fn eval_writes_predictions_and_metrics() {
         sr.to_str().unwrap(),
         run.to_str().unwrap(),
     );
-    ok(&tune_args(d, s, r, &["--curriculum", "two-stage:1"]));
+    let dump = tmp.path().join("batches.jsonl");
+    ok(&tune_args(
+        d,
+        s,
+        r,
+        &[
+            "--curriculum",
+            "two-stage:1",
+            "--dump-batches",
+            dump.to_str().unwrap(),
+        ],
+    ));
     let log = log_lines(&run);
+    // The dumped micro-batches are exactly what trained: 2 per step, hybrid as logged, the
+    // logged token count, an answer after the prompt, recommender items behind hybrid slots.
+    let batches: Vec<serde_json::Value> = std::fs::read_to_string(&dump)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(batches.len(), 2 * log.len());
+    for (i, l) in log.iter().enumerate() {
+        let mine: Vec<_> = batches.iter().filter(|b| b["step"] == i).collect();
+        assert_eq!(mine.len(), 2, "step {i}");
+        let mut tokens = 0;
+        for b in mine {
+            assert_eq!(b["hybrid"], l["hybrid"]);
+            for row in b["rows"].as_array().unwrap() {
+                let n = row["ids"].as_array().unwrap().len();
+                assert!(row["answer_start"].as_u64().unwrap() < n as u64);
+                if b["hybrid"] == true {
+                    assert!(!row["slot_items"].as_array().unwrap().is_empty());
+                }
+                tokens += n;
+            }
+        }
+        assert_eq!(l["tokens"], tokens, "step {i}");
+    }
     assert!(
         log.iter().take(3).all(|l| l["hybrid"] == false),
         "first epoch is text-only"
@@ -608,6 +644,16 @@ fn bad_inputs_are_reported_by_name() {
         &["--force", "--curriculum", "sometimes"],
     ));
     assert!(e.contains("--curriculum sometimes"), "{e}");
+    let e = fails(&tune_args(
+        d,
+        s,
+        out.to_str().unwrap(),
+        &["--force", "--min-lr=-0.001"],
+    ));
+    assert!(
+        e.contains("--min-lr -0.001") && e.contains("at least 0"),
+        "{e}"
+    );
     let e = fails(&["tune", "--resume", tmp.path().to_str().unwrap()]);
     assert!(e.contains("tune.toml"), "{e}");
     let e = fails(&["eval", "--run", tmp.path().to_str().unwrap()]);

@@ -102,7 +102,7 @@ pub fn run(a: QuickstartArgs) -> Result<()> {
         "--force".into(),
     ])?;
     println!(
-        "== 4/4  llara eval --run {} --split test --limit 32",
+        "== 4/5  llara eval --run {} --split test --limit 32",
         run.display()
     );
     step(&[

@@ -110,6 +110,12 @@ pub struct TuneArgs {
     #[arg(long)]
     #[serde(skip)]
     pub force: bool,
+    /// Also write every micro-batch the model trains on (token ids, answer start, the recommender
+    /// items behind the embedding slots; one JSON line each) to FILE, to replay the exact workload
+    /// elsewhere (scripts/reference/tune_step_torch.py).
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip)]
+    pub dump_batches: Option<PathBuf>,
     /// Continue the run in this folder from its last checkpoint (its tune.toml gives every option).
     #[arg(long, value_name = "RUN", conflicts_with_all = ["data", "sr", "llm", "out"])]
     #[serde(skip)]
@@ -230,6 +236,42 @@ struct Bars {
     eval: Option<ProgressBar>,
     running: Option<f64>,
     quiet: bool,
+    dump: Option<BatchDump>,
+}
+
+/// `--dump-batches FILE`: written beside FILE and renamed when the run ends.
+struct BatchDump {
+    dest: PathBuf,
+    tmp: PathBuf,
+    w: std::io::BufWriter<std::fs::File>,
+    err: Option<std::io::Error>,
+}
+
+impl BatchDump {
+    fn create(dest: &Path) -> Result<Self> {
+        let mut name = dest.file_name().unwrap_or_default().to_os_string();
+        name.push(".partial");
+        let tmp = dest.with_file_name(name);
+        let f = std::fs::File::create(&tmp)
+            .with_context(|| format!("--dump-batches {}", dest.display()))?;
+        Ok(BatchDump {
+            dest: dest.to_path_buf(),
+            tmp,
+            w: std::io::BufWriter::new(f),
+            err: None,
+        })
+    }
+
+    fn finish(mut self) -> Result<()> {
+        use std::io::Write;
+        if let Some(e) = self.err.take() {
+            return Err(e).with_context(|| format!("--dump-batches {}", self.dest.display()));
+        }
+        self.w
+            .flush()
+            .and_then(|_| std::fs::rename(&self.tmp, &self.dest))
+            .with_context(|| format!("--dump-batches {}", self.dest.display()))
+    }
 }
 
 impl Hooks for Bars {
@@ -274,6 +316,25 @@ impl Hooks for Bars {
         }
     }
 
+    fn on_batch(&mut self, step: usize, hybrid: bool, rows: &[&crate::llara::Tokenized]) {
+        use std::io::Write;
+        let Some(d) = self.dump.as_mut().filter(|d| d.err.is_none()) else {
+            return;
+        };
+        let rows: Vec<_> = rows
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "ids": r.ids, "answer_start": r.answer_start, "slot_items": r.slot_items,
+                })
+            })
+            .collect();
+        let line = serde_json::json!({"step": step, "hybrid": hybrid, "rows": rows});
+        if let Err(e) = writeln!(d.w, "{line}") {
+            d.err = Some(e);
+        }
+    }
+
     fn on_eval(&mut self, e: &EvalLog) {
         if let Some(b) = self.eval.take() {
             b.finish_and_clear();
@@ -305,6 +366,9 @@ pub fn run_tune(a: TuneArgs, quiet: bool) -> Result<()> {
         argv.extend(["--threads".into(), a.threads.to_string().into()]);
         if let Some(s) = a.stop_after {
             argv.extend(["--stop-after".into(), s.to_string().into()]);
+        }
+        if let Some(f) = &a.dump_batches {
+            argv.extend(["--dump-batches".into(), f.clone().into()]);
         }
         let cli = super::parse(argv)?;
         let super::Command::Tune(args) = cli.command else {
@@ -431,6 +495,11 @@ fn tune_in(a: TuneArgs, resume: bool, quiet: bool) -> Result<()> {
         eval: None,
         running: None,
         quiet,
+        dump: a
+            .dump_batches
+            .as_deref()
+            .map(BatchDump::create)
+            .transpose()?,
     };
     let llm_name = parts.llm.name();
     let setup = Setup {
@@ -443,6 +512,9 @@ fn tune_in(a: TuneArgs, resume: bool, quiet: bool) -> Result<()> {
     let started = std::time::Instant::now();
     let state = tune::tune(setup, projector, &opts, &run, state, &llm_name, &mut hooks)?;
     hooks.train.finish_and_clear();
+    if let Some(d) = hooks.dump.take() {
+        d.finish()?;
+    }
     let frac = if state.step > 0 {
         state.hybrid_steps as f64 / state.step as f64
     } else {
@@ -725,6 +797,9 @@ pub(super) fn open_run(
         );
     };
     let projector = tune::load_weights(&mut parts.llm.model, &weights, parts.sr_cfg.hidden_size)?;
+    // Inference only from here: fold the adapters into the base weights (W + s·BA), so generation
+    // and scoring run plain linears instead of base + two rank-r products per projection.
+    crate::llm::lora::merge(&mut parts.llm.model)?;
     let view = Curriculum::parse(&info.curriculum)
         .map_err(anyhow::Error::msg)?
         .eval_view();

@@ -123,6 +123,8 @@ pub trait Hooks {
     fn on_eval_start(&mut self, _rows: usize) {}
     fn on_eval_progress(&mut self, _done: usize) {}
     fn on_eval(&mut self, _log: &EvalLog) {}
+    /// One micro-batch as the model is about to see it (for replaying the exact workload elsewhere).
+    fn on_batch(&mut self, _step: usize, _hybrid: bool, _rows: &[&super::Tokenized]) {}
 }
 
 impl Hooks for () {}
@@ -340,6 +342,12 @@ pub fn tune(
             "--batch-size, --grad-accum and --epochs must be at least 1".into(),
         ));
     }
+    if !(opts.lr.is_finite() && opts.lr >= 0.0 && opts.min_lr.is_finite() && opts.min_lr >= 0.0) {
+        return Err(TuneError::Invalid(format!(
+            "--lr {} / --min-lr {}: learning rates must be finite and at least 0",
+            opts.lr, opts.min_lr
+        )));
+    }
     if opts.template >= templates.list.len() {
         return Err(TuneError::Invalid(format!(
             "--template {}: {} has {} templates",
@@ -446,6 +454,7 @@ pub fn tune(
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(TuneError::Invalid)?;
             let refs: Vec<_> = toks.iter().collect();
+            hooks.on_batch(step, view.uses_embeddings(), &refs);
             let (x, lengths) = embed_batch(
                 model,
                 &refs,
