@@ -47,8 +47,8 @@ for line in open(path):
     by.setdefault(d["who"], []).append(d["r"])
 med = {k: statistics.median(v["rows"] / v["seconds"] for v in vs) for k, vs in by.items()}
 print("# Evaluation speed: llara vs. transformers `generate`\n")
-print(f"The first {rows} test rows of `{run}` ({gguf}, its LoRA adapter merged in transformers, unmerged")
-print(f"in llara), {threads} threads, batches of {batch}, greedy, at most {max_new} new tokens, stop at a newline;")
+print(f"The first {rows} test rows of `{run}` ({gguf}, its LoRA adapter merged")
+print(f"into the weights in both), {threads} threads, batches of {batch}, greedy, at most {max_new} new tokens, stop at a newline;")
 print(f"median of {repeats} interleaved runs. Produced by `scripts/bench_eval.sh`.\n")
 print("| evaluation | rows/s (median) | runs (rows/s) | note |")
 print("|---|---:|---|---|")

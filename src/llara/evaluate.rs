@@ -100,37 +100,46 @@ pub fn evaluate(
         stop: vec!["\n".into()],
         seed: 0,
     };
-    let mut out = Vec::with_capacity(rows.len());
-    for chunk in rows.chunks(opts.batch_size.max(1)) {
-        let toks = chunk
-            .iter()
-            .map(|(_, ex)| {
-                let ex = Example {
-                    template: opts.template,
-                    ..ex.clone()
-                };
-                kit.tokenize(&ex, opts.view, false)
-            })
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(candle_core::Error::Msg)?;
-        let refs: Vec<_> = toks.iter().collect();
+    let toks = rows
+        .iter()
+        .map(|(_, ex)| {
+            let ex = Example {
+                template: opts.template,
+                ..ex.clone()
+            };
+            kit.tokenize(&ex, opts.view, false)
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(candle_core::Error::Msg)?;
+    // Batches of similar prompt lengths, so little of each batch is padding; the answers are
+    // reported in row order (a row's answer does not depend on the rows batched with it).
+    let mut order: Vec<usize> = (0..rows.len()).collect();
+    order.sort_by_key(|&i| toks[i].answer_start);
+    let mut answers: Vec<Option<String>> = vec![None; rows.len()];
+    for chunk in order.chunks(opts.batch_size.max(1)) {
+        let refs: Vec<_> = chunk.iter().map(|&i| &toks[i]).collect();
         let (x, lengths) = embed_batch(model, &refs, |t| t.answer_start, behaviour)?;
         let outputs = generate(model, kit.tok, &x, &lengths, &gen)?;
-        for (((row, ex), t), g) in chunk.iter().zip(&toks).zip(outputs) {
-            let v = judge(&g.text, &ex.candidates, kit.titles, ex.target);
-            out.push(Prediction {
-                row: *row,
-                prompt: t.prompt.clone(),
-                output: g.text,
-                target: ex.target,
-                target_title: kit.titles[ex.target as usize].clone(),
-                candidates: ex.candidates.clone(),
-                valid: v.valid,
-                correct: v.correct,
-                matched: v.matched,
-            });
+        for (&i, g) in chunk.iter().zip(outputs) {
+            answers[i] = Some(g.text);
         }
         progress(chunk.len());
+    }
+    let mut out = Vec::with_capacity(rows.len());
+    for (((row, ex), t), answer) in rows.iter().zip(toks).zip(answers) {
+        let text = answer.expect("every row was generated");
+        let v = judge(&text, &ex.candidates, kit.titles, ex.target);
+        out.push(Prediction {
+            row: *row,
+            prompt: t.prompt,
+            output: text,
+            target: ex.target,
+            target_title: kit.titles[ex.target as usize].clone(),
+            candidates: ex.candidates.clone(),
+            valid: v.valid,
+            correct: v.correct,
+            matched: v.matched,
+        });
     }
     Ok(out)
 }

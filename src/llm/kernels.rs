@@ -203,6 +203,8 @@ impl DropMask {
 #[derive(Clone)]
 pub struct Linear {
     pub w: Tensor,
+    /// `w` transposed, contiguous `[in, out]` (optional; the forward GEMM is faster with it).
+    pub wt: Option<Tensor>,
     pub bias: Option<Tensor>,
     pub scale: f32,
     pub drop: Option<DropMask>,
@@ -223,9 +225,14 @@ impl Linear {
 
     fn base(&self, x: &[f32], m: usize, i: usize, o: usize) -> Result<Vec<f32>> {
         let mut y = vec![0f32; m * o];
-        with(&self.w, |w| {
-            mm(&mut y, x, w, m, o, i, false, true, false, 1.0)
-        })?;
+        match &self.wt {
+            Some(wt) => with(wt, |wt| {
+                mm(&mut y, x, wt, m, o, i, false, false, false, 1.0)
+            })?,
+            None => with(&self.w, |w| {
+                mm(&mut y, x, w, m, o, i, false, true, false, 1.0)
+            })?,
+        }
         if let Some(b) = &self.bias {
             with(b, |b| {
                 for row in y.chunks_exact_mut(o) {
@@ -468,16 +475,26 @@ impl CustomOp3 for Attention {
         );
         let (rt, d) = (dm.rep() * dm.t, dm.d);
         let mut out = vec![0f32; dm.b * dm.t * dm.nh * d];
-        let mut og = vec![0f32; rt * d];
-        for bi in 0..dm.b {
-            for g in 0..dm.nkv {
+        // (batch row, KV group) pairs are independent: one task each (deterministic: a group's
+        // result does not depend on how the groups are scheduled).
+        use rayon::prelude::*;
+        let groups: Vec<(usize, usize)> = (0..dm.b)
+            .flat_map(|bi| (0..dm.nkv).map(move |g| (bi, g)))
+            .collect();
+        let outs: Vec<Vec<f32>> = groups
+            .par_iter()
+            .map(|&(bi, g)| {
                 let qg = &q[(bi * dm.nkv + g) * rt * d..][..rt * d];
                 let kg = &k[(bi * dm.nkv + g) * dm.k * d..][..dm.k * d];
                 let vg = &v[(bi * dm.nkv + g) * dm.k * d..][..dm.k * d];
                 let p = self.probs(&dm, bi, qg, kg);
+                let mut og = vec![0f32; rt * d];
                 mm(&mut og, &p, vg, rt, d, dm.k, false, false, false, 1.0);
-                scatter_group(&mut out, &og, &dm, bi, g);
-            }
+                og
+            })
+            .collect();
+        for (&(bi, g), og) in groups.iter().zip(&outs) {
+            scatter_group(&mut out, og, &dm, bi, g);
         }
         Ok((CpuStorage::F32(out), Shape::from((dm.b, dm.t, dm.nh * d))))
     }
@@ -498,12 +515,14 @@ impl CustomOp3 for Attention {
             with(grad, |x| x.to_vec())?,
         );
         let (rt, d, kl) = (dm.rep() * dm.t, dm.d, dm.k);
-        let mut dq = vec![0f32; q.len()];
-        let mut dk = vec![0f32; k.len()];
-        let mut dv = vec![0f32; v.len()];
-        let mut dp = vec![0f32; rt * kl];
-        for bi in 0..dm.b {
-            for g in 0..dm.nkv {
+        use rayon::prelude::*;
+        let groups: Vec<(usize, usize)> = (0..dm.b)
+            .flat_map(|bi| (0..dm.nkv).map(move |g| (bi, g)))
+            .collect();
+        // Per group: (dQ rows, dK rows, dV rows), computed independently.
+        let parts: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = groups
+            .par_iter()
+            .map(|&(bi, g)| {
                 let qo = (bi * dm.nkv + g) * rt * d;
                 let ko = (bi * dm.nkv + g) * kl * d;
                 let (qg, kg, vg) = (
@@ -513,19 +532,11 @@ impl CustomOp3 for Attention {
                 );
                 let p = self.probs(&dm, bi, qg, kg);
                 let dog = gather_group(&go, &dm, bi, g);
+                let (mut dqg, mut dkg, mut dvg) =
+                    (vec![0f32; rt * d], vec![0f32; kl * d], vec![0f32; kl * d]);
+                let mut dp = vec![0f32; rt * kl];
                 // dV = Pᵀ dO ; dP = dO Vᵀ ; dS = P ⊙ (dP − rowsum(dP ⊙ P)) · scale
-                mm(
-                    &mut dv[ko..ko + kl * d],
-                    &p,
-                    &dog,
-                    kl,
-                    d,
-                    rt,
-                    true,
-                    false,
-                    false,
-                    1.0,
-                );
+                mm(&mut dvg, &p, &dog, kl, d, rt, true, false, false, 1.0);
                 mm(&mut dp, &dog, vg, rt, kl, d, false, true, false, 1.0);
                 for (dr, pr) in dp.chunks_exact_mut(kl).zip(p.chunks_exact(kl)) {
                     let s: f32 = dr.iter().zip(pr).map(|(a, b)| a * b).sum();
@@ -533,31 +544,20 @@ impl CustomOp3 for Attention {
                         *x = pj * (*x - s) * self.scale;
                     }
                 }
-                mm(
-                    &mut dq[qo..qo + rt * d],
-                    &dp,
-                    kg,
-                    rt,
-                    d,
-                    kl,
-                    false,
-                    false,
-                    false,
-                    1.0,
-                );
-                mm(
-                    &mut dk[ko..ko + kl * d],
-                    &dp,
-                    qg,
-                    kl,
-                    d,
-                    rt,
-                    true,
-                    false,
-                    false,
-                    1.0,
-                );
-            }
+                mm(&mut dqg, &dp, kg, rt, d, kl, false, false, false, 1.0);
+                mm(&mut dkg, &dp, qg, kl, d, rt, true, false, false, 1.0);
+                (dqg, dkg, dvg)
+            })
+            .collect();
+        let mut dq = vec![0f32; q.len()];
+        let mut dk = vec![0f32; k.len()];
+        let mut dv = vec![0f32; v.len()];
+        for (&(bi, g), (dqg, dkg, dvg)) in groups.iter().zip(parts) {
+            let qo = (bi * dm.nkv + g) * rt * d;
+            let ko = (bi * dm.nkv + g) * kl * d;
+            dq[qo..qo + rt * d].copy_from_slice(&dqg);
+            dk[ko..ko + kl * d].copy_from_slice(&dkg);
+            dv[ko..ko + kl * d].copy_from_slice(&dvg);
         }
         Ok((
             Some(tensor(dq, qt.shape())?),
@@ -590,7 +590,13 @@ impl CustomOp2 for SwiGlu {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (g, u) = (f32_slice(s1, l1, "swiglu")?, f32_slice(s2, l2, "swiglu")?);
-        let out = g.iter().zip(u).map(|(&g, &u)| g * sigmoid(g) * u).collect();
+        use rayon::prelude::*;
+        let out = g
+            .par_iter()
+            .with_min_len(1 << 14)
+            .zip(u.par_iter())
+            .map(|(&g, &u)| g * sigmoid(g) * u)
+            .collect();
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -606,13 +612,22 @@ impl CustomOp2 for SwiGlu {
             with(u, |x| x.to_vec())?,
             with(grad, |x| x.to_vec())?,
         );
-        let mut dg = Vec::with_capacity(gv.len());
-        let mut du = Vec::with_capacity(gv.len());
-        for ((&g, &u), &d) in gv.iter().zip(&uv).zip(&dy) {
-            let s = sigmoid(g);
-            du.push(d * g * s);
-            dg.push(d * u * s * (1.0 + g * (1.0 - s)));
-        }
+        use rayon::prelude::*;
+        let mut dg = vec![0f32; gv.len()];
+        let mut du = vec![0f32; gv.len()];
+        const CHUNK: usize = 1 << 14;
+        dg.par_chunks_mut(CHUNK)
+            .zip(du.par_chunks_mut(CHUNK))
+            .enumerate()
+            .for_each(|(c, (dgc, duc))| {
+                let o = c * CHUNK;
+                for (j, (dgj, duj)) in dgc.iter_mut().zip(duc.iter_mut()).enumerate() {
+                    let (g, u, d) = (gv[o + j], uv[o + j], dy[o + j]);
+                    let s = sigmoid(g);
+                    *duj = d * g * s;
+                    *dgj = d * u * s * (1.0 + g * (1.0 - s));
+                }
+            });
         Ok((Some(tensor(dg, g.shape())?), Some(tensor(du, u.shape())?)))
     }
 }

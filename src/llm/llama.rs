@@ -9,7 +9,7 @@ use super::ops::{self, AttnMask, RopeTable};
 use crate::sr::nn::Dropout;
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, Var, D};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// Where the frozen weights come from: a name (Hugging Face naming) → tensor lookup.
 pub trait WeightSource {
@@ -29,15 +29,46 @@ pub struct Proj {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
     pub lora: Option<Lora>,
+    /// `weight` transposed into a contiguous `[in, out]` copy, made on the first CPU forward pass:
+    /// the GEMM packs a row-major `[in, out]` right-hand side with vector loads, a `[out, in]` one
+    /// element by element (a fifth of prefill time). Shared by clones; reset when `weight` changes.
+    pub(crate) weight_t: Arc<OnceLock<Option<Tensor>>>,
 }
 
 impl Proj {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Proj {
+            weight,
+            bias,
+            lora: None,
+            weight_t: Default::default(),
+        }
+    }
+
+    /// Replaces the frozen weight (and forgets its transposed copy).
+    pub fn set_weight(&mut self, w: Tensor) {
+        self.weight = w;
+        self.weight_t = Default::default();
+    }
+
+    fn transposed(&self) -> Option<&Tensor> {
+        let w = &self.weight;
+        if !(w.device().is_cpu() && w.dtype() == DType::F32) || w.track_op() {
+            return None;
+        }
+        self.weight_t
+            .get_or_init(|| w.t().and_then(|t| t.contiguous()).ok())
+            .as_ref()
+    }
+
     fn forward(&self, x: &Tensor, dropout: &mut Option<&mut Dropout>) -> Result<Tensor> {
+        let wt = self.transposed();
         match &self.lora {
-            None => ops::frozen_linear(x, &self.weight, self.bias.as_ref()),
+            None => ops::frozen_linear(x, &self.weight, wt, self.bias.as_ref()),
             Some(l) => ops::lora_linear(
                 x,
                 &self.weight,
+                wt,
                 self.bias.as_ref(),
                 l.a.as_tensor(),
                 l.b.as_tensor(),
@@ -228,15 +259,14 @@ impl Llama {
             dev,
         )?;
         let proj = |p: &str, out: usize, inp: usize, bias: bool| -> Result<Proj> {
-            Ok(Proj {
-                weight: get(src, &format!("{p}.weight"), &[out, inp], dt, dev)?,
-                bias: if bias {
+            Ok(Proj::new(
+                get(src, &format!("{p}.weight"), &[out, inp], dt, dev)?,
+                if bias {
                     Some(get(src, &format!("{p}.bias"), &[out], dt, dev)?)
                 } else {
                     None
                 },
-                lora: None,
-            })
+            ))
         };
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
@@ -397,7 +427,11 @@ impl Llama {
             k: k_len,
         };
         let table = RopeTable::new(&self.inv_freq, &positions);
-        let mut x = x.clone();
+        // With a KV cache the pass is inference: nothing will be differentiated, so no layer may
+        // keep its activations alive through the autograd graph (adapters and injected vectors
+        // are variables and would otherwise make every intermediate tensor part of a graph).
+        let inference = cache.is_some();
+        let mut x = if inference { x.detach() } else { x.clone() };
         let ckpt = self
             .checkpoint
             .as_ref()
@@ -439,6 +473,9 @@ impl Llama {
                         slot,
                         &mut layer_drop.as_mut(),
                     )?;
+                    if inference {
+                        x = x.detach();
+                    }
                 }
             }
         }
@@ -498,7 +535,7 @@ impl Llama {
         }
         let idx = Tensor::from_vec(idx, flat_positions.len(), hidden.device())?;
         let rows = hidden.reshape((b * t, h))?.index_select(&idx, 0)?;
-        ops::frozen_linear(&rows, &self.lm_head, None)
+        ops::frozen_linear(&rows, &self.lm_head, None, None)
     }
 
     /// Cross-entropy (mean over the target tokens) of `targets` at flat positions of `hidden`,
@@ -547,7 +584,7 @@ fn layer_forward(
             k = Tensor::cat(&[pk, &k], 2)?;
             v = Tensor::cat(&[pv, &v], 2)?;
         }
-        *slot = Some((k.clone(), v.clone()));
+        *slot = Some((k.detach(), v.detach()));
     }
     let o = ops::attention(&q, &k, &v, mask, 1.0 / (d as f64).sqrt())?;
     let x = (x + l.o_proj.forward(&o, dropout)?)?;

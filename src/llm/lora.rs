@@ -448,7 +448,9 @@ pub fn merge(model: &mut Llama) -> CResult<()> {
                         .to_dtype(acc)?
                         .matmul(&l.a.as_tensor().to_dtype(acc)?)?
                         * l.scale)?;
-                p.weight = (p.weight.to_dtype(acc)? + delta)?.to_dtype(dt)?;
+                // Detached: a merged weight must not carry the adapter's graph, or every
+                // activation computed from it would be kept for a backward pass that never comes.
+                p.set_weight((p.weight.to_dtype(acc)? + delta)?.to_dtype(dt)?.detach());
             }
         }
     }
