@@ -314,6 +314,33 @@ fn llm_commands_info_generate_logits() {
     assert_eq!(t["ids"].dtype(), DType::I64);
     let (_, r) = reference(&dir.join("reference-with-adapter.safetensors"));
     assert!(max_abs_diff(&t["logits"], &r["p0.logits"]) <= 1e-4);
+    // --compare: the same run again agrees to the bit; another prompt is refused.
+    let again = tmp.path().join("again.safetensors");
+    let args = |prompt: &'static str| {
+        vec![
+            "llm".to_string(),
+            "logits".into(),
+            "--llm".into(),
+            d.to_string(),
+            "--adapter".into(),
+            dir.join("adapter").to_str().unwrap().into(),
+            "--prompt".into(),
+            prompt.into(),
+            "--out".into(),
+            again.to_str().unwrap().into(),
+            "--compare".into(),
+            out.to_str().unwrap().into(),
+        ]
+    };
+    let a = args("The capital of France is");
+    let cmp = ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(cmp.contains("max |difference| 0e0"), "{cmp}");
+    let a = args("Another prompt");
+    let e = fails(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        e.contains("--compare") && e.contains("token ids differ"),
+        "{e}"
+    );
     // Bad input is reported by name, without panicking or leaving files behind.
     let e = fails(&[
         "llm",
@@ -333,7 +360,8 @@ fn llm_commands_info_generate_logits() {
     assert!(e.contains("adapter_config.json"), "{e}");
     let e = fails(&["llm", "info", "--llm", d, "--dtype", "f8"]);
     assert!(e.contains("--dtype"), "{e}");
-    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1);
+    // l.safetensors and again.safetensors, nothing half-written.
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 2);
 }
 
 #[test]

@@ -132,6 +132,10 @@ pub struct LogitsArgs {
     /// Do not add the tokenizer's special tokens (BOS) to the prompt.
     #[arg(long)]
     pub no_special: bool,
+    /// Also compare with another `llm logits` file (same prompt; e.g. from another device or
+    /// implementation): prints the max |difference| and fails if the token ids differ.
+    #[arg(long, value_name = "FILE")]
+    pub compare: Option<PathBuf>,
 }
 
 pub fn run(cmd: LlmCommand) -> Result<()> {
@@ -284,6 +288,35 @@ fn logits(a: LogitsArgs) -> Result<()> {
     })
     .with_context(|| format!("--out {}", a.out.display()))?;
     eprintln!("{} tokens → {}", t, a.out.display());
+    if let Some(other) = &a.compare {
+        let theirs = candle_core::safetensors::load(other, &candle_core::Device::Cpu)
+            .with_context(|| format!("--compare {}", other.display()))?;
+        let (Some(their_ids), Some(their_logits)) = (theirs.get("ids"), theirs.get("logits"))
+        else {
+            bail!(
+                "--compare {}: expected the tensors `ids` and `logits` (an `llm logits` file)",
+                other.display()
+            );
+        };
+        if their_ids.to_dtype(DType::I64)?.to_vec1::<i64>()? != tensors["ids"].to_vec1::<i64>()? {
+            bail!("--compare {}: the token ids differ", other.display());
+        }
+        let ours = &tensors["logits"];
+        if their_logits.dims() != ours.dims() {
+            bail!(
+                "--compare {}: logits {:?}, expected {:?}",
+                other.display(),
+                their_logits.dims(),
+                ours.dims()
+            );
+        }
+        let d = (their_logits.to_dtype(DType::F32)? - ours)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        println!("max |difference| {d:e} ({} positions)", t);
+    }
     Ok(())
 }
 
