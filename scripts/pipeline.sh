@@ -28,12 +28,7 @@ RESULTS="${RESULTS:-docs/results/pipeline-$DATASET}"
 mkdir -p "$OUT"
 LOG="$OUT/commands.txt"
 : > "$LOG"
-run() {
-  local start=$SECONDS
-  echo "+ $*" | tee -a "$LOG"
-  "$@"
-  echo "  ($((SECONDS - start)) s)" | tee -a "$LOG"
-}
+. scripts/lib.sh
 limit=()
 [ -n "$TEST_LIMIT" ] && limit=(--limit "$TEST_LIMIT")
 

@@ -26,12 +26,7 @@ W=runs/knobs/$DATASET
 mkdir -p "$W"
 LOG="$W/commands.txt"
 : > "$LOG"
-run() {
-  local start=$SECONDS
-  echo "+ $*" | tee -a "$LOG"
-  "$@"
-  echo "  ($((SECONDS - start)) s)" | tee -a "$LOG"
-}
+. scripts/lib.sh
 runs=()
 for n in $SIZES; do
   out="$W/$CURRICULUM-$n"
