@@ -84,7 +84,7 @@ pub struct EvalOptions {
 }
 
 /// Generates an answer for every `(row index, example)` and judges it. Deterministic: greedy,
-/// fixed template, batches in row order.
+/// fixed template, batches of similar prompt lengths in a fixed order.
 pub fn evaluate(
     model: &Llama,
     kit: &PromptKit,
@@ -111,8 +111,8 @@ pub fn evaluate(
         })
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(candle_core::Error::Msg)?;
-    // Batches of similar prompt lengths, so little of each batch is padding; the answers are
-    // reported in row order (a row's answer does not depend on the rows batched with it).
+    // Batches of similar prompt lengths, so little of each batch is padding (padding is masked, so
+    // it does not change a row's answer); the answers are reported in row order.
     let mut order: Vec<usize> = (0..rows.len()).collect();
     order.sort_by_key(|&i| toks[i].answer_start);
     let mut answers: Vec<Option<String>> = vec![None; rows.len()];
