@@ -7,6 +7,7 @@
 #   BATCHES="1 4" SEQS="128 256" scripts/bench_memory.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib.sh
 SHARED="${LLARA_SHARED:-../shared}"
 LLARA="${LLARA:-target/release/llara}"
 BATCHES="${BATCHES:-1 2 4 8}"
@@ -40,7 +41,7 @@ gb() { awk '{printf "%.2f", $1 / 1048576}' "$1"; }
         --curriculum hybrid-only --batch-size "$b" --grad-accum 1 --max-train-samples $((3 * b)) --epochs 1 \
         --valid-samples 0 --seed 42 --threads "$THREADS" $ck --out "$W/run" > /dev/null
       row="$row | $(gb "$W/rss.txt")"
-      tps+=("$(python3 -c 'import json,sys; l=[json.loads(x) for x in open(sys.argv[1])][1:]; print("%.0f" % (sum(x["tokens"] for x in l) / sum(x["tokens"] / x["tokens_per_second"] for x in l)))' "$W/run/train_log.jsonl")")
+      tps+=("$(tune_tokens_per_second "$W/run/train_log.jsonl")")
     done
     echo "$row | ${tps[0]} | ${tps[1]} |"
   done

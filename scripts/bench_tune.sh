@@ -9,6 +9,7 @@
 #   THREADS_LIST=2 REPEATS=1 STEPS=4 scripts/bench_tune.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib.sh
 SHARED="${LLARA_SHARED:-../shared}"
 LLARA="${LLARA:-target/release/llara}"
 REPEATS="${REPEATS:-3}"
@@ -33,15 +34,9 @@ for th in $THREADS_LIST; do
       --curriculum hybrid-only --batch-size "$BATCH" --grad-accum 1 --max-train-samples $((BATCH * STEPS)) \
       --epochs 1 --valid-samples 0 --seed 42 --threads "$th" --dump-batches "$W/batches.jsonl" --out "$W/run" \
       > /dev/null
-    python3 - "$W/run/train_log.jsonl" "$W/rss.txt" "$th" >> "$results" <<'PY'
-import json, statistics, sys
-log = [json.loads(l) for l in open(sys.argv[1])][1:]  # the first step is warm-up, as in the reference
-tps = sum(l["tokens"] for l in log) / sum(l["tokens"] / l["tokens_per_second"] for l in log)
-print(json.dumps({"impl": "llara", "threads": int(sys.argv[3]), "tokens_per_second": tps,
-                  "peak_rss_bytes": int(open(sys.argv[2]).read().split()[-1]) * 1024,
-                  "losses": [l["loss"] for l in log]}))
-PY
-    # The SR table in llara's run is the recommender's; the reference reads the same file.
+    tps=$(tune_tokens_per_second "$W/run/train_log.jsonl")
+    echo "{\"impl\": \"llara\", \"threads\": $th, \"tokens_per_second\": $tps, \"peak_rss_bytes\": $(( $(tail -1 "$W/rss.txt") * 1024 ))}" >> "$results"
+    # The reference reads the recommender's weights file (a train-sr run folder holds model.safetensors).
     srw="$SR"; [ -d "$SR" ] && srw="$SR/model.safetensors"
     python3 scripts/reference/tune_step_torch.py --gguf "$GGUF" --sr "$srw" --batches "$W/batches.jsonl" \
       --threads "$th" 2>/dev/null | tail -1 >> "$results"
