@@ -132,6 +132,13 @@ pub fn set_threads(n: usize) -> Result<()> {
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
+    // candle 0.11 runs its element-wise ops on a second pool of spinning threads beside rayon's;
+    // on a machine with as many cores as rayon threads they compete with the fused kernels and
+    // the GEMMs (a LLaRA training step on 2 cores ran 10% slower with it), so those ops run on
+    // the calling thread unless CANDLE_NUM_THREADS says otherwise.
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
     Ok(())
 }
 

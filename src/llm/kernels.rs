@@ -176,6 +176,39 @@ fn with<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     Ok(f(f32_slice(cs, l, "fused kernel")?))
 }
 
+/// Runs `f` on the f32 contents of several CPU tensors at once (each made contiguous first),
+/// without copying them.
+fn with_all<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Result<R> {
+    let ts = ts
+        .iter()
+        .map(|t| t.contiguous())
+        .collect::<Result<Vec<_>>>()?;
+    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(guards.len());
+    for (st, l) in &guards {
+        let Storage::Cpu(cs) = &**st else {
+            candle_core::bail!("fused kernel: CPU tensor expected");
+        };
+        slices.push(f32_slice(cs, l, "fused kernel")?);
+    }
+    Ok(f(&slices))
+}
+
+/// Element-wise work on blocks of this many values runs in parallel (the blocks do not depend on
+/// the thread count, so neither do the results).
+const BLOCK: usize = 1 << 14;
+
+/// Fills `out` block by block in parallel: `f(offset, block)`.
+fn par_blocks(out: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync + Send) {
+    use rayon::prelude::*;
+    if out.len() <= BLOCK {
+        return f(0, out);
+    }
+    out.par_chunks_mut(BLOCK)
+        .enumerate()
+        .for_each(|(c, blk)| f(c * BLOCK, blk));
+}
+
 fn tensor(v: Vec<f32>, shape: &Shape) -> Result<Tensor> {
     Tensor::from_vec(v, shape, &candle_core::Device::Cpu)
 }
@@ -191,10 +224,13 @@ pub struct DropMask {
 
 impl DropMask {
     fn apply(&self, x: &[f32]) -> Vec<f32> {
-        x.iter()
-            .zip(self.keep.iter())
-            .map(|(v, &k)| if k != 0 { v * self.scale } else { 0.0 })
-            .collect()
+        let mut out = vec![0f32; x.len()];
+        par_blocks(&mut out, |o, blk| {
+            for ((y, v), &k) in blk.iter_mut().zip(&x[o..]).zip(&self.keep[o..]) {
+                *y = if k != 0 { v * self.scale } else { 0.0 };
+            }
+        });
+        out
     }
 }
 
@@ -321,38 +357,36 @@ impl CustomOp3 for Linear {
         let (o, i) = self.w.dims2()?;
         let r = a.dims2()?.0;
         let m = x.elem_count() / i;
-        let (xv, av, bv, gv) = (
-            with(x, |v| v.to_vec())?,
-            with(a, |v| v.to_vec())?,
-            with(b, |v| v.to_vec())?,
-            with(grad, |v| v.to_vec())?,
-        );
-        let xd = self.dropped(&xv);
-        let xin = xd.as_deref().unwrap_or(&xv);
-        let mut dx = vec![0f32; m * i];
-        with(&self.w, |w| {
-            mm(&mut dx, &gv, w, m, i, o, false, false, false, 1.0)
-        })?;
-        let mut u = vec![0f32; m * r];
-        mm(&mut u, xin, &av, m, r, i, false, true, false, 1.0);
-        let mut db = vec![0f32; o * r];
-        mm(&mut db, &gv, &u, o, r, m, true, false, false, self.scale);
-        let mut du = vec![0f32; m * r];
-        mm(&mut du, &gv, &bv, m, r, o, false, false, false, self.scale);
-        let mut da = vec![0f32; r * i];
-        mm(&mut da, &du, xin, r, i, m, true, false, false, 1.0);
-        match &self.drop {
-            None => mm(&mut dx, &du, &av, m, i, r, false, false, true, 1.0),
-            Some(d) => {
-                let mut t = vec![0f32; m * i];
-                mm(&mut t, &du, &av, m, i, r, false, false, false, 1.0);
-                for ((o, v), &k) in dx.iter_mut().zip(&t).zip(d.keep.iter()) {
-                    if k != 0 {
-                        *o += v * d.scale;
-                    }
+        let (dx, da, db) = with_all(&[x, a, b, grad, &self.w], |s| {
+            let (xv, av, bv, gv, w) = (s[0], s[1], s[2], s[3], s[4]);
+            let xd = self.dropped(xv);
+            let xin = xd.as_deref().unwrap_or(xv);
+            let mut dx = vec![0f32; m * i];
+            mm(&mut dx, gv, w, m, i, o, false, false, false, 1.0);
+            let mut u = vec![0f32; m * r];
+            mm(&mut u, xin, av, m, r, i, false, true, false, 1.0);
+            let mut db = vec![0f32; o * r];
+            mm(&mut db, gv, &u, o, r, m, true, false, false, self.scale);
+            let mut du = vec![0f32; m * r];
+            mm(&mut du, gv, bv, m, r, o, false, false, false, self.scale);
+            let mut da = vec![0f32; r * i];
+            mm(&mut da, &du, xin, r, i, m, true, false, false, 1.0);
+            match &self.drop {
+                None => mm(&mut dx, &du, av, m, i, r, false, false, true, 1.0),
+                Some(d) => {
+                    let mut t = vec![0f32; m * i];
+                    mm(&mut t, &du, av, m, i, r, false, false, false, 1.0);
+                    par_blocks(&mut dx, |off, blk| {
+                        for ((o, v), &k) in blk.iter_mut().zip(&t[off..]).zip(&d.keep[off..]) {
+                            if k != 0 {
+                                *o += v * d.scale;
+                            }
+                        }
+                    });
                 }
             }
-        }
+            (dx, da, db)
+        })?;
         Ok((
             Some(tensor(dx, x.shape())?),
             Some(tensor(da, a.shape())?),
@@ -508,57 +542,43 @@ impl CustomOp3 for Attention {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dm = Self::dims(qt.shape(), kt.shape())?;
-        let (q, k, v, go) = (
-            with(qt, |x| x.to_vec())?,
-            with(kt, |x| x.to_vec())?,
-            with(vt, |x| x.to_vec())?,
-            with(grad, |x| x.to_vec())?,
-        );
         let (rt, d, kl) = (dm.rep() * dm.t, dm.d, dm.k);
-        use rayon::prelude::*;
-        let groups: Vec<(usize, usize)> = (0..dm.b)
-            .flat_map(|bi| (0..dm.nkv).map(move |g| (bi, g)))
-            .collect();
-        // Per group: (dQ rows, dK rows, dV rows), computed independently.
-        let parts: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = groups
-            .par_iter()
-            .map(|&(bi, g)| {
-                let qo = (bi * dm.nkv + g) * rt * d;
-                let ko = (bi * dm.nkv + g) * kl * d;
-                let (qg, kg, vg) = (
-                    &q[qo..qo + rt * d],
-                    &k[ko..ko + kl * d],
-                    &v[ko..ko + kl * d],
-                );
-                let p = self.probs(&dm, bi, qg, kg);
-                let dog = gather_group(&go, &dm, bi, g);
-                let (mut dqg, mut dkg, mut dvg) =
-                    (vec![0f32; rt * d], vec![0f32; kl * d], vec![0f32; kl * d]);
-                let mut dp = vec![0f32; rt * kl];
-                // dV = Pᵀ dO ; dP = dO Vᵀ ; dS = P ⊙ (dP − rowsum(dP ⊙ P)) · scale
-                mm(&mut dvg, &p, &dog, kl, d, rt, true, false, false, 1.0);
-                mm(&mut dp, &dog, vg, rt, kl, d, false, true, false, 1.0);
-                for (dr, pr) in dp.chunks_exact_mut(kl).zip(p.chunks_exact(kl)) {
-                    let s: f32 = dr.iter().zip(pr).map(|(a, b)| a * b).sum();
-                    for (x, &pj) in dr.iter_mut().zip(pr) {
-                        *x = pj * (*x - s) * self.scale;
+        let (dq, dk, dv) = with_all(&[qt, kt, vt, grad], |s| {
+            let (q, k, v, go) = (s[0], s[1], s[2], s[3]);
+            let mut dq = vec![0f32; q.len()];
+            let mut dk = vec![0f32; k.len()];
+            let mut dv = vec![0f32; v.len()];
+            // One task per (batch row, KV group), each writing its own rows of dQ, dK and dV
+            // (groups are stored in that order: chunk index = bi · kv_heads + g).
+            use rayon::prelude::*;
+            dq.par_chunks_mut(rt * d)
+                .zip(dk.par_chunks_mut(kl * d))
+                .zip(dv.par_chunks_mut(kl * d))
+                .enumerate()
+                .for_each(|(gi, ((dqg, dkg), dvg))| {
+                    let (bi, g) = (gi / dm.nkv, gi % dm.nkv);
+                    let (qg, kg, vg) = (
+                        &q[gi * rt * d..][..rt * d],
+                        &k[gi * kl * d..][..kl * d],
+                        &v[gi * kl * d..][..kl * d],
+                    );
+                    let p = self.probs(&dm, bi, qg, kg);
+                    let dog = gather_group(go, &dm, bi, g);
+                    let mut dp = vec![0f32; rt * kl];
+                    // dV = Pᵀ dO ; dP = dO Vᵀ ; dS = P ⊙ (dP − rowsum(dP ⊙ P)) · scale
+                    mm(dvg, &p, &dog, kl, d, rt, true, false, false, 1.0);
+                    mm(&mut dp, &dog, vg, rt, kl, d, false, true, false, 1.0);
+                    for (dr, pr) in dp.chunks_exact_mut(kl).zip(p.chunks_exact(kl)) {
+                        let s: f32 = dr.iter().zip(pr).map(|(a, b)| a * b).sum();
+                        for (x, &pj) in dr.iter_mut().zip(pr) {
+                            *x = pj * (*x - s) * self.scale;
+                        }
                     }
-                }
-                mm(&mut dqg, &dp, kg, rt, d, kl, false, false, false, 1.0);
-                mm(&mut dkg, &dp, qg, kl, d, rt, true, false, false, 1.0);
-                (dqg, dkg, dvg)
-            })
-            .collect();
-        let mut dq = vec![0f32; q.len()];
-        let mut dk = vec![0f32; k.len()];
-        let mut dv = vec![0f32; v.len()];
-        for (&(bi, g), (dqg, dkg, dvg)) in groups.iter().zip(parts) {
-            let qo = (bi * dm.nkv + g) * rt * d;
-            let ko = (bi * dm.nkv + g) * kl * d;
-            dq[qo..qo + rt * d].copy_from_slice(&dqg);
-            dk[ko..ko + kl * d].copy_from_slice(&dkg);
-            dv[ko..ko + kl * d].copy_from_slice(&dvg);
-        }
+                    mm(dqg, &dp, kg, rt, d, kl, false, false, false, 1.0);
+                    mm(dkg, &dp, qg, kl, d, rt, true, false, false, 1.0);
+                });
+            (dq, dk, dv)
+        })?;
         Ok((
             Some(tensor(dq, qt.shape())?),
             Some(tensor(dk, kt.shape())?),
@@ -607,27 +627,25 @@ impl CustomOp2 for SwiGlu {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (gv, uv, dy) = (
-            with(g, |x| x.to_vec())?,
-            with(u, |x| x.to_vec())?,
-            with(grad, |x| x.to_vec())?,
-        );
-        use rayon::prelude::*;
-        let mut dg = vec![0f32; gv.len()];
-        let mut du = vec![0f32; gv.len()];
-        const CHUNK: usize = 1 << 14;
-        dg.par_chunks_mut(CHUNK)
-            .zip(du.par_chunks_mut(CHUNK))
-            .enumerate()
-            .for_each(|(c, (dgc, duc))| {
-                let o = c * CHUNK;
-                for (j, (dgj, duj)) in dgc.iter_mut().zip(duc.iter_mut()).enumerate() {
-                    let (g, u, d) = (gv[o + j], uv[o + j], dy[o + j]);
-                    let s = sigmoid(g);
-                    *duj = d * g * s;
-                    *dgj = d * u * s * (1.0 + g * (1.0 - s));
-                }
-            });
+        let (dg, du) = with_all(&[g, u, grad], |s| {
+            let (gv, uv, dy) = (s[0], s[1], s[2]);
+            use rayon::prelude::*;
+            let mut dg = vec![0f32; gv.len()];
+            let mut du = vec![0f32; gv.len()];
+            dg.par_chunks_mut(BLOCK)
+                .zip(du.par_chunks_mut(BLOCK))
+                .enumerate()
+                .for_each(|(c, (dgc, duc))| {
+                    let o = c * BLOCK;
+                    for (j, (dgj, duj)) in dgc.iter_mut().zip(duc.iter_mut()).enumerate() {
+                        let (g, u, d) = (gv[o + j], uv[o + j], dy[o + j]);
+                        let s = sigmoid(g);
+                        *duj = d * g * s;
+                        *dgj = d * u * s * (1.0 + g * (1.0 - s));
+                    }
+                });
+            (dg, du)
+        })?;
         Ok((Some(tensor(dg, g.shape())?), Some(tensor(du, u.shape())?)))
     }
 }
@@ -678,19 +696,18 @@ impl CustomOp3 for Affine {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (m, i) = x.dims2()?;
         let o = b.elem_count();
-        let (xv, wv, gv) = (
-            with(x, |v| v.to_vec())?,
-            with(w, |v| v.to_vec())?,
-            with(grad, |v| v.to_vec())?,
-        );
-        let mut dx = vec![0f32; m * i];
-        mm(&mut dx, &gv, &wv, m, i, o, false, false, false, 1.0);
-        let mut dw = vec![0f32; o * i];
-        mm(&mut dw, &gv, &xv, o, i, m, true, false, false, 1.0);
-        let mut db = vec![0f32; o];
-        for row in gv.chunks_exact(o) {
-            db.iter_mut().zip(row).for_each(|(d, g)| *d += g);
-        }
+        let (dx, dw, db) = with_all(&[x, w, grad], |s| {
+            let (xv, wv, gv) = (s[0], s[1], s[2]);
+            let mut dx = vec![0f32; m * i];
+            mm(&mut dx, gv, wv, m, i, o, false, false, false, 1.0);
+            let mut dw = vec![0f32; o * i];
+            mm(&mut dw, gv, xv, o, i, m, true, false, false, 1.0);
+            let mut db = vec![0f32; o];
+            for row in gv.chunks_exact(o) {
+                db.iter_mut().zip(row).for_each(|(d, g)| *d += g);
+            }
+            (dx, dw, db)
+        })?;
         Ok((
             Some(tensor(dx, x.shape())?),
             Some(tensor(dw, w.shape())?),

@@ -65,7 +65,7 @@ pub fn lora_linear(
     if fused_weight(x, w) && fused(&[a, bm]) && b.is_none_or(|b| fused(&[b])) {
         let drop = match dropout {
             Some(d) if active => Some(kernels::DropMask {
-                keep: Arc::new(d.keep_flags(x.elem_count())),
+                keep: Arc::new(d.keep_flags_parallel(x.elem_count())),
                 scale: d.scale(),
             }),
             _ => None,
@@ -83,7 +83,7 @@ pub fn lora_linear(
     let dt = a.dtype();
     let xin = x.to_dtype(dt)?;
     let xin = match dropout {
-        Some(d) if active => d.apply(&xin)?,
+        Some(d) if active => d.apply_parallel(&xin)?,
         _ => xin,
     };
     let delta = matmul_t(&(matmul_t(&xin, a)? * scale)?, bm)?;

@@ -85,6 +85,25 @@ impl Dropout {
             .collect()
     }
 
+    /// `n` keep flags like [`Dropout::keep_flags`], drawn in parallel: one draw from this stream
+    /// seeds a generator whose independent ChaCha streams each fill one fixed-size block, so the
+    /// flags depend on the seed and `n`, never on the thread count.
+    pub fn keep_flags_parallel(&mut self, n: usize) -> Vec<u8> {
+        use rand::SeedableRng;
+        use rayon::prelude::*;
+        const BLOCK: usize = 1 << 15;
+        let seed = self.rng.random::<u64>();
+        let threshold = ((1.0 - self.p) * 4_294_967_296.0).min(4_294_967_295.0) as u32;
+        let mut keep = vec![0u8; n];
+        keep.par_chunks_mut(BLOCK).enumerate().for_each(|(i, blk)| {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            rng.set_stream(i as u64);
+            blk.iter_mut()
+                .for_each(|k| *k = u8::from(rng.random::<u32>() < threshold));
+        });
+        keep
+    }
+
     /// A dropout with the same rate and its own stream, seeded by one draw from this one.
     pub fn fork(&mut self) -> Dropout {
         use rand::SeedableRng;
@@ -100,7 +119,26 @@ impl Dropout {
         if self.p <= 0.0 {
             return Ok(x.clone());
         }
-        let mask = self.mask_values(x.elem_count());
+        let keep = self.keep_flags(x.elem_count());
+        self.mask(x, &keep)
+    }
+
+    /// [`Dropout::apply`] with the draws of [`Dropout::keep_flags_parallel`] (the LLM's LoRA
+    /// inputs: the composed path draws the same mask as the fused kernel).
+    pub fn apply_parallel(&mut self, x: &Tensor) -> Result<Tensor> {
+        if self.p <= 0.0 {
+            return Ok(x.clone());
+        }
+        let keep = self.keep_flags_parallel(x.elem_count());
+        self.mask(x, &keep)
+    }
+
+    fn mask(&self, x: &Tensor, keep: &[u8]) -> Result<Tensor> {
+        let scale = self.scale();
+        let mask: Vec<f32> = keep
+            .iter()
+            .map(|&k| if k != 0 { scale } else { 0.0 })
+            .collect();
         let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
         x.mul(&mask)
     }
@@ -135,4 +173,30 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let y = x.reshape(((), inp))?.matmul(&w)?;
     dims.push(w.dim(1)?);
     y.reshape(dims)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    fn flags(threads: usize, seed: u64, n: usize) -> Vec<u8> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| Dropout::new(0.1, ChaCha8Rng::seed_from_u64(seed)).keep_flags_parallel(n))
+    }
+
+    #[test]
+    fn parallel_keep_flags_depend_on_the_seed_not_the_threads() {
+        let n = 100_003; // several blocks and a partial one
+        let one = flags(1, 7, n);
+        assert_eq!(one, flags(3, 7, n));
+        assert_ne!(one, flags(1, 8, n));
+        let kept = one.iter().filter(|&&k| k == 1).count() as f64 / n as f64;
+        assert!((kept - 0.9).abs() < 0.01, "kept fraction {kept}");
+        // Blocks draw from different streams, not copies of one.
+        assert_ne!(one[..1 << 15], one[1 << 15..2 << 15]);
+    }
 }
