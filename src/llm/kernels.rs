@@ -166,6 +166,61 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// `e^x` in place over a slice, branch-free so that it vectorizes (AVX-512 or AVX2 where the CPU
+/// has them, chosen at run time): `x = n·ln 2 + r` with `|r| ≤ ln 2 / 2`, a degree-7 Taylor
+/// polynomial for `e^r` (relative error below 1e-7) and `2^n` built from the exponent bits.
+/// Inputs are clamped to [-87, 88], so `e^-∞` gives about 1.6e-38 rather than 0.
+pub fn exp_in_place(xs: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has the features this copy was compiled for (checked just above).
+            return unsafe { exp_avx512(xs) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: as above.
+            return unsafe { exp_avx2(xs) };
+        }
+    }
+    exp_portable(xs)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn exp_avx512(xs: &mut [f32]) {
+    exp_portable(xs)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp_avx2(xs: &mut [f32]) {
+    exp_portable(xs)
+}
+
+#[inline(always)]
+fn exp_portable(xs: &mut [f32]) {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    // Adding 1.5·2²³ rounds to an integer, which then sits in the low mantissa bits.
+    const MAGIC: f32 = 12_582_912.0;
+    for v in xs.iter_mut() {
+        let x = v.max(-87.0).min(88.0);
+        let t = x * LOG2E + MAGIC;
+        let n = t - MAGIC;
+        let r = x - n * LN2_HI - n * LN2_LO;
+        let p = 1.0
+            + r * (1.0
+                + r * (0.5
+                    + r * (1.0 / 6.0
+                        + r * (1.0 / 24.0
+                            + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+        let pow2 = f32::from_bits(t.to_bits().wrapping_sub(0x4B40_0000 - 127) << 23);
+        *v = p * pow2;
+    }
+}
+
 /// Runs `f` on the f32 contents of a CPU tensor (made contiguous first).
 fn with<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let t = t.contiguous()?;
@@ -435,9 +490,13 @@ impl Attention {
                     max = *v;
                 }
             }
+            row.iter_mut().for_each(|v| *v -= max);
+            exp_in_place(row);
             let mut sum = 0f32;
             for (v, &a) in row.iter_mut().zip(al) {
-                *v = if a != 0 { (*v - max).exp() } else { 0.0 };
+                if a == 0 {
+                    *v = 0.0;
+                }
                 sum += *v;
             }
             if sum > 0.0 {
@@ -592,11 +651,6 @@ impl CustomOp3 for Attention {
 /// `silu(g) · u`.
 pub struct SwiGlu;
 
-#[inline]
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
-}
-
 impl CustomOp2 for SwiGlu {
     fn name(&self) -> &'static str {
         "swiglu"
@@ -610,13 +664,16 @@ impl CustomOp2 for SwiGlu {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (g, u) = (f32_slice(s1, l1, "swiglu")?, f32_slice(s2, l2, "swiglu")?);
-        use rayon::prelude::*;
-        let out = g
-            .par_iter()
-            .with_min_len(1 << 14)
-            .zip(u.par_iter())
-            .map(|(&g, &u)| g * sigmoid(g) * u)
-            .collect();
+        let mut out = vec![0f32; g.len()];
+        par_blocks(&mut out, |o, blk| {
+            let (g, u) = (&g[o..o + blk.len()], &u[o..o + blk.len()]);
+            // blk ← e^-g, then g·u / (1 + e^-g) = silu(g)·u.
+            blk.iter_mut().zip(g).for_each(|(e, g)| *e = -g);
+            exp_in_place(blk);
+            for ((y, g), u) in blk.iter_mut().zip(g).zip(u) {
+                *y = g * u / (1.0 + *y);
+            }
+        });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -637,9 +694,14 @@ impl CustomOp2 for SwiGlu {
                 .enumerate()
                 .for_each(|(c, (dgc, duc))| {
                     let o = c * BLOCK;
+                    let n = dgc.len();
+                    let (gv, uv, dy) = (&gv[o..o + n], &uv[o..o + n], &dy[o..o + n]);
+                    // dgc ← e^-g first; σ(g) = 1 / (1 + e^-g).
+                    dgc.iter_mut().zip(gv).for_each(|(e, g)| *e = -g);
+                    exp_in_place(dgc);
                     for (j, (dgj, duj)) in dgc.iter_mut().zip(duc.iter_mut()).enumerate() {
-                        let (g, u, d) = (gv[o + j], uv[o + j], dy[o + j]);
-                        let s = sigmoid(g);
+                        let (g, u, d) = (gv[j], uv[j], dy[j]);
+                        let s = 1.0 / (1.0 + *dgj);
                         *duj = d * g * s;
                         *dgj = d * u * s * (1.0 + g * (1.0 - s));
                     }
@@ -713,5 +775,29 @@ impl CustomOp3 for Affine {
             Some(tensor(dw, w.shape())?),
             Some(tensor(db, b.shape())?),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_exp_matches_std_within_a_few_ulps() {
+        let xs: Vec<f32> = (0..20_001).map(|i| -87.0 + i as f32 * 0.0087).collect();
+        let mut ys = xs.clone();
+        exp_in_place(&mut ys);
+        let mut worst = 0f64;
+        for (x, y) in xs.iter().zip(&ys) {
+            let want = (*x as f64).exp();
+            worst = worst.max(((*y as f64 - want) / want).abs());
+        }
+        assert!(worst < 5e-7, "worst relative error {worst}");
+        // Masked scores: -inf gives (almost) nothing, never NaN or infinity.
+        let mut edge = [f32::NEG_INFINITY, -1e30, 0.0, 1e30];
+        exp_in_place(&mut edge);
+        assert!(edge[0] < 1e-37 && edge[1] < 1e-37);
+        assert_eq!(edge[2], 1.0);
+        assert!(edge[3].is_finite() && edge[3] > 1e38);
     }
 }
