@@ -206,7 +206,7 @@ fn exp_portable(xs: &mut [f32]) {
     // Adding 1.5·2²³ rounds to an integer, which then sits in the low mantissa bits.
     const MAGIC: f32 = 12_582_912.0;
     for v in xs.iter_mut() {
-        let x = v.max(-87.0).min(88.0);
+        let x = v.clamp(-87.0, 88.0);
         let t = x * LOG2E + MAGIC;
         let n = t - MAGIC;
         let r = x - n * LN2_HI - n * LN2_LO;
