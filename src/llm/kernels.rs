@@ -42,6 +42,60 @@ pub fn mm(
         // where gemm would pack it first.
         return small_m(c, a, b, m, n, k, acc, alpha);
     }
+    // SAFETY: `c` holds at least m·n elements (asserted above).
+    unsafe { gemm_rows(c.as_mut_ptr(), a, b, m, n, k, ta, tb, acc, alpha) }
+}
+
+/// A new row-major `[m, n]` = `alpha · op(a) · op(b)` (see [`mm`]), which the GEMM writes without
+/// the buffer being zero-filled first.
+#[allow(clippy::too_many_arguments)]
+pub fn mm_new(
+    a: &[f32],
+    b: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    ta: bool,
+    tb: bool,
+    alpha: f32,
+) -> Vec<f32> {
+    if m == 0 || n == 0 || k == 0 || (m <= 4 && !ta && tb) {
+        let mut c = vec![0f32; m * n];
+        mm(&mut c, a, b, m, n, k, ta, tb, false, alpha);
+        return c;
+    }
+    assert!(
+        a.len() >= m * k && b.len() >= k * n,
+        "mm_new: slice too short"
+    );
+    let mut c = Vec::with_capacity(m * n);
+    // SAFETY: the buffer has capacity m·n; with `acc` false the GEMM writes every element of the
+    // m·n result and reads none, so all of them are initialized before `set_len`.
+    unsafe {
+        gemm_rows(c.as_mut_ptr(), a, b, m, n, k, ta, tb, false, alpha);
+        c.set_len(m * n);
+    }
+    c
+}
+
+/// The GEMM behind [`mm`] and [`mm_new`].
+///
+/// # Safety
+/// `c` must be valid for writes (and, with `acc`, reads) of `m·n` elements; `a` and `b` must
+/// hold `m·k` and `k·n`; `m`, `n`, `k` > 0.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_rows(
+    c: *mut f32,
+    a: &[f32],
+    b: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    ta: bool,
+    tb: bool,
+    acc: bool,
+    alpha: f32,
+) {
     let threads = candle_core::utils::get_num_threads();
     let (a_cs, a_rs) = if ta { (m as isize, 1) } else { (1, k as isize) };
     let (b_cs, b_rs) = if tb { (k as isize, 1) } else { (1, n as isize) };
@@ -54,19 +108,23 @@ pub fn mm(
         1
     };
     let rows = m.div_ceil(blocks);
-    let (a_ptr, b_ptr) = (a.as_ptr() as usize, b.as_ptr() as usize);
-    let run = |i0: usize, c_blk: &mut [f32]| {
-        let mb = c_blk.len() / n;
-        // SAFETY: `c_blk` holds rows i0..i0+mb of c; the lhs pointer is offset to row i0 of op(a)
-        // (a column offset when transposed); the slices hold at least m·k, k·n and m·n elements
-        // (asserted above) and the strides address exactly those row-major layouts.
+    let (a_ptr, b_ptr, c_ptr) = (a.as_ptr() as usize, b.as_ptr() as usize, c as usize);
+    let run = |bi: usize| {
+        let i0 = bi * rows;
+        if i0 >= m {
+            return;
+        }
+        let mb = rows.min(m - i0);
+        // SAFETY: block `bi` writes rows i0..i0+mb of c (disjoint between blocks); the lhs
+        // pointer is offset to row i0 of op(a) (a column offset when transposed); the caller
+        // guarantees the sizes and the strides address exactly those row-major layouts.
         unsafe {
             let a_off = if ta { i0 } else { i0 * k };
             gemm::gemm(
                 mb,
                 n,
                 k,
-                c_blk.as_mut_ptr(),
+                (c_ptr as *mut f32).add(i0 * n),
                 1,
                 n as isize,
                 acc,
@@ -86,13 +144,10 @@ pub fn mm(
         }
     };
     if blocks == 1 {
-        run(0, &mut c[..m * n]);
+        run(0);
     } else {
         use rayon::prelude::*;
-        c[..m * n]
-            .par_chunks_mut(rows * n)
-            .enumerate()
-            .for_each(|(bi, blk)| run(bi * rows, blk));
+        (0..blocks).into_par_iter().for_each(run);
     }
 }
 
@@ -282,7 +337,7 @@ impl DropMask {
         let mut out = vec![0f32; x.len()];
         par_blocks(&mut out, |o, blk| {
             for ((y, v), &k) in blk.iter_mut().zip(&x[o..]).zip(&self.keep[o..]) {
-                *y = if k != 0 { v * self.scale } else { 0.0 };
+                *y = v * (k as f32 * self.scale);
             }
         });
         out
@@ -315,15 +370,10 @@ impl Linear {
     }
 
     fn base(&self, x: &[f32], m: usize, i: usize, o: usize) -> Result<Vec<f32>> {
-        let mut y = vec![0f32; m * o];
-        match &self.wt {
-            Some(wt) => with(wt, |wt| {
-                mm(&mut y, x, wt, m, o, i, false, false, false, 1.0)
-            })?,
-            None => with(&self.w, |w| {
-                mm(&mut y, x, w, m, o, i, false, true, false, 1.0)
-            })?,
-        }
+        let mut y = match &self.wt {
+            Some(wt) => with(wt, |wt| mm_new(x, wt, m, o, i, false, false, 1.0))?,
+            None => with(&self.w, |w| mm_new(x, w, m, o, i, false, true, 1.0))?,
+        };
         if let Some(b) = &self.bias {
             with(b, |b| {
                 for row in y.chunks_exact_mut(o) {
@@ -384,19 +434,7 @@ impl CustomOp3 for Linear {
         let r = a.len() / i;
         let mut y = self.base(x, m, i, o)?;
         let xd = self.dropped(x);
-        let mut u = vec![0f32; m * r];
-        mm(
-            &mut u,
-            xd.as_deref().unwrap_or(x),
-            a,
-            m,
-            r,
-            i,
-            false,
-            true,
-            false,
-            1.0,
-        );
+        let u = mm_new(xd.as_deref().unwrap_or(x), a, m, r, i, false, true, 1.0);
         mm(&mut y, &u, b, m, o, r, false, true, true, self.scale);
         Ok((CpuStorage::F32(y), shape))
     }
@@ -416,26 +454,18 @@ impl CustomOp3 for Linear {
             let (xv, av, bv, gv, w) = (s[0], s[1], s[2], s[3], s[4]);
             let xd = self.dropped(xv);
             let xin = xd.as_deref().unwrap_or(xv);
-            let mut dx = vec![0f32; m * i];
-            mm(&mut dx, gv, w, m, i, o, false, false, false, 1.0);
-            let mut u = vec![0f32; m * r];
-            mm(&mut u, xin, av, m, r, i, false, true, false, 1.0);
-            let mut db = vec![0f32; o * r];
-            mm(&mut db, gv, &u, o, r, m, true, false, false, self.scale);
-            let mut du = vec![0f32; m * r];
-            mm(&mut du, gv, bv, m, r, o, false, false, false, self.scale);
-            let mut da = vec![0f32; r * i];
-            mm(&mut da, &du, xin, r, i, m, true, false, false, 1.0);
+            let mut dx = mm_new(gv, w, m, i, o, false, false, 1.0);
+            let u = mm_new(xin, av, m, r, i, false, true, 1.0);
+            let db = mm_new(gv, &u, o, r, m, true, false, self.scale);
+            let du = mm_new(gv, bv, m, r, o, false, false, self.scale);
+            let da = mm_new(&du, xin, r, i, m, true, false, 1.0);
             match &self.drop {
                 None => mm(&mut dx, &du, av, m, i, r, false, false, true, 1.0),
                 Some(d) => {
-                    let mut t = vec![0f32; m * i];
-                    mm(&mut t, &du, av, m, i, r, false, false, false, 1.0);
+                    let t = mm_new(&du, av, m, i, r, false, false, 1.0);
                     par_blocks(&mut dx, |off, blk| {
                         for ((o, v), &k) in blk.iter_mut().zip(&t[off..]).zip(&d.keep[off..]) {
-                            if k != 0 {
-                                *o += v * d.scale;
-                            }
+                            *o += v * (k as f32 * d.scale);
                         }
                     });
                 }
@@ -480,8 +510,7 @@ impl Attention {
     /// Probabilities `[rep·T, K]` of batch row `bi` for the query group `qg` and keys `kg`.
     fn probs(&self, dm: &AttnDims, bi: usize, qg: &[f32], kg: &[f32]) -> Vec<f32> {
         let (rt, k) = (dm.rep() * dm.t, dm.k);
-        let mut p = vec![0f32; rt * k];
-        mm(&mut p, qg, kg, rt, k, dm.d, false, true, false, self.scale);
+        let mut p = mm_new(qg, kg, rt, k, dm.d, false, true, self.scale);
         let allowed = &self.allowed[bi * rt * k..(bi + 1) * rt * k];
         for (row, al) in p.chunks_exact_mut(k).zip(allowed.chunks_exact(k)) {
             let mut max = f32::NEG_INFINITY;
@@ -581,9 +610,7 @@ impl CustomOp3 for Attention {
                 let kg = &k[(bi * dm.nkv + g) * dm.k * d..][..dm.k * d];
                 let vg = &v[(bi * dm.nkv + g) * dm.k * d..][..dm.k * d];
                 let p = self.probs(&dm, bi, qg, kg);
-                let mut og = vec![0f32; rt * d];
-                mm(&mut og, &p, vg, rt, d, dm.k, false, false, false, 1.0);
-                og
+                mm_new(&p, vg, rt, d, dm.k, false, false, 1.0)
             })
             .collect();
         for (&(bi, g), og) in groups.iter().zip(&outs) {
@@ -760,10 +787,8 @@ impl CustomOp3 for Affine {
         let o = b.elem_count();
         let (dx, dw, db) = with_all(&[x, w, grad], |s| {
             let (xv, wv, gv) = (s[0], s[1], s[2]);
-            let mut dx = vec![0f32; m * i];
-            mm(&mut dx, gv, wv, m, i, o, false, false, false, 1.0);
-            let mut dw = vec![0f32; o * i];
-            mm(&mut dw, gv, xv, o, i, m, true, false, false, 1.0);
+            let dx = mm_new(gv, wv, m, i, o, false, false, 1.0);
+            let dw = mm_new(gv, xv, o, i, m, true, false, 1.0);
             let mut db = vec![0f32; o];
             for row in gv.chunks_exact(o) {
                 db.iter_mut().zip(row).for_each(|(d, g)| *d += g);
@@ -781,6 +806,30 @@ impl CustomOp3 for Affine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gemm_into_a_fresh_buffer_matches_a_naive_product() {
+        for &(m, n, k) in &[(3, 5, 7), (70, 65, 66), (130, 9, 80)] {
+            let a: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 7 % 13) as f32 - 6.0) / 7.0)
+                .collect();
+            let b: Vec<f32> = (0..k * n)
+                .map(|i| ((i * 5 % 11) as f32 - 5.0) / 5.0)
+                .collect();
+            for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+                let at = |i: usize, l: usize| if ta { a[l * m + i] } else { a[i * k + l] };
+                let bt = |l: usize, j: usize| if tb { b[j * k + l] } else { b[l * n + j] };
+                let c = mm_new(&a, &b, m, n, k, ta, tb, 0.5);
+                assert_eq!(c.len(), m * n);
+                for i in 0..m {
+                    for j in 0..n {
+                        let want: f32 = 0.5 * (0..k).map(|l| at(i, l) * bt(l, j)).sum::<f32>();
+                        assert!((c[i * n + j] - want).abs() < 1e-3, "{m}x{n}x{k} {ta} {tb}");
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn fast_exp_matches_std_within_a_few_ulps() {
