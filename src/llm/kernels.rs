@@ -99,39 +99,41 @@ unsafe fn gemm_rows(
     let threads = candle_core::utils::get_num_threads();
     let (a_cs, a_rs) = if ta { (m as isize, 1) } else { (1, k as isize) };
     let (b_cs, b_rs) = if tb { (k as isize, 1) } else { (1, n as isize) };
-    // gemm's own multi-threading does not give the same bits from run to run; split the rows of
-    // `c` into one block per thread instead, each a single-threaded gemm (deterministic for a
-    // given thread count).
-    let blocks = if threads > 1 && m >= 2 * threads && m * n * k >= 64 * 64 * 64 {
+    // gemm's own multi-threading does not give the same bits from run to run; split `c` into one
+    // block per thread instead, each a single-threaded gemm (deterministic for a given thread
+    // count). Each block packs the operand it shares with the others, so the split runs along
+    // the longer side of `c`: rows (tokens) when there are more of them than columns, else
+    // columns (a weight's outputs), so that a short prompt's GEMMs do not pack every weight once
+    // per thread.
+    let parallel = threads > 1 && m * n * k >= 64 * 64 * 64;
+    let by_cols = parallel && n > m && n >= 32 * threads;
+    let blocks = if by_cols || (parallel && m >= 2 * threads) {
         threads
     } else {
         1
     };
-    let rows = m.div_ceil(blocks);
     let (a_ptr, b_ptr, c_ptr) = (a.as_ptr() as usize, b.as_ptr() as usize, c as usize);
-    let run = |bi: usize| {
-        let i0 = bi * rows;
-        if i0 >= m {
-            return;
-        }
-        let mb = rows.min(m - i0);
-        // SAFETY: block `bi` writes rows i0..i0+mb of c (disjoint between blocks); the lhs
-        // pointer is offset to row i0 of op(a) (a column offset when transposed); the caller
-        // guarantees the sizes and the strides address exactly those row-major layouts.
+    // One gemm over rows i0..i0+mb and columns j0..j0+nb of c.
+    let block = |i0: usize, mb: usize, j0: usize, nb: usize| {
+        // SAFETY: blocks write disjoint rows (or columns) of c; the operand pointers are offset
+        // to row i0 of op(a) and column j0 of op(b) (element offsets that depend on whether each
+        // is stored transposed); the caller guarantees the sizes, and the strides address exactly
+        // those row-major layouts.
         unsafe {
             let a_off = if ta { i0 } else { i0 * k };
+            let b_off = if tb { j0 * k } else { j0 };
             gemm::gemm(
                 mb,
-                n,
+                nb,
                 k,
-                (c_ptr as *mut f32).add(i0 * n),
+                (c_ptr as *mut f32).add(i0 * n + j0),
                 1,
                 n as isize,
                 acc,
                 (a_ptr as *const f32).add(a_off),
                 a_cs,
                 a_rs,
-                b_ptr as *const f32,
+                (b_ptr as *const f32).add(b_off),
                 b_cs,
                 b_rs,
                 1.0,
@@ -141,6 +143,22 @@ unsafe fn gemm_rows(
                 false,
                 gemm::Parallelism::None,
             )
+        }
+    };
+    let run = |bi: usize| {
+        if by_cols {
+            // Column blocks in multiples of 16 (one AVX-512 vector of f32).
+            let cols = n.div_ceil(blocks).div_ceil(16) * 16;
+            let j0 = bi * cols;
+            if j0 < n {
+                block(0, m, j0, cols.min(n - j0));
+            }
+        } else {
+            let rows = m.div_ceil(blocks);
+            let i0 = bi * rows;
+            if i0 < m {
+                block(i0, rows.min(m - i0), 0, n);
+            }
         }
     };
     if blocks == 1 {
@@ -809,7 +827,13 @@ mod tests {
 
     #[test]
     fn gemm_into_a_fresh_buffer_matches_a_naive_product() {
-        for &(m, n, k) in &[(3, 5, 7), (70, 65, 66), (130, 9, 80)] {
+        for &(m, n, k) in &[
+            (3, 5, 7),
+            (70, 65, 66),
+            (130, 9, 80),
+            (40, 200, 70),
+            (9, 333, 100),
+        ] {
             let a: Vec<f32> = (0..m * k)
                 .map(|i| ((i * 7 % 13) as f32 - 6.0) / 7.0)
                 .collect();
