@@ -106,7 +106,7 @@ unsafe fn gemm_rows(
     // columns (a weight's outputs), so that a short prompt's GEMMs do not pack every weight once
     // per thread.
     let parallel = threads > 1 && m * n * k >= 64 * 64 * 64;
-    let by_cols = parallel && n > m && n >= 32 * threads;
+    let by_cols = parallel && n > m && m >= 8 && n >= 32 * threads;
     let blocks = if by_cols || (parallel && m >= 2 * threads) {
         threads
     } else {
