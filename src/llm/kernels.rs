@@ -3,7 +3,7 @@
 //! recomputes its probabilities instead of keeping `[B, heads, T, T]` scores and probabilities).
 //! [`super::ops`] chooses between these and differentiable compositions.
 
-use crate::sr::ops::f32_slice;
+use crate::sr::ops::{exp_in_place, f32_slice};
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor,
 };
@@ -237,61 +237,6 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         }
     }
     acc.iter().sum::<f32>() + tail
-}
-
-/// `e^x` in place over a slice, branch-free so that it vectorizes (AVX-512 or AVX2 where the CPU
-/// has them, chosen at run time): `x = n·ln 2 + r` with `|r| ≤ ln 2 / 2`, a degree-7 Taylor
-/// polynomial for `e^r` (relative error below 1e-7) and `2^n` built from the exponent bits.
-/// Inputs are clamped to [-87, 88], so `e^-∞` gives about 1.6e-38 rather than 0.
-pub fn exp_in_place(xs: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has the features this copy was compiled for (checked just above).
-            return unsafe { exp_avx512(xs) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: as above.
-            return unsafe { exp_avx2(xs) };
-        }
-    }
-    exp_portable(xs)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn exp_avx512(xs: &mut [f32]) {
-    exp_portable(xs)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn exp_avx2(xs: &mut [f32]) {
-    exp_portable(xs)
-}
-
-#[inline(always)]
-fn exp_portable(xs: &mut [f32]) {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
-    // Adding 1.5·2²³ rounds to an integer, which then sits in the low mantissa bits.
-    const MAGIC: f32 = 12_582_912.0;
-    for v in xs.iter_mut() {
-        let x = v.clamp(-87.0, 88.0);
-        let t = x * LOG2E + MAGIC;
-        let n = t - MAGIC;
-        let r = x - n * LN2_HI - n * LN2_LO;
-        let p = 1.0
-            + r * (1.0
-                + r * (0.5
-                    + r * (1.0 / 6.0
-                        + r * (1.0 / 24.0
-                            + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-        let pow2 = f32::from_bits(t.to_bits().wrapping_sub(0x4B40_0000 - 127) << 23);
-        *v = p * pow2;
-    }
 }
 
 /// Runs `f` on the f32 contents of a CPU tensor (made contiguous first).
@@ -853,24 +798,5 @@ mod tests {
                 }
             }
         }
-    }
-
-    #[test]
-    fn fast_exp_matches_std_within_a_few_ulps() {
-        let xs: Vec<f32> = (0..20_001).map(|i| -87.0 + i as f32 * 0.0087).collect();
-        let mut ys = xs.clone();
-        exp_in_place(&mut ys);
-        let mut worst = 0f64;
-        for (x, y) in xs.iter().zip(&ys) {
-            let want = (*x as f64).exp();
-            worst = worst.max(((*y as f64 - want) / want).abs());
-        }
-        assert!(worst < 5e-7, "worst relative error {worst}");
-        // Masked scores: -inf gives (almost) nothing, never NaN or infinity.
-        let mut edge = [f32::NEG_INFINITY, -1e30, 0.0, 1e30];
-        exp_in_place(&mut edge);
-        assert!(edge[0] < 1e-37 && edge[1] < 1e-37);
-        assert_eq!(edge[2], 1.0);
-        assert!(edge[3].is_finite() && edge[3] > 1e38);
     }
 }
