@@ -43,7 +43,7 @@ pub fn mm(
         return small_m(c, a, b, m, n, k, acc, alpha);
     }
     // SAFETY: `c` holds at least m·n elements (asserted above).
-    unsafe { gemm_rows(c.as_mut_ptr(), a, b, m, n, k, ta, tb, acc, alpha) }
+    unsafe { gemm_blocks(c.as_mut_ptr(), a, b, m, n, k, ta, tb, acc, alpha) }
 }
 
 /// A new row-major `[m, n]` = `alpha · op(a) · op(b)` (see [`mm`]), which the GEMM writes without
@@ -72,7 +72,7 @@ pub fn mm_new(
     // SAFETY: the buffer has capacity m·n; with `acc` false the GEMM writes every element of the
     // m·n result and reads none, so all of them are initialized before `set_len`.
     unsafe {
-        gemm_rows(c.as_mut_ptr(), a, b, m, n, k, ta, tb, false, alpha);
+        gemm_blocks(c.as_mut_ptr(), a, b, m, n, k, ta, tb, false, alpha);
         c.set_len(m * n);
     }
     c
@@ -84,7 +84,7 @@ pub fn mm_new(
 /// `c` must be valid for writes (and, with `acc`, reads) of `m·n` elements; `a` and `b` must
 /// hold `m·k` and `k·n`; `m`, `n`, `k` > 0.
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm_rows(
+unsafe fn gemm_blocks(
     c: *mut f32,
     a: &[f32],
     b: &[f32],
