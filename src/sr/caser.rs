@@ -4,7 +4,7 @@
 
 use super::nn::{embed, matmul_t, maybe_dropout, Dropout, Linear};
 use super::{Batch, Config};
-use candle_core::{Result, Tensor, D};
+use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
 pub struct Caser {
@@ -51,11 +51,7 @@ impl Caser {
         let emb = embed(&self.item_embeddings, &batch.seq)?.broadcast_mul(&batch.mask)?; // [B, T, H]
         let mut parts = Vec::with_capacity(self.horizontal.len() + 1);
         for (height, w, b) in &self.horizontal {
-            let windows = t - height + 1;
-            let shifted: Vec<Tensor> = (0..*height)
-                .map(|k| emb.narrow(1, k, windows))
-                .collect::<Result<_>>()?;
-            let unfolded = Tensor::cat(&shifted, D::Minus1)?; // [B, windows, h*H]
+            let unfolded = super::ops::unfold(&emb, *height)?; // [B, windows, h*H]
             let conv = matmul_t(&unfolded, w)?.broadcast_add(b)?.relu()?; // [B, windows, F]
             parts.push(conv.max(1)?);
         }

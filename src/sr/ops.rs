@@ -2,7 +2,9 @@
 //! composed versions reduce gradients over leading dimensions through a slow generic path; these do
 //! it in one contiguous pass. On other devices (or dtypes) the composed versions are used.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D,
+};
 
 /// The contiguous f32 contents of a CPU storage (fused kernels' inputs).
 pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
@@ -567,6 +569,68 @@ impl CustomOp3 for GruCell {
 }
 
 /// Whether the fused CPU kernels apply to `t`.
+/// Caser's sliding windows over positions: `x [B, T, H]` → `[B, T−h+1, h·H]`, window `w` being rows
+/// `w..w+h` side by side (what concatenating `h` shifted narrows gives, without their `h` copies
+/// forward and `h` zero-padded gradients backward).
+pub fn unfold(x: &Tensor, height: usize) -> Result<Tensor> {
+    let (_, t, _) = x.dims3()?;
+    if height == 0 || height > t {
+        candle_core::bail!("unfold: window height {height} for {t} positions");
+    }
+    if fast_path(&[x]) {
+        return x.contiguous()?.apply_op1(Unfold { height });
+    }
+    unfold_composed(x, height)
+}
+
+/// [`unfold`] from candle ops (any device, any dtype).
+pub fn unfold_composed(x: &Tensor, height: usize) -> Result<Tensor> {
+    let windows = x.dim(1)? + 1 - height;
+    let shifted: Vec<Tensor> = (0..height)
+        .map(|k| x.narrow(1, k, windows))
+        .collect::<Result<_>>()?;
+    Tensor::cat(&shifted, D::Minus1)
+}
+
+struct Unfold {
+    height: usize,
+}
+
+impl CustomOp1 for Unfold {
+    fn name(&self) -> &'static str {
+        "unfold"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, "unfold")?;
+        let (b, t, h) = l.shape().dims3()?;
+        let (w, span) = (t + 1 - self.height, self.height * h);
+        let mut out = Vec::with_capacity(b * w * span);
+        for bi in 0..b {
+            for wi in 0..w {
+                // Rows wi..wi+height of a contiguous [T, H] block are one contiguous span.
+                out.extend_from_slice(&x[(bi * t + wi) * h..][..span]);
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from((b, w, span))))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (b, t, h) = x.dims3()?;
+        let (w, span) = (t + 1 - self.height, self.height * h);
+        let g = host_vec(grad)?;
+        let mut dx = vec![0f32; b * t * h];
+        for bi in 0..b {
+            for wi in 0..w {
+                let dst = &mut dx[(bi * t + wi) * h..][..span];
+                let src = &g[(bi * w + wi) * span..][..span];
+                dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+            }
+        }
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
+
 pub fn fused_ok(t: &Tensor) -> bool {
     fast_path(&[t])
 }
@@ -575,6 +639,50 @@ pub fn fused_ok(t: &Tensor) -> bool {
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+
+    #[test]
+    fn fused_unfold_matches_the_composed_one_with_gradients() {
+        let dev = Device::Cpu;
+        let run = |height: usize, fused: bool| -> (Vec<f32>, Vec<f32>) {
+            let x = Var::from_vec(
+                (0..60)
+                    .map(|i| ((i * 7 % 13) as f32 * 0.3).sin())
+                    .collect::<Vec<_>>(),
+                (3, 5, 4),
+                &dev,
+            )
+            .unwrap();
+            let y = if fused {
+                unfold(x.as_tensor(), height)
+            } else {
+                unfold_composed(x.as_tensor(), height)
+            }
+            .unwrap();
+            let n = y.elem_count();
+            let coef = Tensor::from_vec(
+                (0..n).map(|i| (i as f32 * 0.1).cos()).collect::<Vec<_>>(),
+                y.shape(),
+                &dev,
+            )
+            .unwrap();
+            let g = (&y * coef).unwrap().sum_all().unwrap().backward().unwrap();
+            let dx = g.get(x.as_tensor()).unwrap();
+            (
+                y.flatten_all().unwrap().to_vec1().unwrap(),
+                dx.flatten_all().unwrap().to_vec1().unwrap(),
+            )
+        };
+        for height in [1, 2, 4, 5] {
+            let (yf, gf) = run(height, true);
+            let (yc, gc) = run(height, false);
+            assert_eq!(yf, yc, "height {height}");
+            for (a, b) in gf.iter().zip(&gc) {
+                assert!((a - b).abs() < 1e-5, "height {height}: {a} vs {b}");
+            }
+        }
+        let x = Tensor::zeros((2, 3, 4), DType::F32, &dev).unwrap();
+        assert!(unfold(&x, 4).is_err());
+    }
 
     #[test]
     fn fast_exp_matches_std_within_a_few_ulps() {
