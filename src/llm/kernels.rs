@@ -241,12 +241,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 /// Runs `f` on the f32 contents of a CPU tensor (made contiguous first).
 fn with<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    let t = t.contiguous()?;
-    let (st, l) = t.storage_and_layout();
-    let Storage::Cpu(cs) = &*st else {
-        candle_core::bail!("fused kernel: CPU tensor expected");
-    };
-    Ok(f(f32_slice(cs, l, "fused kernel")?))
+    with_all(&[t], |s| f(s[0]))
 }
 
 /// Runs `f` on the f32 contents of several CPU tensors at once (each made contiguous first),

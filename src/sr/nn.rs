@@ -68,18 +68,27 @@ impl Dropout {
 
     /// `n` multipliers: `1 / (1 - p)` with probability `1 - p`, else 0.
     pub fn mask_values(&mut self, n: usize) -> Vec<f32> {
+        let keep = self.keep_flags(n);
+        self.values(&keep)
+    }
+
+    /// The multipliers of keep flags: `1 / (1 - p)` where kept, else 0.
+    fn values(&self, keep: &[u8]) -> Vec<f32> {
         let scale = self.scale();
-        self.keep_flags(n)
-            .into_iter()
-            .map(|k| if k != 0 { scale } else { 0.0 })
+        keep.iter()
+            .map(|&k| if k != 0 { scale } else { 0.0 })
             .collect()
+    }
+
+    /// One 32-bit draw below this keeps its element (probability `1 - p`).
+    fn threshold(&self) -> u32 {
+        ((1.0 - self.p) * 4_294_967_296.0).min(4_294_967_295.0) as u32
     }
 
     /// `n` keep flags (1 with probability `1 - p`): the same draws as [`Dropout::mask_values`].
     pub fn keep_flags(&mut self, n: usize) -> Vec<u8> {
-        let keep = 1.0 - self.p;
         // Compare 32-bit draws with a threshold: one draw per element.
-        let threshold = (keep * 4_294_967_296.0).min(4_294_967_295.0) as u32;
+        let threshold = self.threshold();
         (0..n)
             .map(|_| u8::from(self.rng.random::<u32>() < threshold))
             .collect()
@@ -93,7 +102,7 @@ impl Dropout {
         use rayon::prelude::*;
         const BLOCK: usize = 1 << 15;
         let seed = self.rng.random::<u64>();
-        let threshold = ((1.0 - self.p) * 4_294_967_296.0).min(4_294_967_295.0) as u32;
+        let threshold = self.threshold();
         let mut keep = vec![0u8; n];
         keep.par_chunks_mut(BLOCK).enumerate().for_each(|(i, blk)| {
             let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -134,12 +143,8 @@ impl Dropout {
     }
 
     fn mask(&self, x: &Tensor, keep: &[u8]) -> Result<Tensor> {
-        let scale = self.scale();
-        let mask: Vec<f32> = keep
-            .iter()
-            .map(|&k| if k != 0 { scale } else { 0.0 })
-            .collect();
-        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        let mask =
+            Tensor::from_vec(self.values(keep), x.shape(), x.device())?.to_dtype(x.dtype())?;
         x.mul(&mask)
     }
 }
