@@ -46,26 +46,20 @@ impl GRU4Rec {
         super::ops::add_trailing(&matmul_t(&emb, &self.weight_ih)?, &self.bias_ih)
     }
 
-    /// One fused gate op per step; rows past their length keep their state.
+    /// The whole recurrence as one fused op; rows past their length keep their state.
     pub fn state_fused(&self, batch: &Batch) -> Result<Tensor> {
         let (b, _) = batch.seq.dims2()?;
         let steps = batch.lens.iter().copied().max().unwrap_or(0);
-        let mut state = Tensor::zeros((b, self.hidden), DType::F32, self.item_embeddings.device())?;
         if steps == 0 {
-            return Ok(state);
+            return Tensor::zeros((b, self.hidden), DType::F32, self.item_embeddings.device());
         }
-        let gi = self.input_gates(batch, steps)?;
-        for t in 0..steps {
-            let gi_t = gi.narrow(1, t, 1)?.squeeze(1)?.contiguous()?;
-            let gh = super::ops::add_trailing(&matmul_t(&state, &self.weight_hh)?, &self.bias_hh)?;
-            let active = batch
-                .lens
-                .iter()
-                .map(|&l| if t < l { 1.0 } else { 0.0 })
-                .collect();
-            state = gi_t.apply_op3(&gh, &state, super::ops::GruCell { active })?;
-        }
-        Ok(state)
+        let gi = self.input_gates(batch, steps)?.contiguous()?;
+        let op = super::ops::GruSequence::new(batch.lens.clone());
+        gi.apply_op3(
+            &self.weight_hh.contiguous()?,
+            &self.bias_hh.contiguous()?,
+            op,
+        )
     }
 
     /// The same from differentiable primitives (any device).
@@ -146,17 +140,23 @@ mod tests {
             }
             .unwrap();
             let loss = (s * &coef).unwrap().sum_all().unwrap();
-            let g = loss.backward().unwrap();
+            let grads = |g: candle_core::backprop::GradStore| -> Vec<Vec<f32>> {
+                [
+                    &m.item_embeddings,
+                    &m.weight_ih,
+                    &m.weight_hh,
+                    &m.bias_ih,
+                    &m.bias_hh,
+                ]
+                .iter()
+                .map(|t| g.get(t).unwrap().flatten_all().unwrap().to_vec1().unwrap())
+                .collect()
+            };
+            let first = grads(loss.backward().unwrap());
+            // A second backward pass over the same graph recomputes what the first one used up.
+            assert_eq!(first, grads(loss.backward().unwrap()));
             let mut out = vec![vec![loss.to_scalar::<f32>().unwrap()]];
-            for t in [
-                &m.item_embeddings,
-                &m.weight_ih,
-                &m.weight_hh,
-                &m.bias_ih,
-                &m.bias_hh,
-            ] {
-                out.push(g.get(t).unwrap().flatten_all().unwrap().to_vec1().unwrap());
-            }
+            out.extend(first);
             out
         };
         for (a, b) in run(true).iter().zip(&run(false)) {

@@ -242,37 +242,87 @@ fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
     }
 }
 
-/// SASRec's masked causal attention, fused: `softmax(mask(Q Kᵀ · scale)) · qmask · dropout · V`.
-/// Masked scores are the constant `neg` (as in the original), so a fully masked row is uniform.
+/// SASRec's masked causal attention, fused: `softmax(mask(Q Kᵀ · scale)) · qmask · dropout · V`
+/// for queries `[B, Tq, H]` and keys/values `[B, Tk, H]`. Masked scores are the constant `neg` (as
+/// in the original), so a fully masked row is uniform.
 pub struct MaskedAttention {
     pub heads: usize,
     pub scale: f32,
     pub neg: f32,
-    /// `[B, T, T]`: 1 where query i may attend key j.
+    /// `[B, Tq, Tk]`: 1 where query i may attend key j.
     pub allowed: Vec<f32>,
-    /// `[B, T]`: the query mask applied after the softmax.
+    /// `[B, Tq]`: the query mask applied after the softmax.
     pub qmask: Vec<f32>,
-    /// `[B, heads, T, T]`: inverted-dropout multipliers on the probabilities, when training.
+    /// `[B, heads, Tq, Tk]`: inverted-dropout multipliers on the probabilities, when training.
     pub dropout: Option<Vec<f32>>,
 }
 
+/// Sizes of one attention call: batch, query and key lengths, width, heads.
+#[derive(Clone, Copy)]
+struct AttnDims {
+    b: usize,
+    tq: usize,
+    tk: usize,
+    h: usize,
+    nh: usize,
+}
+
+impl AttnDims {
+    fn d(&self) -> usize {
+        self.h / self.nh
+    }
+    /// Offset of head `hi` of query `i` of row `bi` in `[B, Tq, H]`.
+    fn q(&self, bi: usize, i: usize, hi: usize) -> usize {
+        (bi * self.tq + i) * self.h + hi * self.d()
+    }
+    /// Offset of head `hi` of key `j` of row `bi` in `[B, Tk, H]`.
+    fn k(&self, bi: usize, j: usize, hi: usize) -> usize {
+        (bi * self.tk + j) * self.h + hi * self.d()
+    }
+    /// Start of the probability row of (bi, hi, i) in `[B, heads, Tq, Tk]`.
+    fn p(&self, bi: usize, hi: usize, i: usize) -> usize {
+        ((bi * self.nh + hi) * self.tq + i) * self.tk
+    }
+    /// Start of the mask row of (bi, i) in `[B, Tq, Tk]`.
+    fn a(&self, bi: usize, i: usize) -> usize {
+        (bi * self.tq + i) * self.tk
+    }
+}
+
 impl MaskedAttention {
+    fn dims(&self, q: &Shape, k: &Shape) -> Result<AttnDims> {
+        let (b, tq, h) = q.dims3()?;
+        let (bk, tk, hk) = k.dims3()?;
+        if bk != b || hk != h || h % self.heads != 0 {
+            candle_core::bail!("masked-attention: queries {q:?} and keys {k:?} do not match");
+        }
+        if self.allowed.len() != b * tq * tk || self.qmask.len() != b * tq {
+            candle_core::bail!("masked-attention: mask sizes do not match {q:?} / {k:?}");
+        }
+        Ok(AttnDims {
+            b,
+            tq,
+            tk,
+            h,
+            nh: self.heads,
+        })
+    }
+
     /// Probabilities (after masks and dropout: the weights applied to V) and the plain softmax.
-    fn probs(&self, q: &[f32], k: &[f32], b: usize, t: usize, h: usize) -> (Vec<f32>, Vec<f32>) {
-        let nh = self.heads;
-        let d = h / nh;
-        let mut p = vec![0f32; b * nh * t * t];
-        let mut pm = vec![0f32; b * nh * t * t];
-        for bi in 0..b {
-            for hi in 0..nh {
-                for i in 0..t {
-                    let base = ((bi * nh + hi) * t + i) * t;
-                    let qrow = &q[(bi * t + i) * h + hi * d..][..d];
-                    let row = &mut p[base..base + t];
-                    for j in 0..t {
-                        row[j] = if self.allowed[(bi * t + i) * t + j] != 0.0 {
-                            let krow = &k[(bi * t + j) * h + hi * d..][..d];
-                            dot(qrow, krow) * self.scale
+    fn probs(&self, q: &[f32], k: &[f32], s: AttnDims) -> (Vec<f32>, Vec<f32>) {
+        let (tk, d) = (s.tk, s.d());
+        let mut p = vec![0f32; s.b * s.nh * s.tq * tk];
+        let mut pm = vec![0f32; p.len()];
+        for bi in 0..s.b {
+            for hi in 0..s.nh {
+                for i in 0..s.tq {
+                    let base = s.p(bi, hi, i);
+                    let qrow = &q[s.q(bi, i, hi)..][..d];
+                    let allowed = &self.allowed[s.a(bi, i)..][..tk];
+                    let row = &mut p[base..base + tk];
+                    for j in 0..tk {
+                        row[j] = if allowed[j] != 0.0 {
+                            dot(qrow, &k[s.k(bi, j, hi)..][..d]) * self.scale
                         } else {
                             self.neg
                         };
@@ -283,8 +333,8 @@ impl MaskedAttention {
                         *v = (*v - max).exp();
                         sum += *v;
                     }
-                    let qm = self.qmask[bi * t + i];
-                    for j in 0..t {
+                    let qm = self.qmask[bi * s.tq + i];
+                    for j in 0..tk {
                         row[j] /= sum;
                         let drop = self.dropout.as_ref().map_or(1.0, |m| m[base + j]);
                         pm[base + j] = row[j] * qm * drop;
@@ -313,19 +363,21 @@ impl CustomOp3 for MaskedAttention {
         let q = f32_slice(s1, l1, "masked-attention")?;
         let k = f32_slice(s2, l2, "masked-attention")?;
         let v = f32_slice(s3, l3, "masked-attention")?;
-        let (b, t, h) = l1.shape().dims3()?;
-        let nh = self.heads;
-        let d = h / nh;
-        let (_, pm) = self.probs(q, k, b, t, h);
-        let mut out = vec![0f32; b * t * h];
-        for bi in 0..b {
-            for hi in 0..nh {
-                for i in 0..t {
-                    let prow = &pm[((bi * nh + hi) * t + i) * t..][..t];
-                    let orow = &mut out[(bi * t + i) * h + hi * d..][..d];
+        if l2.shape() != l3.shape() {
+            candle_core::bail!("masked-attention: keys and values differ in shape");
+        }
+        let s = self.dims(l1.shape(), l2.shape())?;
+        let d = s.d();
+        let (_, pm) = self.probs(q, k, s);
+        let mut out = vec![0f32; s.b * s.tq * s.h];
+        for bi in 0..s.b {
+            for hi in 0..s.nh {
+                for i in 0..s.tq {
+                    let prow = &pm[s.p(bi, hi, i)..][..s.tk];
+                    let orow = &mut out[s.q(bi, i, hi)..][..d];
                     for (j, &pj) in prow.iter().enumerate() {
                         if pj != 0.0 {
-                            axpy(orow, pj, &v[(bi * t + j) * h + hi * d..][..d]);
+                            axpy(orow, pj, &v[s.k(bi, j, hi)..][..d]);
                         }
                     }
                 }
@@ -342,45 +394,44 @@ impl CustomOp3 for MaskedAttention {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (b, t, h) = qt.dims3()?;
-        let nh = self.heads;
-        let d = h / nh;
+        let s = self.dims(qt.shape(), kt.shape())?;
+        let (tk, d) = (s.tk, s.d());
         let (q, k, v, go) = (host_vec(qt)?, host_vec(kt)?, host_vec(vt)?, host_vec(grad)?);
-        let (p, pm) = self.probs(&q, &k, b, t, h);
+        let (p, pm) = self.probs(&q, &k, s);
         let mut dq = vec![0f32; q.len()];
         let mut dk = vec![0f32; k.len()];
         let mut dv = vec![0f32; v.len()];
-        let mut dp = vec![0f32; t];
-        for bi in 0..b {
-            for hi in 0..nh {
-                for i in 0..t {
-                    let base = ((bi * nh + hi) * t + i) * t;
-                    let gorow = &go[(bi * t + i) * h + hi * d..][..d];
-                    let qm = self.qmask[bi * t + i];
+        let mut dp = vec![0f32; tk];
+        for bi in 0..s.b {
+            for hi in 0..s.nh {
+                for i in 0..s.tq {
+                    let base = s.p(bi, hi, i);
+                    let qoff = s.q(bi, i, hi);
+                    let gorow = &go[qoff..][..d];
+                    let qm = self.qmask[bi * s.tq + i];
                     // dV += Pmᵀ dO ; dPm = dO Vᵀ ; dP = dPm · qmask · dropout
-                    for j in 0..t {
-                        let vrow = &v[(bi * t + j) * h + hi * d..][..d];
+                    for j in 0..tk {
+                        let koff = s.k(bi, j, hi);
                         let pmj = pm[base + j];
                         if pmj != 0.0 {
-                            axpy(&mut dv[(bi * t + j) * h + hi * d..][..d], pmj, gorow);
+                            axpy(&mut dv[koff..koff + d], pmj, gorow);
                         }
                         let drop = self.dropout.as_ref().map_or(1.0, |m| m[base + j]);
-                        dp[j] = dot(gorow, vrow) * qm * drop;
+                        dp[j] = dot(gorow, &v[koff..koff + d]) * qm * drop;
                     }
                     // Softmax backward; masked scores are constants.
-                    let prow = &p[base..base + t];
+                    let prow = &p[base..base + tk];
+                    let allowed = &self.allowed[s.a(bi, i)..][..tk];
                     let dot: f32 = prow.iter().zip(&dp).map(|(a, c)| a * c).sum();
-                    for j in 0..t {
-                        let allowed = self.allowed[(bi * t + i) * t + j];
-                        if allowed == 0.0 {
+                    for j in 0..tk {
+                        if allowed[j] == 0.0 {
                             continue;
                         }
                         let ds = prow[j] * (dp[j] - dot) * self.scale;
                         if ds == 0.0 {
                             continue;
                         }
-                        let qoff = (bi * t + i) * h + hi * d;
-                        let koff = (bi * t + j) * h + hi * d;
+                        let koff = s.k(bi, j, hi);
                         axpy(&mut dq[qoff..qoff + d], ds, &k[koff..koff + d]);
                         axpy(&mut dk[koff..koff + d], ds, &q[qoff..qoff + d]);
                     }
@@ -396,11 +447,21 @@ impl CustomOp3 for MaskedAttention {
     }
 }
 
-/// One step of PyTorch's GRU over a batch, gates fused: `gi = x W_ihᵀ + b_ih`, `gh = h W_hhᵀ + b_hh`
-/// (`[B, 3H]`, gate order r, z, n) and `h [B, H]` → `h' [B, H]`. Rows whose `active` flag is 0 keep
-/// their state (sequences shorter than the step).
-pub struct GruCell {
-    pub active: Vec<f32>,
+/// The sum of each last-dimension row of `t` (`[.., H]` → flat `[..]`), on the host.
+pub fn row_sums(t: &Tensor) -> Result<Vec<f32>> {
+    if fast_path(&[t]) {
+        let h = t.dim(D::Minus1)?;
+        let (s, l) = t.storage_and_layout();
+        if let candle_core::Storage::Cpu(cpu) = &*s {
+            if let Ok(x) = f32_slice(cpu, l, "row-sums") {
+                return Ok(x.chunks_exact(h).map(sum).collect());
+            }
+        }
+    }
+    t.sum(D::Minus1)?
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1()
 }
 
 /// `e^x` in place over a slice, branch-free so that it vectorizes (AVX-512 or AVX2 where the CPU
@@ -482,9 +543,134 @@ fn gates<'a>(
     (r, z, n)
 }
 
-impl CustomOp3 for GruCell {
+/// PyTorch's one-layer GRU over whole sequences, fused (recurrence, gates and the hidden-state
+/// GEMMs in one op): the input projections `gi = x W_ihᵀ + b_ih` of every step `[B, S, 3H]` (gate
+/// order r, z, n), `W_hh [3H, H]` and `b_hh [3H]` → the hidden state after each row's last step
+/// `[B, H]`, from a zero state. Row `r` runs `lens[r]` steps. The forward pass keeps its states
+/// and hidden pre-activations for the backward pass (which recomputes them if they were taken
+/// already), which then runs back through time.
+pub struct GruSequence {
+    lens: Vec<usize>,
+    saved: std::sync::Mutex<Option<(Vec<f32>, Vec<f32>)>>,
+}
+
+/// `c (+)= a · bᵀ` (`tb`) or `a · b` for row-major `a [m, k]`, single-threaded (the recommenders'
+/// GEMMs are a few hundred rows by 64–192 columns).
+#[allow(clippy::too_many_arguments)]
+fn gemm_into(
+    c: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    ta: bool,
+    tb: bool,
+    acc: bool,
+) {
+    assert!(
+        c.len() >= m * n && a.len() >= m * k && b.len() >= k * n,
+        "gemm_into: short slice"
+    );
+    if m == 0 || n == 0 || k == 0 {
+        if !acc {
+            c[..m * n].fill(0.0);
+        }
+        return;
+    }
+    // Element (i, l) of A is at i·rs + l·cs: row-major A has (rs, cs) = (k, 1), Aᵀ stored as
+    // [k, m] has (1, m); likewise B [k, n] is (n, 1) and Bᵀ stored as [n, k] is (1, k).
+    let (a_rs, a_cs) = if ta { (1, m as isize) } else { (k as isize, 1) };
+    let (b_rs, b_cs) = if tb { (1, k as isize) } else { (n as isize, 1) };
+    // SAFETY: the asserts above bound every index the strides reach.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            acc,
+            a.as_ptr(),
+            a_cs,
+            a_rs,
+            b.as_ptr(),
+            b_cs,
+            b_rs,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// The forward recurrence: every step's hidden pre-activations `gh [S, B, 3H]` and the states
+/// before each step `hs [S + 1, B, H]` (`hs[S]` is the result).
+fn gru_forward(
+    gi: &[f32],
+    w: &[f32],
+    bias: &[f32],
+    lens: &[usize],
+    steps: usize,
+    hd: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    let b = lens.len();
+    let g3 = 3 * hd;
+    let mut gh = vec![0f32; steps * b * g3];
+    let mut hs = vec![0f32; (steps + 1) * b * hd];
+    let mut scratch = vec![0f32; g3];
+    for t in 0..steps {
+        let (before, after) = hs.split_at_mut((t + 1) * b * hd);
+        let h = &before[t * b * hd..];
+        let next = &mut after[..b * hd];
+        let ght = &mut gh[t * b * g3..][..b * g3];
+        gemm_into(ght, h, w, b, g3, hd, false, true, false);
+        for (r, &len) in lens.iter().enumerate() {
+            let (hp, hn) = (&h[r * hd..][..hd], &mut next[r * hd..][..hd]);
+            if t >= len {
+                hn.copy_from_slice(hp);
+                continue;
+            }
+            let ghr = &mut ght[r * g3..][..g3];
+            ghr.iter_mut().zip(bias).for_each(|(x, b)| *x += b);
+            let (_, zg, ng) = gates(&gi[(r * steps + t) * g3..][..g3], ghr, hd, &mut scratch);
+            for j in 0..hd {
+                hn[j] = ng[j] + zg[j] * (hp[j] - ng[j]);
+            }
+        }
+    }
+    (gh, hs)
+}
+
+impl GruSequence {
+    pub fn new(lens: Vec<usize>) -> Self {
+        Self {
+            lens,
+            saved: std::sync::Mutex::new(None),
+        }
+    }
+
+    fn dims(&self, gi: &Shape, w: &Shape) -> Result<(usize, usize)> {
+        let (b, steps, g3) = gi.dims3()?;
+        let (w3, hd) = w.dims2()?;
+        if b != self.lens.len() || g3 != w3 || g3 != 3 * hd || self.lens.iter().any(|&l| l > steps)
+        {
+            candle_core::bail!(
+                "gru-sequence: gi {gi:?}, W_hh {w:?} and {} lengths do not match",
+                self.lens.len()
+            );
+        }
+        Ok((steps, hd))
+    }
+}
+
+impl CustomOp3 for GruSequence {
     fn name(&self) -> &'static str {
-        "gru-cell"
+        "gru-sequence"
     }
 
     fn cpu_fwd(
@@ -496,79 +682,89 @@ impl CustomOp3 for GruCell {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let gi = f32_slice(s1, l1, "gru-cell")?;
-        let gh = f32_slice(s2, l2, "gru-cell")?;
-        let h = f32_slice(s3, l3, "gru-cell")?;
-        let (b, hd) = l3.shape().dims2()?;
-        let mut out = h.to_vec();
-        let mut scratch = vec![0f32; 3 * hd];
-        for r in 0..b {
-            if self.active[r] == 0.0 {
-                continue;
-            }
-            let (gi, gh) = (&gi[r * 3 * hd..][..3 * hd], &gh[r * 3 * hd..][..3 * hd]);
-            let (_, zg, ng) = gates(gi, gh, hd, &mut scratch);
-            for j in 0..hd {
-                let hp = h[r * hd + j];
-                out[r * hd + j] = ng[j] + zg[j] * (hp - ng[j]);
-            }
+        let (steps, hd) = self.dims(l1.shape(), l2.shape())?;
+        let gi = f32_slice(s1, l1, "gru-sequence")?;
+        let w = f32_slice(s2, l2, "gru-sequence")?;
+        let bias = f32_slice(s3, l3, "gru-sequence")?;
+        let b = self.lens.len();
+        let (gh, hs) = gru_forward(gi, w, bias, &self.lens, steps, hd);
+        let out = hs[steps * b * hd..].to_vec();
+        if let Ok(mut saved) = self.saved.lock() {
+            *saved = Some((gh, hs));
         }
-        Ok((CpuStorage::F32(out), l3.shape().clone()))
+        Ok((CpuStorage::F32(out), Shape::from((b, hd))))
     }
 
     fn bwd(
         &self,
         git: &Tensor,
-        ght: &Tensor,
-        ht: &Tensor,
+        wt: &Tensor,
+        biast: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (b, hd) = ht.dims2()?;
-        let (gi, gh, h, g) = (
-            host_vec(git)?,
-            host_vec(ght)?,
-            host_vec(ht)?,
-            host_vec(grad)?,
-        );
+        let (steps, hd) = self.dims(git.shape(), wt.shape())?;
+        let (gi, w, bias) = (host_vec(git)?, host_vec(wt)?, host_vec(biast)?);
+        let b = self.lens.len();
+        let g3 = 3 * hd;
+        let saved = self.saved.lock().ok().and_then(|mut s| s.take());
+        let (gh, hs) = match saved {
+            Some(s) if s.1.len() == (steps + 1) * b * hd => s,
+            _ => gru_forward(&gi, &w, &bias, &self.lens, steps, hd),
+        };
         let mut dgi = vec![0f32; gi.len()];
-        let mut dgh = vec![0f32; gh.len()];
-        let mut dh = g.clone();
-        let mut scratch = vec![0f32; 3 * hd];
-        for r in 0..b {
-            if self.active[r] == 0.0 {
-                continue;
+        let mut dw = vec![0f32; w.len()];
+        let mut db = vec![0f32; g3];
+        let mut dh = host_vec(grad)?; // dL/dh after the current step
+        let mut dgh = vec![0f32; b * g3];
+        let mut scratch = vec![0f32; g3];
+        for t in (0..steps).rev() {
+            let h = &hs[t * b * hd..][..b * hd];
+            let ght = &gh[t * b * g3..][..b * g3];
+            for (r, &len) in self.lens.iter().enumerate() {
+                let dghr = &mut dgh[r * g3..][..g3];
+                if t >= len {
+                    // The state passes through unchanged.
+                    dghr.fill(0.0);
+                    continue;
+                }
+                let o = (r * steps + t) * g3;
+                let ghr = &ght[r * g3..][..g3];
+                let (rgs, zgs, ngs) = gates(&gi[o..o + g3], ghr, hd, &mut scratch);
+                let dhr = &mut dh[r * hd..][..hd];
+                for j in 0..hd {
+                    let (rg, zg, ng) = (rgs[j], zgs[j], ngs[j]);
+                    let go = dhr[j];
+                    let dz = go * (h[r * hd + j] - ng);
+                    let dn = go * (1.0 - zg);
+                    dhr[j] = go * zg;
+                    let dn_pre = dn * (1.0 - ng * ng);
+                    let dr_pre = dn_pre * ghr[2 * hd + j] * rg * (1.0 - rg);
+                    let dz_pre = dz * zg * (1.0 - zg);
+                    dgi[o + j] = dr_pre;
+                    dgi[o + hd + j] = dz_pre;
+                    dgi[o + 2 * hd + j] = dn_pre;
+                    dghr[j] = dr_pre;
+                    dghr[hd + j] = dz_pre;
+                    dghr[2 * hd + j] = dn_pre * rg;
+                }
             }
-            let o = r * 3 * hd;
-            let (rgs, zgs, ngs) = gates(&gi[o..o + 3 * hd], &gh[o..o + 3 * hd], hd, &mut scratch);
-            for j in 0..hd {
-                let (rg, zg, ng) = (rgs[j], zgs[j], ngs[j]);
-                let hp = h[r * hd + j];
-                let go = g[r * hd + j];
-                let dz = go * (hp - ng);
-                let dn = go * (1.0 - zg);
-                dh[r * hd + j] = go * zg;
-                let dn_pre = dn * (1.0 - ng * ng);
-                let dr_pre = dn_pre * gh[o + 2 * hd + j] * rg * (1.0 - rg);
-                let dz_pre = dz * zg * (1.0 - zg);
-                dgi[o + j] = dr_pre;
-                dgi[o + hd + j] = dz_pre;
-                dgi[o + 2 * hd + j] = dn_pre;
-                dgh[o + j] = dr_pre;
-                dgh[o + hd + j] = dz_pre;
-                dgh[o + 2 * hd + j] = dn_pre * rg;
+            // gh = h W_hhᵀ + b_hh: dW_hh += dghᵀ h, db_hh += Σ dgh, dh += dgh W_hh.
+            gemm_into(&mut dw, &dgh, h, g3, hd, b, true, false, true);
+            for row in dgh.chunks_exact(g3) {
+                db.iter_mut().zip(row).for_each(|(d, g)| *d += g);
             }
+            gemm_into(&mut dh, &dgh, &w, b, hd, g3, false, false, true);
         }
-        let dev = ht.device();
+        let dev = git.device();
         Ok((
             Some(Tensor::from_vec(dgi, git.shape(), dev)?),
-            Some(Tensor::from_vec(dgh, ght.shape(), dev)?),
-            Some(Tensor::from_vec(dh, ht.shape(), dev)?),
+            Some(Tensor::from_vec(dw, wt.shape(), dev)?),
+            Some(Tensor::from_vec(db, biast.shape(), dev)?),
         ))
     }
 }
 
-/// Whether the fused CPU kernels apply to `t`.
 /// Caser's sliding windows over positions: `x [B, T, H]` → `[B, T−h+1, h·H]`, window `w` being rows
 /// `w..w+h` side by side (what concatenating `h` shifted narrows gives, without their `h` copies
 /// forward and `h` zero-padded gradients backward).
@@ -631,6 +827,7 @@ impl CustomOp1 for Unfold {
     }
 }
 
+/// Whether the fused CPU kernels apply to `t`.
 pub fn fused_ok(t: &Tensor) -> bool {
     fast_path(&[t])
 }
@@ -754,12 +951,13 @@ mod tests {
         );
     }
 
-    #[test]
-    fn fused_attention_matches_composed() {
+    /// The fused attention against a composition of candle ops, values and gradients, for
+    /// queries at `positions` (one per row of `[B, Tq]`) over `tk` keys.
+    fn check_attention(tq: usize, tk: usize, positions: &[usize]) {
         let dev = Device::Cpu;
-        let (b, t, h, nh) = (2usize, 4usize, 6usize, 2usize);
+        let (b, h, nh) = (2usize, 6usize, 2usize);
         let d = h / nh;
-        let mk = |seed: usize| {
+        let mk = |seed: usize, t: usize| {
             Var::from_vec(
                 (0..b * t * h)
                     .map(|i| (((i + seed) * 37 % 23) as f32 * 0.21).sin())
@@ -769,26 +967,27 @@ mod tests {
             )
             .unwrap()
         };
-        let (q, k, v) = (mk(1), mk(2), mk(3));
-        // Row 1 has its last key padded; query 3 of row 0 is masked after the softmax.
-        let mut allowed = vec![0f32; b * t * t];
+        let (q, k, v) = (mk(1, tq), mk(2, tk), mk(3, tk));
+        // Row 1 has its last key padded; the last query of row 0 is masked after the softmax.
+        let mut allowed = vec![0f32; b * tq * tk];
         for bi in 0..b {
-            for i in 0..t {
-                for j in 0..=i {
-                    allowed[(bi * t + i) * t + j] = if bi == 1 && j == 3 { 0.0 } else { 1.0 };
+            for i in 0..tq {
+                for j in 0..=positions[bi * tq + i] {
+                    allowed[(bi * tq + i) * tk + j] =
+                        if bi == 1 && j == tk - 1 { 0.0 } else { 1.0 };
                 }
             }
         }
-        let mut qmask = vec![1f32; b * t];
-        qmask[3] = 0.0;
-        let drop: Vec<f32> = (0..b * nh * t * t)
+        let mut qmask = vec![1f32; b * tq];
+        qmask[tq - 1] = 0.0;
+        let drop: Vec<f32> = (0..b * nh * tq * tk)
             .map(|i| if i % 5 == 0 { 0.0 } else { 1.25 })
             .collect();
         let coef = Tensor::from_vec(
-            (0..b * t * h)
+            (0..b * tq * h)
                 .map(|i| (i as f32 * 0.3).cos())
                 .collect::<Vec<_>>(),
-            (b, t, h),
+            (b, tq, h),
             &dev,
         )
         .unwrap();
@@ -806,7 +1005,7 @@ mod tests {
                     .apply_op3(k.as_tensor(), v.as_tensor(), op)
                     .unwrap()
             } else {
-                let split = |x: &Tensor| {
+                let split = |x: &Tensor, t: usize| {
                     x.reshape((b, t, nh, d))
                         .unwrap()
                         .transpose(1, 2)
@@ -815,12 +1014,12 @@ mod tests {
                         .unwrap()
                 };
                 let (qs, ks, vs) = (
-                    split(q.as_tensor()),
-                    split(k.as_tensor()),
-                    split(v.as_tensor()),
+                    split(q.as_tensor(), tq),
+                    split(k.as_tensor(), tk),
+                    split(v.as_tensor(), tk),
                 );
                 let scores = (qs.matmul(&ks.t().unwrap()).unwrap() * 0.4).unwrap();
-                let al = Tensor::from_vec(allowed.clone(), (b, 1, t, t), &dev).unwrap();
+                let al = Tensor::from_vec(allowed.clone(), (b, 1, tq, tk), &dev).unwrap();
                 let blocked = al.affine(-1.0, 1.0).unwrap();
                 let masked = (scores.broadcast_mul(&al).unwrap()
                     + (blocked * -4_294_967_295.0)
@@ -830,16 +1029,16 @@ mod tests {
                 .unwrap();
                 let p = candle_nn::ops::softmax(&masked, D::Minus1).unwrap();
                 let p = p
-                    .broadcast_mul(&Tensor::from_vec(qmask.clone(), (b, 1, t, 1), &dev).unwrap())
+                    .broadcast_mul(&Tensor::from_vec(qmask.clone(), (b, 1, tq, 1), &dev).unwrap())
                     .unwrap();
                 let p = p
-                    .mul(&Tensor::from_vec(drop.clone(), (b, nh, t, t), &dev).unwrap())
+                    .mul(&Tensor::from_vec(drop.clone(), (b, nh, tq, tk), &dev).unwrap())
                     .unwrap();
                 p.matmul(&vs)
                     .unwrap()
                     .transpose(1, 2)
                     .unwrap()
-                    .reshape((b, t, h))
+                    .reshape((b, tq, h))
                     .unwrap()
             };
             let loss = (out * &coef).unwrap().sum_all().unwrap();
@@ -858,6 +1057,40 @@ mod tests {
             r
         };
         assert_close(&run(true), &run(false));
+    }
+
+    #[test]
+    fn fused_attention_matches_composed() {
+        // Every position queries (causal self-attention).
+        check_attention(4, 4, &[0, 1, 2, 3, 0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn fused_attention_of_one_query_per_row_matches_composed() {
+        // One query per row at its own position (SASRec's last-position state).
+        check_attention(1, 5, &[2, 4]);
+    }
+
+    #[test]
+    fn row_sums_match_candle() {
+        let x = Tensor::from_vec(
+            (0..24).map(|i| (i as f32 * 0.37).sin()).collect::<Vec<_>>(),
+            (2, 3, 4),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let want: Vec<f32> = x
+            .sum(D::Minus1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let got = row_sums(&x).unwrap();
+        for (a, b) in got.iter().zip(&want) {
+            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        }
+        assert_eq!(got.len(), 6);
     }
 
     #[test]
