@@ -551,7 +551,7 @@ fn gates<'a>(
 /// already), which then runs back through time.
 pub struct GruSequence {
     lens: Vec<usize>,
-    saved: std::sync::Mutex<Option<(Vec<f32>, Vec<f32>)>>,
+    saved: std::sync::Mutex<Option<GruTrace>>,
 }
 
 /// `c (+)= a · bᵀ` (`tb`) or `a · b` for row-major `a [m, k]`, single-threaded (the recommenders'
@@ -608,8 +608,8 @@ fn gemm_into(
     }
 }
 
-/// The forward recurrence: every step's hidden pre-activations `gh [S, B, 3H]` and the states
-/// before each step `hs [S + 1, B, H]` (`hs[S]` is the result).
+/// The forward recurrence: every step's hidden pre-activations `gh [S, B, 3H]`, the states
+/// before each step `hs [S + 1, B, H]` (`hs[S]` is the result) and the gates `[S, B, 3H]` (r, z, n).
 fn gru_forward(
     gi: &[f32],
     w: &[f32],
@@ -617,12 +617,12 @@ fn gru_forward(
     lens: &[usize],
     steps: usize,
     hd: usize,
-) -> (Vec<f32>, Vec<f32>) {
+) -> GruTrace {
     let b = lens.len();
     let g3 = 3 * hd;
     let mut gh = vec![0f32; steps * b * g3];
     let mut hs = vec![0f32; (steps + 1) * b * hd];
-    let mut scratch = vec![0f32; g3];
+    let mut gs = vec![0f32; steps * b * g3];
     for t in 0..steps {
         let (before, after) = hs.split_at_mut((t + 1) * b * hd);
         let h = &before[t * b * hd..];
@@ -637,13 +637,21 @@ fn gru_forward(
             }
             let ghr = &mut ght[r * g3..][..g3];
             ghr.iter_mut().zip(bias).for_each(|(x, b)| *x += b);
-            let (_, zg, ng) = gates(&gi[(r * steps + t) * g3..][..g3], ghr, hd, &mut scratch);
+            let slot = &mut gs[(t * b + r) * g3..][..g3];
+            let (_, zg, ng) = gates(&gi[(r * steps + t) * g3..][..g3], ghr, hd, slot);
             for j in 0..hd {
                 hn[j] = ng[j] + zg[j] * (hp[j] - ng[j]);
             }
         }
     }
-    (gh, hs)
+    GruTrace { gh, hs, gates: gs }
+}
+
+/// What the GRU's forward pass keeps for its backward pass (see [`gru_forward`]).
+struct GruTrace {
+    gh: Vec<f32>,
+    hs: Vec<f32>,
+    gates: Vec<f32>,
 }
 
 impl GruSequence {
@@ -687,10 +695,10 @@ impl CustomOp3 for GruSequence {
         let w = f32_slice(s2, l2, "gru-sequence")?;
         let bias = f32_slice(s3, l3, "gru-sequence")?;
         let b = self.lens.len();
-        let (gh, hs) = gru_forward(gi, w, bias, &self.lens, steps, hd);
-        let out = hs[steps * b * hd..].to_vec();
+        let trace = gru_forward(gi, w, bias, &self.lens, steps, hd);
+        let out = trace.hs[steps * b * hd..].to_vec();
         if let Ok(mut saved) = self.saved.lock() {
-            *saved = Some((gh, hs));
+            *saved = Some(trace);
         }
         Ok((CpuStorage::F32(out), Shape::from((b, hd))))
     }
@@ -708,29 +716,26 @@ impl CustomOp3 for GruSequence {
         let b = self.lens.len();
         let g3 = 3 * hd;
         let saved = self.saved.lock().ok().and_then(|mut s| s.take());
-        let (gh, hs) = match saved {
-            Some(s) if s.1.len() == (steps + 1) * b * hd => s,
+        let GruTrace { gh, hs, gates } = match saved {
+            Some(s) if s.hs.len() == (steps + 1) * b * hd => s,
             _ => gru_forward(&gi, &w, &bias, &self.lens, steps, hd),
         };
         let mut dgi = vec![0f32; gi.len()];
-        let mut dw = vec![0f32; w.len()];
-        let mut db = vec![0f32; g3];
         let mut dh = host_vec(grad)?; // dL/dh after the current step
-        let mut dgh = vec![0f32; b * g3];
-        let mut scratch = vec![0f32; g3];
+        let mut dgh_all = vec![0f32; steps * b * g3]; // inactive rows stay 0
         for t in (0..steps).rev() {
+            let dgh = &mut dgh_all[t * b * g3..][..b * g3];
             let h = &hs[t * b * hd..][..b * hd];
             let ght = &gh[t * b * g3..][..b * g3];
             for (r, &len) in self.lens.iter().enumerate() {
-                let dghr = &mut dgh[r * g3..][..g3];
                 if t >= len {
-                    // The state passes through unchanged.
-                    dghr.fill(0.0);
-                    continue;
+                    continue; // the state passes through unchanged
                 }
+                let dghr = &mut dgh[r * g3..][..g3];
                 let o = (r * steps + t) * g3;
                 let ghr = &ght[r * g3..][..g3];
-                let (rgs, zgs, ngs) = gates(&gi[o..o + g3], ghr, hd, &mut scratch);
+                let g = &gates[(t * b + r) * g3..][..g3];
+                let (rgs, zgs, ngs) = (&g[..hd], &g[hd..2 * hd], &g[2 * hd..]);
                 let dhr = &mut dh[r * hd..][..hd];
                 for j in 0..hd {
                     let (rg, zg, ng) = (rgs[j], zgs[j], ngs[j]);
@@ -749,13 +754,23 @@ impl CustomOp3 for GruSequence {
                     dghr[2 * hd + j] = dn_pre * rg;
                 }
             }
-            // gh = h W_hhᵀ + b_hh: dW_hh += dghᵀ h, db_hh += Σ dgh, dh += dgh W_hh.
-            gemm_into(&mut dw, &dgh, h, g3, hd, b, true, false, true);
-            for row in dgh.chunks_exact(g3) {
-                db.iter_mut().zip(row).for_each(|(d, g)| *d += g);
-            }
-            gemm_into(&mut dh, &dgh, &w, b, hd, g3, false, false, true);
+            // gh = h W_hhᵀ + b_hh: dh += dgh W_hh (W_hh's gradients are summed over all steps below).
+            gemm_into(&mut dh, dgh, &w, b, hd, g3, false, false, true);
         }
+        // dW_hh = Σ_t dgh_tᵀ h_t as one GEMM over every (step, row); db_hh = Σ dgh.
+        let mut dw = vec![0f32; w.len()];
+        gemm_into(
+            &mut dw,
+            &dgh_all,
+            &hs,
+            g3,
+            hd,
+            steps * b,
+            true,
+            false,
+            false,
+        );
+        let db = column_sums(&dgh_all, g3);
         let dev = git.device();
         Ok((
             Some(Tensor::from_vec(dgi, git.shape(), dev)?),
