@@ -34,7 +34,7 @@ for i in $(seq "$REPEATS"); do
     --predictions "$W/gen/predictions.jsonl" --limit "$ROWS" --batch "$BATCH" --max-new-tokens "$MAX_NEW" \
     --threads "$THREADS" 2>/dev/null | tail -1)
   echo "{\"who\":\"transformers generate\",\"r\":$h}" >> "$W/results.jsonl"
-  s=$("$LLARA" -q eval --run "$RUN" --split test --mode score --limit "$ROWS" --threads "$THREADS" --json \
+  s=$("$LLARA" -q eval --run "$RUN" --split test --mode score --limit "$ROWS" --batch-size "$BATCH" --threads "$THREADS" --json \
     --out "$W/score")
   echo "{\"who\":\"llara score\",\"r\":$s}" >> "$W/results.jsonl"
 done

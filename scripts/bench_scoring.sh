@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Candidate scoring speed: `llara eval --mode score` with the prompt's KV cache shared by the 20
+# Candidate scoring speed: `llara eval --mode score` with the prompt's KV cache shared by the 20 packed
 # candidates vs. every candidate running the whole prompt again (--no-prompt-cache), on the first
 # ROWS test rows of a tune run (default: the CPU-budget LastFM run of configs/cpu-budget.toml).
 #

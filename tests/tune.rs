@@ -658,6 +658,14 @@ fn bad_inputs_are_reported_by_name() {
     assert!(e.contains("tune.toml"), "{e}");
     let e = fails(&["eval", "--run", tmp.path().to_str().unwrap()]);
     assert!(e.contains("run.json"), "{e}");
+    let e = fails(&[
+        "eval",
+        "--run",
+        tmp.path().to_str().unwrap(),
+        "--batch-size",
+        "0",
+    ]);
+    assert!(e.contains("--batch-size"), "{e}");
     let e = fails(&["report", tmp.path().to_str().unwrap()]);
     assert!(e.contains("neither a tune run"), "{e}");
 }
@@ -687,12 +695,18 @@ fn candidate_scoring_with_a_shared_prompt_cache_equals_full_recomputation() {
         item_embeddings: &table,
         projector: &projector,
     };
-    let rows = tune::split_rows(&ds, "test", 0, Some(2), 1);
-    for view in [ItemView::Hybrid, ItemView::Text] {
+    let rows = tune::split_rows(&ds, "test", 0, Some(3), 1);
+    // Prompts of several rows share a batch (right-padded to the longest) when batch_size > 1.
+    for (view, batch_size) in [
+        (ItemView::Hybrid, 1),
+        (ItemView::Text, 1),
+        (ItemView::Hybrid, 2),
+        (ItemView::Text, 3),
+    ] {
         let opts = EvalOptions {
             view,
             template: 0,
-            batch_size: 1,
+            batch_size,
             max_new_tokens: 8,
         };
         let so = |mode, chunk, shared_prompt| ScoreOptions {

@@ -577,8 +577,11 @@ pub struct EvalArgs {
     /// Evaluate only the first N rows.
     #[arg(long)]
     pub limit: Option<usize>,
+    /// Rows per forward pass: prompts generated together, or (--mode score) prompts whose KV
+    /// caches are filled together before their candidates are scored.
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
+    /// Longest generated answer, in tokens (--mode generate).
     #[arg(long, default_value_t = 64)]
     pub max_new_tokens: usize,
     /// Backbone override (default: the run's --llm).
@@ -600,6 +603,9 @@ pub struct EvalArgs {
 }
 
 pub fn run_eval(a: EvalArgs, quiet: bool) -> Result<()> {
+    if a.batch_size == 0 {
+        bail!("--batch-size 0: expected at least 1 row per batch");
+    }
     super::sr::set_threads(a.threads)?;
     let (parts, projector, view) = open_run(
         &a.run,

@@ -5,7 +5,7 @@ use super::prompts::ItemView;
 use super::{embed_batch, Behaviour, Example, PromptKit};
 use crate::llm::generate::{generate, GenOptions};
 use crate::llm::Llama;
-use candle_core::Result;
+use candle_core::{Result, Tensor};
 use serde::Serialize;
 
 /// The verdict on one generated answer.
@@ -247,14 +247,35 @@ fn logprob(row: &[f32], token: u32) -> f32 {
     row[token as usize] - lse
 }
 
+/// The log-probability of `targets[i]` at flat position `positions[i]` of `hidden`, computing the
+/// logits a few dozen positions at a time (a full `[positions, vocabulary]` block would be
+/// hundreds of MB of fresh pages per pass).
+fn logprobs_at(
+    model: &Llama,
+    hidden: &Tensor,
+    positions: &[usize],
+    targets: &[u32],
+) -> Result<Vec<f32>> {
+    const CHUNK: usize = 64;
+    let mut out = Vec::with_capacity(positions.len());
+    for (p, t) in positions.chunks(CHUNK).zip(targets.chunks(CHUNK)) {
+        let logits: Vec<Vec<f32>> = model
+            .logits_at(hidden, p)?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec2()?;
+        out.extend(logits.iter().zip(t).map(|(row, &tok)| logprob(row, tok)));
+    }
+    Ok(out)
+}
+
 /// How candidates are scored.
 #[derive(Debug, Clone, Copy)]
 pub struct ScoreOptions {
     pub mode: ScoreMode,
-    /// Candidates per forward pass.
+    /// Candidates per forward pass (each row's candidates are split into groups of this size).
     pub chunk: usize,
-    /// Run the prompt once and copy its KV cache to the candidates (else every candidate runs the
-    /// whole prompt again: the reference the cache is measured against).
+    /// Run each prompt once and let every candidate read its KV cache (else every candidate runs
+    /// the whole prompt again: the reference the cache is measured against).
     pub shared_prompt: bool,
 }
 
@@ -268,9 +289,72 @@ impl ScoreOptions {
     }
 }
 
+/// One row ready for scoring: its example, prompt and each candidate's answer tokens.
+struct ScoreRow {
+    row: usize,
+    ex: Example,
+    prompt: super::Tokenized,
+    full: Vec<super::Tokenized>,
+    answers: Vec<Vec<u32>>,
+}
+
+fn prepare_row(kit: &PromptKit, row: usize, ex: &Example, opts: &EvalOptions) -> Result<ScoreRow> {
+    let ex = Example {
+        template: opts.template,
+        ..ex.clone()
+    };
+    let prompt = kit
+        .tokenize(&ex, opts.view, false)
+        .map_err(candle_core::Error::Msg)?;
+    // Each candidate's answer tokens, as they tokenize after this prompt.
+    let full: Vec<super::Tokenized> = ex
+        .candidates
+        .iter()
+        .map(|&c| {
+            let with = kit.tokenize(
+                &Example {
+                    target: c,
+                    ..ex.clone()
+                },
+                opts.view,
+                true,
+            )?;
+            if with.ids[..with.answer_start] != prompt.ids[..] {
+                return Err("the answer changed the prompt's tokens".to_string());
+            }
+            if with.ids.len() <= with.answer_start {
+                return Err("a candidate's answer has no tokens".to_string());
+            }
+            Ok(with)
+        })
+        .collect::<std::result::Result<_, _>>()
+        .map_err(candle_core::Error::Msg)?;
+    let answers = full
+        .iter()
+        .map(|w| w.ids[w.answer_start..].to_vec())
+        .collect();
+    Ok(ScoreRow {
+        row,
+        ex,
+        prompt,
+        full,
+        answers,
+    })
+}
+
+/// A candidate's score from its answer tokens' summed log-probability.
+fn finish_score(mode: ScoreMode, total: f32, tokens: usize) -> f32 {
+    match mode {
+        ScoreMode::Sum => total,
+        ScoreMode::Mean => total / tokens as f32,
+    }
+}
+
 /// Ranks each row's candidates by the log-likelihood of their answers (` title` and a newline)
-/// after the prompt. With `shared_prompt` the prompt runs once and its KV cache is copied to every
-/// candidate, which then costs only its few answer tokens.
+/// after the prompt. With `shared_prompt`, the prompts of `opts.batch_size` rows run together once,
+/// filling a KV cache; then each row's candidates (`chunk` at a time) are packed side by side into
+/// one sequence whose tokens attend the cached prompt and their own candidate's earlier tokens
+/// only, so every candidate costs just its own answer tokens (no padding, no copied cache).
 pub fn score_candidates(
     model: &Llama,
     kit: &PromptKit,
@@ -280,132 +364,162 @@ pub fn score_candidates(
     so: ScoreOptions,
     mut progress: impl FnMut(usize),
 ) -> Result<Vec<RowScores>> {
-    use crate::llm::llama::{KvCache, Step};
-    let (mode, chunk) = (so.mode, so.chunk);
     let mut out = Vec::with_capacity(rows.len());
-    for (row, ex) in rows {
-        let ex = Example {
-            template: opts.template,
-            ..ex.clone()
-        };
-        let prompt = kit
-            .tokenize(&ex, opts.view, false)
-            .map_err(candle_core::Error::Msg)?;
-        // Each candidate's answer tokens, as they tokenize after this prompt.
-        let full: Vec<super::Tokenized> = ex
-            .candidates
-            .iter()
-            .map(|&c| {
-                let with = kit.tokenize(
-                    &Example {
-                        target: c,
-                        ..ex.clone()
-                    },
-                    opts.view,
-                    true,
-                )?;
-                if with.ids[..with.answer_start] != prompt.ids[..] {
-                    return Err("the answer changed the prompt's tokens".to_string());
-                }
-                Ok(with)
-            })
-            .collect::<std::result::Result<_, _>>()
-            .map_err(candle_core::Error::Msg)?;
-        let answers: Vec<Vec<u32>> = full
-            .iter()
-            .map(|w| w.ids[w.answer_start..].to_vec())
-            .collect();
-        if !so.shared_prompt {
-            // Reference path: every candidate runs prompt + answer in full.
-            let mut scores = Vec::with_capacity(full.len());
-            for group in full.chunks(chunk.max(1)) {
-                let refs: Vec<&super::Tokenized> = group.iter().collect();
-                let (x, lens) = embed_batch(model, &refs, |t| t.ids.len(), behaviour)?;
-                let t = x.dim(1)?;
-                let h = model.forward(&x, Step::padded(&lens, t), None)?;
-                let (pos, targets) = super::tune::answer_targets(&refs, t);
-                let logits: Vec<Vec<f32>> = model
-                    .logits_at(&h, &pos)?
-                    .to_dtype(candle_core::DType::F32)?
-                    .to_vec2()?;
-                let mut k = 0;
-                for w in group {
-                    let n = w.ids.len() - w.answer_start;
-                    let tot: f32 = (0..n)
-                        .map(|j| logprob(&logits[k + j], targets[k + j]))
-                        .sum();
-                    k += n;
-                    scores.push(match mode {
-                        ScoreMode::Sum => tot,
-                        ScoreMode::Mean => tot / n as f32,
-                    });
-                }
-            }
-            out.push(ranked(*row, &ex, scores));
+    if !so.shared_prompt {
+        for (row, ex) in rows {
+            let r = prepare_row(kit, *row, ex, opts)?;
+            let scores = score_without_cache(model, behaviour, &r, so)?;
+            out.push(ranked(r.row, &r.ex, scores));
             progress(1);
-            continue;
         }
-        let (x, lengths) = embed_batch(model, &[&prompt], |t| t.answer_start, behaviour)?;
-        let t = lengths[0];
-        let mut cache = KvCache::new(model.layers.len(), 1);
-        let h = model.forward(&x, Step::padded(&[t], t).with_cache(&mut cache), None)?;
-        let first: Vec<f32> = model
-            .logits_at(&h, &[t - 1])?
-            .to_dtype(candle_core::DType::F32)?
-            .flatten_all()?
-            .to_vec1()?;
-        let mut scores = Vec::with_capacity(answers.len());
-        for group in answers.chunks(chunk.max(1)) {
-            let n = group.len();
-            let l = group.iter().map(|a| a.len()).max().unwrap_or(0);
-            let mut totals: Vec<f32> = group.iter().map(|a| logprob(&first, a[0])).collect();
-            if l > 1 {
-                // Feed all but each answer's last token; position j predicts token j + 1.
-                let inputs: Vec<Vec<u32>> =
-                    group.iter().map(|a| a[..a.len() - 1].to_vec()).collect();
-                let lens: Vec<usize> = inputs.iter().map(|a| a.len()).collect();
-                let w = l - 1;
-                let padded: Vec<Vec<u32>> = inputs
-                    .iter()
-                    .map(|a| [a.clone(), vec![0; w - a.len()]].concat())
-                    .collect();
-                let xe = model.embed(&padded, None)?;
-                let mut c = cache.repeat_row(0, n)?;
-                let step = Step {
-                    positions: (0..n).flat_map(|_| t..t + w).collect(),
-                    valid: lens
-                        .iter()
-                        .map(|&m| (0..w).map(|j| j < m).collect())
-                        .collect(),
-                    cache: Some(&mut c),
-                };
-                let hc = model.forward(&xe, step, None)?;
-                let pos: Vec<usize> = (0..n)
-                    .flat_map(|b| (0..lens[b]).map(move |j| b * w + j))
-                    .collect();
-                let logits: Vec<Vec<f32>> = model
-                    .logits_at(&hc, &pos)?
-                    .to_dtype(candle_core::DType::F32)?
-                    .to_vec2()?;
-                let mut k = 0;
-                for (b, a) in group.iter().enumerate() {
-                    for j in 0..lens[b] {
-                        totals[b] += logprob(&logits[k], a[j + 1]);
-                        k += 1;
-                    }
-                }
-            }
-            for (tot, a) in totals.iter().zip(group) {
-                scores.push(match mode {
-                    ScoreMode::Sum => *tot,
-                    ScoreMode::Mean => tot / a.len() as f32,
-                });
-            }
+        return Ok(out);
+    }
+    for group in rows.chunks(opts.batch_size.max(1)) {
+        let prepared: Vec<ScoreRow> = group
+            .iter()
+            .map(|(row, ex)| prepare_row(kit, *row, ex, opts))
+            .collect::<Result<_>>()?;
+        for (r, scores) in prepared
+            .iter()
+            .zip(score_with_cache(model, behaviour, &prepared, so)?)
+        {
+            out.push(ranked(r.row, &r.ex, scores));
         }
-        out.push(ranked(*row, &ex, scores));
-        progress(1);
+        progress(prepared.len());
     }
     Ok(out)
+}
+
+/// The reference: every candidate runs prompt + answer in full, `chunk` candidates per pass.
+fn score_without_cache(
+    model: &Llama,
+    behaviour: Option<&Behaviour>,
+    r: &ScoreRow,
+    so: ScoreOptions,
+) -> Result<Vec<f32>> {
+    use crate::llm::llama::Step;
+    let mut scores = Vec::with_capacity(r.full.len());
+    for group in r.full.chunks(so.chunk.max(1)) {
+        let refs: Vec<&super::Tokenized> = group.iter().collect();
+        let (x, lens) = embed_batch(model, &refs, |t| t.ids.len(), behaviour)?;
+        let t = x.dim(1)?;
+        let h = model.forward(&x, Step::padded(&lens, t), None)?;
+        let (pos, targets) = super::tune::answer_targets(&refs, t);
+        let lp = logprobs_at(model, &h, &pos, &targets)?;
+        let mut k = 0;
+        for w in group {
+            let n = w.ids.len() - w.answer_start;
+            let tot: f32 = lp[k..k + n].iter().sum();
+            k += n;
+            scores.push(finish_score(so.mode, tot, n));
+        }
+    }
+    Ok(scores)
+}
+
+/// The shared-prompt path for a group of rows (see [`score_candidates`]).
+fn score_with_cache(
+    model: &Llama,
+    behaviour: Option<&Behaviour>,
+    rows: &[ScoreRow],
+    so: ScoreOptions,
+) -> Result<Vec<Vec<f32>>> {
+    use crate::llm::llama::{KvCache, Step};
+    let nrows = rows.len();
+    let prompts: Vec<&super::Tokenized> = rows.iter().map(|r| &r.prompt).collect();
+    let (x, lengths) = embed_batch(model, &prompts, |t| t.answer_start, behaviour)?;
+    let tmax = x.dim(1)?;
+    let mut cache = KvCache::new(model.layers.len(), nrows);
+    let h = model.forward(
+        &x,
+        Step::padded(&lengths, tmax).with_cache(&mut cache),
+        None,
+    )?;
+    let last: Vec<usize> = lengths
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| i * tmax + l - 1)
+        .collect();
+    // Each prompt's next-token distribution scores every answer's first token.
+    let first: Vec<Vec<f32>> = model
+        .logits_at(&h, &last)?
+        .to_dtype(candle_core::DType::F32)?
+        .to_vec2()?;
+    let mut totals: Vec<Vec<f32>> = rows
+        .iter()
+        .zip(&first)
+        .map(|(r, f)| r.answers.iter().map(|a| logprob(f, a[0])).collect())
+        .collect();
+    let most = rows.iter().map(|r| r.answers.len()).max().unwrap_or(0);
+    let chunk = so.chunk.max(1);
+    for c0 in (0..most).step_by(chunk) {
+        // Row b's candidates c0..c0+chunk, all but each answer's last token, side by side: the
+        // token at offset j of candidate c sits at rotary position len_b + j, in segment c + 1,
+        // and predicts that answer's token j + 1.
+        let mut ids: Vec<Vec<u32>> = vec![Vec::new(); nrows];
+        let mut segs: Vec<Vec<u32>> = vec![Vec::new(); nrows];
+        let mut pos: Vec<Vec<usize>> = vec![Vec::new(); nrows];
+        let mut predicts: Vec<Vec<(usize, u32)>> = vec![Vec::new(); nrows];
+        for (b, r) in rows.iter().enumerate() {
+            for (c, a) in r.answers.iter().enumerate().skip(c0).take(chunk) {
+                for j in 0..a.len() - 1 {
+                    ids[b].push(a[j]);
+                    segs[b].push(c as u32 + 1);
+                    pos[b].push(lengths[b] + j);
+                    predicts[b].push((c, a[j + 1]));
+                }
+            }
+        }
+        let w = ids.iter().map(Vec::len).max().unwrap_or(0);
+        if w == 0 {
+            continue;
+        }
+        let valid: Vec<Vec<bool>> = ids
+            .iter()
+            .map(|r| (0..w).map(|j| j < r.len()).collect())
+            .collect();
+        for b in 0..nrows {
+            let pad = w - ids[b].len();
+            ids[b].extend(std::iter::repeat_n(0, pad));
+            segs[b].extend(std::iter::repeat_n(0, pad));
+            pos[b].extend(std::iter::repeat_n(lengths[b], pad));
+        }
+        let xe = model.embed(&ids, None)?;
+        // The prompt cache stays as it is for the next group: the pass extends a copy of it.
+        let mut c = cache.clone();
+        let step = Step {
+            positions: pos.concat(),
+            valid,
+            segments: Some(segs),
+            cache: Some(&mut c),
+        };
+        let hc = model.forward(&xe, step, None)?;
+        let at: Vec<usize> = predicts
+            .iter()
+            .enumerate()
+            .flat_map(|(b, p)| (0..p.len()).map(move |j| b * w + j))
+            .collect();
+        let next: Vec<u32> = predicts.iter().flatten().map(|&(_, t)| t).collect();
+        let lp = logprobs_at(model, &hc, &at, &next)?;
+        for ((b, c), v) in predicts
+            .iter()
+            .enumerate()
+            .flat_map(|(b, p)| p.iter().map(move |&(c, _)| (b, c)))
+            .zip(lp)
+        {
+            totals[b][c] += v;
+        }
+    }
+    Ok(rows
+        .iter()
+        .zip(totals)
+        .map(|(r, t)| {
+            t.iter()
+                .zip(&r.answers)
+                .map(|(&tot, a)| finish_score(so.mode, tot, a.len()))
+                .collect()
+        })
+        .collect())
 }
 
 /// The row's scores with the target's 0-based rank (ties count against the target).

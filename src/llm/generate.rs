@@ -140,6 +140,7 @@ pub fn generate_timed(
                 .iter()
                 .map(|&l| (0..t).map(|i| i < l).collect())
                 .collect(),
+            segments: None,
             cache: Some(&mut cache),
         },
         None,
@@ -189,6 +190,7 @@ pub fn generate_timed(
             Step {
                 positions,
                 valid: vec![vec![true]; b],
+                segments: None,
                 cache: Some(&mut cache),
             },
             None,

@@ -118,7 +118,9 @@ impl Layer {
     }
 }
 
-/// Keys and values of earlier steps, per layer: `[B, kv_heads, T, head_dim]`.
+/// Keys and values of earlier steps, per layer: `[B, kv_heads, T, head_dim]`. Cloning is cheap
+/// (tensors are shared); a forward pass extends its own copy only.
+#[derive(Clone)]
 pub struct KvCache {
     kv: Vec<Option<(Tensor, Tensor)>>,
     /// Per row, per cached step: whether that key may be attended (false on right padding).
@@ -140,32 +142,6 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-
-    /// A cache of `n` rows, each a copy of row `row` of this one (a shared prompt continued by `n`
-    /// different suffixes).
-    pub fn repeat_row(&self, row: usize, n: usize) -> Result<KvCache> {
-        let kv = self
-            .kv
-            .iter()
-            .map(|slot| {
-                slot.as_ref()
-                    .map(|(k, v)| -> Result<(Tensor, Tensor)> {
-                        let pick = |t: &Tensor| -> Result<Tensor> {
-                            let one = t.narrow(0, row, 1)?;
-                            let mut dims = one.dims().to_vec();
-                            dims[0] = n;
-                            one.broadcast_as(dims)?.contiguous()
-                        };
-                        Ok((pick(k)?, pick(v)?))
-                    })
-                    .transpose()
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(KvCache {
-            kv,
-            key_valid: vec![self.key_valid[row].clone(); n],
-        })
-    }
 }
 
 /// The positions, mask and optional cache of one forward call.
@@ -174,6 +150,10 @@ pub struct Step<'a> {
     pub positions: Vec<usize>,
     /// Per row, whether each new step is a real token (false on right padding).
     pub valid: Vec<Vec<bool>>,
+    /// Per row, a segment id for each new step, for several continuations packed into one row:
+    /// a step attends the cached keys, earlier steps of segment 0 (shared) and earlier steps of its
+    /// own segment. `None`: every step attends every earlier step (plain causal).
+    pub segments: Option<Vec<Vec<u32>>>,
     pub cache: Option<&'a mut KvCache>,
 }
 
@@ -196,6 +176,7 @@ impl Step<'_> {
                 .iter()
                 .map(|&l| (0..t).map(|i| i < l).collect())
                 .collect(),
+            segments: None,
             cache: None,
         }
     }
@@ -395,10 +376,16 @@ impl Llama {
         let Step {
             positions,
             valid,
+            segments,
             mut cache,
         } = step;
         if positions.len() != b * t || valid.len() != b {
             candle_core::bail!("positions/valid do not match the batch {b}×{t}");
+        }
+        if let Some(s) = &segments {
+            if s.len() != b || s.iter().any(|r| r.len() != t) {
+                candle_core::bail!("segments do not match the batch {b}×{t}");
+            }
         }
         let past = cache.as_ref().map_or(0, |c| c.len());
         let k_len = past + t;
@@ -413,10 +400,17 @@ impl Llama {
         };
         let rep = self.cfg.num_attention_heads / self.cfg.num_key_value_heads;
         let mut allowed = Vec::with_capacity(b * rep * t * k_len);
-        for kv in &key_valid {
+        for (bi, kv) in key_valid.iter().enumerate() {
+            let seg = segments.as_ref().map(|s| &s[bi]);
             for _ in 0..rep {
                 for i in 0..t {
-                    allowed.extend((0..k_len).map(|j| u8::from(kv[j] && j <= past + i)));
+                    allowed.extend((0..k_len).map(|j| {
+                        let visible = match seg {
+                            Some(s) if j >= past => s[j - past] == 0 || s[j - past] == s[i],
+                            _ => true,
+                        };
+                        u8::from(kv[j] && j <= past + i && visible)
+                    }));
                 }
             }
         }
