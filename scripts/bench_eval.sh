@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Evaluation speed on LastFM's test split with SmolLM2-135M: llara's generation-based evaluation vs.
 # Hugging Face transformers `generate` on the same weights, adapter and prompts
-# (scripts/reference/generate_hf.py), and llara's score-based evaluation (shared prompt cache), run
-# interleaved REPEATS times; medians go to docs/results/eval_speed.md.
+# (scripts/reference/generate_hf.py), llara's score-based evaluation (shared prompt cache, packed
+# candidates), and the prompts alone (generation stopped after one token: the ceiling of any evaluation
+# that reads each prompt once), run interleaved REPEATS times; medians go to docs/results/eval_speed.md.
 #
 #   scripts/bench_eval.sh                         # the pipeline's LastFM text-only run, 32 rows, 3 repeats
 #   RUN=runs/tune/x ROWS=64 REPEATS=5 scripts/bench_eval.sh
@@ -37,6 +38,9 @@ for i in $(seq "$REPEATS"); do
   s=$("$LLARA" -q eval --run "$RUN" --split test --mode score --limit "$ROWS" --batch-size "$BATCH" --threads "$THREADS" --json \
     --out "$W/score")
   echo "{\"who\":\"llara score\",\"r\":$s}" >> "$W/results.jsonl"
+  p=$("$LLARA" -q eval --run "$RUN" --split test --limit "$ROWS" --batch-size "$BATCH" --max-new-tokens 1 \
+    --threads "$THREADS" --json --out "$W/prefill")
+  echo "{\"who\":\"llara prompts only\",\"r\":$p}" >> "$W/results.jsonl"
 done
 python3 - "$W/results.jsonl" "$RUN" "$ROWS" "$THREADS" "$BATCH" "$MAX_NEW" "$GGUF" "$REPEATS" > "$OUTFILE" <<'PY'
 import json, statistics, sys
@@ -59,11 +63,14 @@ for k, vs in by.items():
         note = f"answers identical to llara's: {vs[-1]['same_answers']}/{vs[-1]['rows']}"
     elif k == "llara generate":
         note = f"ValidRatio {vs[-1]['valid_ratio']:.3f}, HR@1 {vs[-1]['hr@1']:.3f}"
+    elif k == "llara prompts only":
+        note = "generation with --max-new-tokens 1: each prompt's prefill and one token"
     else:
         note = f"HR@1 {vs[-1]['hr@1']:.3f}, HR@5 {vs[-1]['hr@5']:.3f}, NDCG@10 {vs[-1]['ndcg@10']:.3f}"
     print(f"| {k} | {med[k]:.3f} | {runs} | {note} |")
 g, h, s = med["llara generate"], med["transformers generate"], med["llara score"]
 print(f"\nllara generation vs. transformers generate: **{g / h:.2f}×**; score-based vs. llara generation-based")
-print(f"evaluation: **{s / g:.2f}×** (20 candidates ranked per row vs. one greedy answer).")
+print(f"evaluation: **{s / g:.2f}×** (20 candidates ranked per row vs. one greedy answer). Reading the prompts")
+print(f"alone runs at {med['llara prompts only'] / g:.2f}× generation: the most any evaluation that reads each prompt once can reach here.")
 PY
 cat "$OUTFILE"
