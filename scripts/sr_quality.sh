@@ -5,7 +5,7 @@
 #   and LLaRA's released weights scored by `llara eval-sr` on the same candidates.
 # Writes runs/sr-quality/ and docs/results/sr_quality.md.
 #
-#   scripts/sr_quality.sh                  # all of it (about 40 minutes on 2 cores)
+#   scripts/sr_quality.sh                  # all of it (about 15 minutes on 2 cores)
 #   EPOCHS=60 PATIENCE=15 JOBS=2 SEEDS="1 2 3 4 5" DATASETS="lastfm movielens" scripts/sr_quality.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
