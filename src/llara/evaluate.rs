@@ -427,6 +427,9 @@ fn score_with_cache(
     use crate::llm::llama::{KvCache, Step};
     let nrows = rows.len();
     let prompts: Vec<&super::Tokenized> = rows.iter().map(|r| &r.prompt).collect();
+    if prompts.iter().any(|p| p.answer_start == 0) {
+        candle_core::bail!("a prompt rendered to no tokens: nothing to score candidates after");
+    }
     let (x, lengths) = embed_batch(model, &prompts, |t| t.answer_start, behaviour)?;
     let tmax = x.dim(1)?;
     let mut cache = KvCache::new(model.layers.len(), nrows);

@@ -33,7 +33,10 @@ pub struct BenchReport {
     pub train_tokens_per_second: f64,
     pub train_seconds_per_step: f64,
     pub train_losses: Vec<f32>,
+    /// The prompt's prefill, warm (a first generation call has run on the merged weights).
     pub gen_prefill_seconds: f64,
+    /// The first prefill after merging (one-time work included: transposed weight copies, fresh pages).
+    pub gen_first_prefill_seconds: f64,
     pub gen_decode_tokens_per_second: f64,
     pub gen_new_tokens: usize,
     pub peak_rss_bytes: Option<u64>,
@@ -110,6 +113,11 @@ pub fn run(model: &mut Llama, tok: &LlmTokenizer, cfg: &BenchConfig) -> Result<B
     // EOS must not end the run early: no stop tokens while benchmarking.
     let mut tok_no_eos = tok.clone();
     tok_no_eos.eos.clear();
+    let first = GenOptions {
+        max_new_tokens: 1,
+        ..Default::default()
+    };
+    let (_, cold) = generate_timed(model, &tok_no_eos, &x, &[prompt.len()], &first)?;
     let opts = GenOptions {
         max_new_tokens: cfg.gen_new_tokens,
         ..Default::default()
@@ -121,6 +129,7 @@ pub fn run(model: &mut Llama, tok: &LlmTokenizer, cfg: &BenchConfig) -> Result<B
         train_seconds_per_step: timed / cfg.steps as f64,
         train_losses: losses,
         gen_prefill_seconds: timing.prefill_seconds,
+        gen_first_prefill_seconds: cold.prefill_seconds,
         gen_decode_tokens_per_second: timing.decode_steps as f64 / timing.decode_seconds.max(1e-9),
         gen_new_tokens: n,
         peak_rss_bytes: peak_rss(),
