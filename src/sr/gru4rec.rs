@@ -165,4 +165,48 @@ mod tests {
             }
         }
     }
+
+    /// Over several 64-row blocks: the same state and gradients on 1 and 3 threads (bit for bit),
+    /// and the composed GRU's within rounding.
+    #[test]
+    fn blocks_are_thread_count_independent() {
+        let dev = Device::Cpu;
+        let cfg = Config::new(Arch::Gru4rec, 50, 8);
+        let vm = init_varmap(&cfg, 9, &dev).unwrap();
+        let m = GRU4Rec::load(VarBuilder::from_varmap(&vm, DType::F32, &dev), &cfg).unwrap();
+        let hist: Vec<Vec<u32>> = (0..150u32)
+            .map(|r| (0..r % 13).map(|k| (r * 7 + k * 3) % 50).collect())
+            .collect();
+        let refs: Vec<&[u32]> = hist.iter().map(Vec::as_slice).collect();
+        let batch = Batch::new(&refs, &cfg, &dev).unwrap();
+        let run = |fused: bool| -> Vec<Vec<f32>> {
+            let s = if fused {
+                m.state_fused(&batch)
+            } else {
+                m.state_composed(&batch)
+            }
+            .unwrap();
+            let loss = s.sin().unwrap().sum_all().unwrap();
+            let g = loss.backward().unwrap();
+            let mut out = vec![s.flatten_all().unwrap().to_vec1().unwrap()];
+            for t in [&m.item_embeddings, &m.weight_ih, &m.weight_hh, &m.bias_hh] {
+                out.push(g.get(t).unwrap().flatten_all().unwrap().to_vec1().unwrap());
+            }
+            out
+        };
+        let on = |threads: usize| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap()
+                .install(|| run(true))
+        };
+        let one = on(1);
+        assert_eq!(one, on(3));
+        for (a, b) in one.iter().zip(&run(false)) {
+            for (x, y) in a.iter().zip(b) {
+                assert!((x - y).abs() < 1e-4, "{x} vs {y}");
+            }
+        }
+    }
 }

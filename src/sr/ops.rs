@@ -551,7 +551,7 @@ fn gates<'a>(
 /// already), which then runs back through time.
 pub struct GruSequence {
     lens: Vec<usize>,
-    saved: std::sync::Mutex<Option<GruTrace>>,
+    saved: std::sync::Mutex<Option<Vec<GruTrace>>>,
 }
 
 /// `c (+)= a · bᵀ` (`tb`) or `a · b` for row-major `a [m, k]`, single-threaded (the recommenders'
@@ -676,6 +676,62 @@ impl GruSequence {
     }
 }
 
+/// Rows per independent block of the recurrence: blocks run in parallel on rayon's threads, and the
+/// block size is fixed so that results never depend on the thread count.
+const GRU_BLOCK: usize = 64;
+
+/// Back-propagation through time for one block of rows: `dh` is dL/d(final state) for those rows
+/// (`[nb, H]`). Returns dL/dgi `[nb, S, 3H]` and every step's dL/dgh `[S, nb, 3H]`.
+fn gru_backward(
+    trace: &GruTrace,
+    w: &[f32],
+    lens: &[usize],
+    mut dh: Vec<f32>,
+    steps: usize,
+    hd: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    let b = lens.len();
+    let g3 = 3 * hd;
+    let GruTrace { gh, hs, gates } = trace;
+    let mut dgi = vec![0f32; b * steps * g3];
+    let mut dgh_all = vec![0f32; steps * b * g3]; // inactive rows stay 0
+    for t in (0..steps).rev() {
+        let dgh = &mut dgh_all[t * b * g3..][..b * g3];
+        let h = &hs[t * b * hd..][..b * hd];
+        let ght = &gh[t * b * g3..][..b * g3];
+        for (r, &len) in lens.iter().enumerate() {
+            if t >= len {
+                continue; // the state passes through unchanged
+            }
+            let dghr = &mut dgh[r * g3..][..g3];
+            let o = (r * steps + t) * g3;
+            let ghr = &ght[r * g3..][..g3];
+            let g = &gates[(t * b + r) * g3..][..g3];
+            let (rgs, zgs, ngs) = (&g[..hd], &g[hd..2 * hd], &g[2 * hd..]);
+            let dhr = &mut dh[r * hd..][..hd];
+            for j in 0..hd {
+                let (rg, zg, ng) = (rgs[j], zgs[j], ngs[j]);
+                let go = dhr[j];
+                let dz = go * (h[r * hd + j] - ng);
+                let dn = go * (1.0 - zg);
+                dhr[j] = go * zg;
+                let dn_pre = dn * (1.0 - ng * ng);
+                let dr_pre = dn_pre * ghr[2 * hd + j] * rg * (1.0 - rg);
+                let dz_pre = dz * zg * (1.0 - zg);
+                dgi[o + j] = dr_pre;
+                dgi[o + hd + j] = dz_pre;
+                dgi[o + 2 * hd + j] = dn_pre;
+                dghr[j] = dr_pre;
+                dghr[hd + j] = dz_pre;
+                dghr[2 * hd + j] = dn_pre * rg;
+            }
+        }
+        // gh = h W_hhᵀ + b_hh: dh += dgh W_hh (W_hh's gradients are summed over all steps later).
+        gemm_into(&mut dh, dgh, w, b, hd, g3, false, false, true);
+    }
+    (dgi, dgh_all)
+}
+
 impl CustomOp3 for GruSequence {
     fn name(&self) -> &'static str {
         "gru-sequence"
@@ -690,15 +746,25 @@ impl CustomOp3 for GruSequence {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
         let (steps, hd) = self.dims(l1.shape(), l2.shape())?;
         let gi = f32_slice(s1, l1, "gru-sequence")?;
         let w = f32_slice(s2, l2, "gru-sequence")?;
         let bias = f32_slice(s3, l3, "gru-sequence")?;
         let b = self.lens.len();
-        let trace = gru_forward(gi, w, bias, &self.lens, steps, hd);
-        let out = trace.hs[steps * b * hd..].to_vec();
+        let per_row = steps * 3 * hd;
+        let traces: Vec<GruTrace> = self
+            .lens
+            .par_chunks(GRU_BLOCK)
+            .zip(gi.par_chunks(GRU_BLOCK * per_row))
+            .map(|(lens, gi)| gru_forward(gi, w, bias, lens, steps, hd))
+            .collect();
+        let mut out = Vec::with_capacity(b * hd);
+        for (trace, lens) in traces.iter().zip(self.lens.chunks(GRU_BLOCK)) {
+            out.extend_from_slice(&trace.hs[steps * lens.len() * hd..]);
+        }
         if let Ok(mut saved) = self.saved.lock() {
-            *saved = Some(trace);
+            *saved = Some(traces);
         }
         Ok((CpuStorage::F32(out), Shape::from((b, hd))))
     }
@@ -711,66 +777,45 @@ impl CustomOp3 for GruSequence {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        use rayon::prelude::*;
         let (steps, hd) = self.dims(git.shape(), wt.shape())?;
         let (gi, w, bias) = (host_vec(git)?, host_vec(wt)?, host_vec(biast)?);
-        let b = self.lens.len();
         let g3 = 3 * hd;
+        let per_row = steps * g3;
+        let blocks = self.lens.len().div_ceil(GRU_BLOCK);
         let saved = self.saved.lock().ok().and_then(|mut s| s.take());
-        let GruTrace { gh, hs, gates } = match saved {
-            Some(s) if s.hs.len() == (steps + 1) * b * hd => s,
-            _ => gru_forward(&gi, &w, &bias, &self.lens, steps, hd),
+        let traces: Vec<GruTrace> = match saved {
+            Some(t) if t.len() == blocks => t,
+            _ => self
+                .lens
+                .par_chunks(GRU_BLOCK)
+                .zip(gi.par_chunks(GRU_BLOCK * per_row))
+                .map(|(lens, gi)| gru_forward(gi, &w, &bias, lens, steps, hd))
+                .collect(),
         };
-        let mut dgi = vec![0f32; gi.len()];
-        let mut dh = host_vec(grad)?; // dL/dh after the current step
-        let mut dgh_all = vec![0f32; steps * b * g3]; // inactive rows stay 0
-        for t in (0..steps).rev() {
-            let dgh = &mut dgh_all[t * b * g3..][..b * g3];
-            let h = &hs[t * b * hd..][..b * hd];
-            let ght = &gh[t * b * g3..][..b * g3];
-            for (r, &len) in self.lens.iter().enumerate() {
-                if t >= len {
-                    continue; // the state passes through unchanged
-                }
-                let dghr = &mut dgh[r * g3..][..g3];
-                let o = (r * steps + t) * g3;
-                let ghr = &ght[r * g3..][..g3];
-                let g = &gates[(t * b + r) * g3..][..g3];
-                let (rgs, zgs, ngs) = (&g[..hd], &g[hd..2 * hd], &g[2 * hd..]);
-                let dhr = &mut dh[r * hd..][..hd];
-                for j in 0..hd {
-                    let (rg, zg, ng) = (rgs[j], zgs[j], ngs[j]);
-                    let go = dhr[j];
-                    let dz = go * (h[r * hd + j] - ng);
-                    let dn = go * (1.0 - zg);
-                    dhr[j] = go * zg;
-                    let dn_pre = dn * (1.0 - ng * ng);
-                    let dr_pre = dn_pre * ghr[2 * hd + j] * rg * (1.0 - rg);
-                    let dz_pre = dz * zg * (1.0 - zg);
-                    dgi[o + j] = dr_pre;
-                    dgi[o + hd + j] = dz_pre;
-                    dgi[o + 2 * hd + j] = dn_pre;
-                    dghr[j] = dr_pre;
-                    dghr[hd + j] = dz_pre;
-                    dghr[2 * hd + j] = dn_pre * rg;
-                }
-            }
-            // gh = h W_hhᵀ + b_hh: dh += dgh W_hh (W_hh's gradients are summed over all steps below).
-            gemm_into(&mut dh, dgh, &w, b, hd, g3, false, false, true);
-        }
-        // dW_hh = Σ_t dgh_tᵀ h_t as one GEMM over every (step, row); db_hh = Σ dgh.
+        let go = host_vec(grad)?;
+        let parts: Vec<(Vec<f32>, Vec<f32>)> = traces
+            .par_iter()
+            .zip(self.lens.par_chunks(GRU_BLOCK))
+            .zip(go.par_chunks(GRU_BLOCK * hd))
+            .map(|((trace, lens), dh)| gru_backward(trace, &w, lens, dh.to_vec(), steps, hd))
+            .collect();
+        // dW_hh = Σ_t dgh_tᵀ h_t, one GEMM over every (step, row) of each block, blocks in order;
+        // db_hh = Σ dgh.
+        let mut dgi = Vec::with_capacity(gi.len());
         let mut dw = vec![0f32; w.len()];
-        gemm_into(
-            &mut dw,
-            &dgh_all,
-            &hs,
-            g3,
-            hd,
-            steps * b,
-            true,
-            false,
-            false,
-        );
-        let db = column_sums(&dgh_all, g3);
+        let mut db = vec![0f32; g3];
+        for ((dgi_b, dgh_b), (trace, lens)) in parts
+            .iter()
+            .zip(traces.iter().zip(self.lens.chunks(GRU_BLOCK)))
+        {
+            dgi.extend_from_slice(dgi_b);
+            let rows = steps * lens.len();
+            gemm_into(&mut dw, dgh_b, &trace.hs, g3, hd, rows, true, false, true);
+            db.iter_mut()
+                .zip(column_sums(dgh_b, g3))
+                .for_each(|(d, s)| *d += s);
+        }
         let dev = git.device();
         Ok((
             Some(Tensor::from_vec(dgi, git.shape(), dev)?),
