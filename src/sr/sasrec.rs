@@ -170,13 +170,7 @@ impl SASRec {
             .reshape((b * t, h))?
             .index_select(&rows, 0)?
             .reshape((b, 1, h))?;
-        let normed = self.ln_1.forward(&at_last)?;
-        let attn = self
-            .mh_attn
-            .forward(&normed, &seq, &positions, &mut dropout)?;
-        let ff = self
-            .feed_forward
-            .forward(&self.ln_2.forward(&attn)?, &mut dropout)?;
+        let ff = self.block(&at_last, &seq, &positions, &mut dropout)?;
         let state = self.ln_3.forward(&ff)?.reshape((b, h))?;
         if batch.lens.contains(&0) {
             let nonempty: Vec<f32> = batch
@@ -197,14 +191,23 @@ impl SASRec {
         let seq = self.sequence(batch, &mut dropout)?;
         let (b, t, _) = seq.dims3()?;
         let positions: Vec<usize> = (0..b * t).map(|r| r % t).collect();
-        let normed = self.ln_1.forward(&seq)?;
-        let attn = self
-            .mh_attn
-            .forward(&normed, &seq, &positions, &mut dropout)?;
-        let ff = self
-            .feed_forward
-            .forward(&self.ln_2.forward(&attn)?, &mut dropout)?;
+        let ff = self.block(&seq, &seq, &positions, &mut dropout)?;
         self.ln_3.forward(&ff.broadcast_mul(&batch.mask)?)
+    }
+
+    /// The attention + feed-forward block for queries taken from `seq` at `positions` (their
+    /// LayerNorm applied here), keys and values `seq`: `[B, Tq, H]` before the last LayerNorm.
+    fn block(
+        &self,
+        queries: &Tensor,
+        seq: &Tensor,
+        positions: &[usize],
+        dropout: &mut Option<&mut Dropout>,
+    ) -> Result<Tensor> {
+        let normed = self.ln_1.forward(queries)?;
+        let attn = self.mh_attn.forward(&normed, seq, positions, dropout)?;
+        self.feed_forward
+            .forward(&self.ln_2.forward(&attn)?, dropout)
     }
 
     pub fn forward(&self, batch: &Batch, dropout: Option<&mut Dropout>) -> Result<Tensor> {
