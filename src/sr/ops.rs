@@ -674,6 +674,23 @@ impl GruSequence {
         }
         Ok((steps, hd))
     }
+
+    /// The forward recurrence of every [`GRU_BLOCK`]-row block, in parallel, in block order.
+    fn forward_blocks(
+        &self,
+        gi: &[f32],
+        w: &[f32],
+        bias: &[f32],
+        steps: usize,
+        hd: usize,
+    ) -> Vec<GruTrace> {
+        use rayon::prelude::*;
+        self.lens
+            .par_chunks(GRU_BLOCK)
+            .zip(gi.par_chunks(GRU_BLOCK * steps * 3 * hd))
+            .map(|(lens, gi)| gru_forward(gi, w, bias, lens, steps, hd))
+            .collect()
+    }
 }
 
 /// Rows per independent block of the recurrence: blocks run in parallel on rayon's threads, and the
@@ -746,19 +763,12 @@ impl CustomOp3 for GruSequence {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        use rayon::prelude::*;
         let (steps, hd) = self.dims(l1.shape(), l2.shape())?;
         let gi = f32_slice(s1, l1, "gru-sequence")?;
         let w = f32_slice(s2, l2, "gru-sequence")?;
         let bias = f32_slice(s3, l3, "gru-sequence")?;
         let b = self.lens.len();
-        let per_row = steps * 3 * hd;
-        let traces: Vec<GruTrace> = self
-            .lens
-            .par_chunks(GRU_BLOCK)
-            .zip(gi.par_chunks(GRU_BLOCK * per_row))
-            .map(|(lens, gi)| gru_forward(gi, w, bias, lens, steps, hd))
-            .collect();
+        let traces = self.forward_blocks(gi, w, bias, steps, hd);
         let mut out = Vec::with_capacity(b * hd);
         for (trace, lens) in traces.iter().zip(self.lens.chunks(GRU_BLOCK)) {
             out.extend_from_slice(&trace.hs[steps * lens.len() * hd..]);
@@ -781,17 +791,11 @@ impl CustomOp3 for GruSequence {
         let (steps, hd) = self.dims(git.shape(), wt.shape())?;
         let (gi, w, bias) = (host_vec(git)?, host_vec(wt)?, host_vec(biast)?);
         let g3 = 3 * hd;
-        let per_row = steps * g3;
         let blocks = self.lens.len().div_ceil(GRU_BLOCK);
         let saved = self.saved.lock().ok().and_then(|mut s| s.take());
         let traces: Vec<GruTrace> = match saved {
             Some(t) if t.len() == blocks => t,
-            _ => self
-                .lens
-                .par_chunks(GRU_BLOCK)
-                .zip(gi.par_chunks(GRU_BLOCK * per_row))
-                .map(|(lens, gi)| gru_forward(gi, &w, &bias, lens, steps, hd))
-                .collect(),
+            _ => self.forward_blocks(&gi, &w, &bias, steps, hd),
         };
         let go = host_vec(grad)?;
         let parts: Vec<(Vec<f32>, Vec<f32>)> = traces
