@@ -324,31 +324,52 @@ fn quickstart_runs_end_to_end() {
     assert!(out.join("data/meta.json").exists());
     let m = json(&out.join("sasrec/metrics.json"));
     assert!(m["hr@1"].as_f64().unwrap() > 0.05, "{m}");
-    // The LLaRA stage: a finished tune run and its generation-based test metrics.
-    assert!(json(&out.join("llara/metrics.json"))["finished"]
-        .as_bool()
-        .unwrap());
-    assert!(out.join("llara/adapter/adapter_model.safetensors").exists());
-    let e = json(&out.join("llara/eval-test/metrics.json"));
-    assert_eq!(e["rows"], 32);
-    assert!(json(&out.join("llara/eval-test-score/metrics.json"))["ndcg@10"].is_number());
-    // The comparison table: the recommender and both LLaRA evaluations, same dataset.
+    // The LLaRA stage: the recommended hybrid run and text-only tuning, both finished and scored by
+    // their heads on every test row; generation for the hybrid run.
+    for run in ["llara-hybrid", "llara-text-only"] {
+        assert!(json(&out.join(run).join("metrics.json"))["finished"]
+            .as_bool()
+            .unwrap());
+        assert!(out.join(run).join("head.safetensors").exists());
+        let e = json(&out.join(run).join("eval-test-score/metrics.json"));
+        assert_eq!(e["scorer"], "head");
+        assert_eq!(e["rows"], m["rows"]);
+    }
+    assert_eq!(
+        json(&out.join("llara-hybrid/eval-test/metrics.json"))["rows"],
+        32
+    );
+    // The comparison table: the recommender, popularity and both LLaRA runs, same dataset.
     for want in [
         "recommender scores",
+        "popularity",
         "| generation |",
-        "scoring (sum)",
+        "scoring (head)",
         "| synth |",
+        "LLaRA hybrid HR@1",
     ] {
         assert!(stdout.contains(want), "{want} missing from {stdout}");
     }
-    // Running it again replaces its outputs.
+    // Running it again (another seed) replaces its outputs, and the method still shows: the
+    // hybrid run near its SASRec, text-only below it.
     ok(&[
         "quickstart",
         "--out",
         s(&out),
         "--epochs",
-        "1",
+        "10",
         "--tune-samples",
-        "8",
+        "16",
+        "--seed",
+        "7",
     ]);
+    let hr = |p: &str| json(&out.join(p))["hr@1"].as_f64().unwrap();
+    let (h, t, r) = (
+        hr("llara-hybrid/eval-test-score/metrics.json"),
+        hr("llara-text-only/eval-test-score/metrics.json"),
+        hr("sasrec/metrics.json"),
+    );
+    assert!(r > 0.3, "SASRec {r}");
+    assert!(h >= 0.8 * r, "hybrid {h} vs SASRec {r}");
+    assert!(h > t + 0.1, "hybrid {h} vs text-only {t}");
 }

@@ -9,7 +9,7 @@ use llara::data::Dataset;
 use llara::llara::projector::Projector;
 use llara::llara::prompts::{ItemView, Templates};
 use llara::llara::tune::{self, answer_targets, draw_step, RunDir, RunState, Setup, TuneOptions};
-use llara::llara::{embed_batch, Behaviour, Curriculum, Example, PromptKit};
+use llara::llara::{embed_batch, Behaviour, CandEmb, Curriculum, Example, PromptKit, Recommender};
 use llara::llm::{self, LlmOptions, LoraConfig, Target};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -58,9 +58,9 @@ fn short_templates() -> Templates {
     .unwrap()
 }
 
-fn item_table(sr: &Path, n: usize) -> Tensor {
-    let (m, _) = llara::sr::load_model(sr, &candle_core::Device::Cpu).unwrap();
-    m.item_embeddings().narrow(0, 0, n).unwrap().detach()
+fn recommender(sr: &Path) -> Recommender {
+    let (m, cfg) = llara::sr::load_model(sr, &candle_core::Device::Cpu).unwrap();
+    Recommender::new(m, cfg).unwrap()
 }
 
 #[test]
@@ -103,6 +103,7 @@ fn loss_covers_the_answer_tokens_only() {
         tok: &l.tokenizer,
         templates: &templates,
         titles: &ds.titles,
+        user_token: false,
     };
     let row = &ds.splits.train[0];
     let ex = Example {
@@ -154,7 +155,8 @@ fn placeholders_carry_the_projected_recommender_rows() {
     let (data, sr) = fixture();
     let ds = Dataset::open(data).unwrap();
     let l = llm::load("builtin:tiny", &LlmOptions::cpu()).unwrap();
-    let table = item_table(sr, ds.n_items());
+    let rec = recommender(sr);
+    let table = rec.item_embeddings.clone();
     let projector = Projector::new(
         table.dim(1).unwrap(),
         64,
@@ -168,6 +170,7 @@ fn placeholders_carry_the_projected_recommender_rows() {
         tok: &l.tokenizer,
         templates: &templates,
         titles: &ds.titles,
+        user_token: false,
     };
     let ex = Example {
         history: vec![3, 5, 7],
@@ -179,7 +182,8 @@ fn placeholders_carry_the_projected_recommender_rows() {
         let tk = kit.tokenize(&ex, view, true).unwrap();
         assert_eq!(tk.slot_items, vec![3, 5, 7, 9, 3]);
         let behaviour = Behaviour {
-            item_embeddings: &table,
+            rec: &rec,
+            cand_emb: CandEmb::Input,
             projector: &projector,
         };
         let (x, _) = embed_batch(&l.model, &[&tk], |t| t.ids.len(), Some(&behaviour)).unwrap();
@@ -209,6 +213,7 @@ fn placeholders_carry_the_projected_recommender_rows() {
         tok: &l.tokenizer,
         templates: &templates,
         titles: &titles,
+        user_token: false,
     };
     let e = kit.tokenize(&ex, ItemView::Hybrid, true).unwrap_err();
     assert!(e.contains("placeholders"), "{e}");
@@ -217,6 +222,11 @@ fn placeholders_carry_the_projected_recommender_rows() {
 fn tiny_opts(curriculum: Curriculum) -> TuneOptions {
     TuneOptions {
         curriculum,
+        objective: tune::Objective::Generative,
+        head: None,
+        user_token: false,
+        cand_emb: CandEmb::Input,
+        projector_warmup: 0,
         epochs: 1,
         batch_size: 4,
         grad_accum: 1,
@@ -258,7 +268,8 @@ fn a_tiny_run_overfits_a_handful_of_examples() {
     ];
     ds.titles = WORDS.iter().map(|w| w.to_string()).collect();
     let mut l = llm::load("builtin:tiny", &LlmOptions::cpu()).unwrap();
-    let table = item_table(sr, ds.n_items());
+    let rec = recommender(sr);
+    let table = rec.item_embeddings.clone();
     let templates = short_templates();
     let opts = TuneOptions {
         epochs: 100,
@@ -283,11 +294,12 @@ fn a_tiny_run_overfits_a_handful_of_examples() {
         tok: &l.tokenizer,
         templates: &templates,
         ds: &ds,
-        item_embeddings: &table,
+        rec: &rec,
     };
     let state = tune::tune(
         setup,
         projector,
+        None,
         &opts,
         &run,
         RunState::default(),
@@ -298,8 +310,8 @@ fn a_tiny_run_overfits_a_handful_of_examples() {
     assert!(state.finished);
     // The trained weights, scored by generation on the same rows with fixed candidates.
     let mut fresh = llm::load("builtin:tiny", &LlmOptions::cpu()).unwrap();
-    let projector =
-        tune::load_weights(&mut fresh.model, tmp.path(), table.dim(1).unwrap()).unwrap();
+    let (projector, _) =
+        tune::load_weights(&mut fresh.model, tmp.path(), table.dim(1).unwrap(), None).unwrap();
     let rows = tune::training_rows(&ds, &opts);
     let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(1);
     let examples: Vec<(usize, Example)> = rows
@@ -322,9 +334,11 @@ fn a_tiny_run_overfits_a_handful_of_examples() {
         tok: &fresh.tokenizer,
         templates: &templates,
         titles: &ds.titles,
+        user_token: false,
     };
     let behaviour = Behaviour {
-        item_embeddings: &table,
+        rec: &rec,
+        cand_emb: CandEmb::Input,
         projector: &projector,
     };
     let eopts = llara::llara::evaluate::EvalOptions {
@@ -332,6 +346,7 @@ fn a_tiny_run_overfits_a_handful_of_examples() {
         template: 0,
         batch_size: 4,
         max_new_tokens: 40,
+        constrained: false,
     };
     let (preds, m) = tune::evaluate_split(
         &fresh.model,
@@ -676,7 +691,8 @@ fn candidate_scoring_with_a_shared_prompt_cache_equals_full_recomputation() {
     let (data, sr) = fixture();
     let ds = Dataset::open(data).unwrap();
     let l = llm::load("builtin:tiny", &LlmOptions::cpu()).unwrap();
-    let table = item_table(sr, ds.n_items());
+    let rec = recommender(sr);
+    let table = rec.item_embeddings.clone();
     let projector = Projector::new(
         table.dim(1).unwrap(),
         64,
@@ -690,9 +706,11 @@ fn candidate_scoring_with_a_shared_prompt_cache_equals_full_recomputation() {
         tok: &l.tokenizer,
         templates: &templates,
         titles: &ds.titles,
+        user_token: false,
     };
     let behaviour = Behaviour {
-        item_embeddings: &table,
+        rec: &rec,
+        cand_emb: CandEmb::Input,
         projector: &projector,
     };
     let rows = tune::split_rows(&ds, "test", 0, Some(3), 1);
@@ -708,6 +726,7 @@ fn candidate_scoring_with_a_shared_prompt_cache_equals_full_recomputation() {
             template: 0,
             batch_size,
             max_new_tokens: 8,
+            constrained: false,
         };
         let so = |mode, chunk, shared_prompt| ScoreOptions {
             mode,

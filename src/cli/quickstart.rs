@@ -1,7 +1,8 @@
 //! `llara quickstart`: the pipeline on the embedded default, no network and no files from elsewhere.
-//! A synthetic dataset, a SASRec trained and scored on its fixed candidate sets, then LLaRA's
-//! curriculum prompt tuning of the built-in tiny random backbone on it, and generation-based
-//! evaluation (the whole pipeline, in about a minute; the numbers say nothing about real LLMs).
+//! A synthetic dataset, a SASRec trained and scored on its fixed candidate sets, then two tunings of
+//! the built-in tiny random backbone: the recommended hybrid setting (behaviour tokens, a scoring
+//! head that starts from the recommender's scores) and text-only tuning (titles only), both
+//! evaluated by candidate scoring on the same candidates, next to SASRec and popularity.
 
 use anyhow::Result;
 use clap::Args;
@@ -19,8 +20,8 @@ pub struct QuickstartArgs {
     /// SASRec training epochs.
     #[arg(long, default_value_t = 20)]
     pub epochs: usize,
-    /// Training rows for the LLaRA stage (a seeded subset).
-    #[arg(long, default_value_t = 256)]
+    /// Training rows for each LLaRA run (a seeded subset).
+    #[arg(long, default_value_t = 128)]
     pub tune_samples: usize,
 }
 
@@ -34,7 +35,7 @@ pub fn run(a: QuickstartArgs) -> Result<()> {
     let data = a.out.join("data");
     let sasrec = a.out.join("sasrec");
     let seed = a.seed.to_string();
-    println!("== 1/5  llara data synth --out {}", data.display());
+    println!("== 1/6  llara data synth --out {}", data.display());
     step(&[
         "data".into(),
         "synth".into(),
@@ -45,7 +46,7 @@ pub fn run(a: QuickstartArgs) -> Result<()> {
         "--force".into(),
     ])?;
     println!(
-        "== 2/5  llara train-sr --model sasrec --data {} --out {}",
+        "== 2/6  llara train-sr --model sasrec --data {} --out {}",
         data.display(),
         sasrec.display()
     );
@@ -65,24 +66,14 @@ pub fn run(a: QuickstartArgs) -> Result<()> {
         sasrec.clone().into(),
         "--force".into(),
     ])?;
-    let run = a.out.join("llara");
-    println!(
-        "== 3/5  llara tune --llm builtin:tiny --curriculum linear --data {} --sr {} --out {}",
-        data.display(),
-        sasrec.display(),
-        run.display()
-    );
     let samples = a.tune_samples.to_string();
-    step(&[
-        "tune".into(),
+    let common: Vec<OsString> = [
         "--data".into(),
-        data.clone().into(),
+        data.clone().into_os_string(),
         "--sr".into(),
-        sasrec.clone().into(),
+        sasrec.clone().into_os_string(),
         "--llm".into(),
         "builtin:tiny".into(),
-        "--out".into(),
-        run.clone().into(),
         "--epochs".into(),
         "1".into(),
         "--batch-size".into(),
@@ -100,15 +91,62 @@ pub fn run(a: QuickstartArgs) -> Result<()> {
         "--seed".into(),
         seed.into(),
         "--force".into(),
-    ])?;
+    ]
+    .into();
+    // The recommended setting (see README.md), and text-only tuning with the same head and loss.
+    let hybrid = a.out.join("llara-hybrid");
+    let text = a.out.join("llara-text-only");
+    let runs: [(&str, &PathBuf, &[&str]); 2] = [
+        (
+            "3/6",
+            &hybrid,
+            &[
+                "--curriculum",
+                "hybrid-only",
+                "--objective",
+                "both",
+                "--head-prior",
+                "--user-token",
+                "--cand-emb",
+                "output",
+            ],
+        ),
+        (
+            "4/6",
+            &text,
+            &["--curriculum", "text-only", "--objective", "both"],
+        ),
+    ];
+    for (n, run, flags) in runs {
+        println!(
+            "== {n}  llara tune --llm builtin:tiny {} --out {}",
+            flags.join(" "),
+            run.display()
+        );
+        let mut argv: Vec<OsString> = vec!["tune".into()];
+        argv.extend(common.iter().cloned());
+        argv.extend(flags.iter().map(OsString::from));
+        argv.extend(["--out".into(), run.clone().into_os_string()]);
+        step(&argv)?;
+    }
     println!(
-        "== 4/5  llara eval --run {} --split test --limit 32",
-        run.display()
+        "== 5/6  llara eval --mode score (both runs, all test rows); generation for the hybrid run"
     );
+    for run in [&hybrid, &text] {
+        step(&[
+            "eval".into(),
+            "--run".into(),
+            run.clone().into(),
+            "--split".into(),
+            "test".into(),
+            "--mode".into(),
+            "score".into(),
+        ])?;
+    }
     step(&[
         "eval".into(),
         "--run".into(),
-        run.clone().into(),
+        hybrid.clone().into(),
         "--split".into(),
         "test".into(),
         "--limit".into(),
@@ -116,25 +154,51 @@ pub fn run(a: QuickstartArgs) -> Result<()> {
         "--max-new-tokens".into(),
         "32".into(),
     ])?;
+    let popularity = a.out.join("popularity");
     step(&[
-        "eval".into(),
-        "--run".into(),
-        run.clone().into(),
-        "--split".into(),
-        "test".into(),
-        "--limit".into(),
-        "32".into(),
-        "--mode".into(),
-        "score".into(),
+        "eval-sr".into(),
+        "--model".into(),
+        "popularity".into(),
+        "--data".into(),
+        data.clone().into(),
+        "--out".into(),
+        popularity.clone().into(),
     ])?;
     println!(
-        "== 5/5  llara report {} {}",
+        "== 6/6  llara report {} {} {} {}",
         sasrec.display(),
-        run.display()
+        popularity.display(),
+        hybrid.display(),
+        text.display()
     );
-    step(&["report".into(), sasrec.into(), run.into()])?;
+    step(&[
+        "report".into(),
+        sasrec.clone().into(),
+        popularity.into(),
+        hybrid.clone().into(),
+        text.clone().into(),
+    ])?;
+    let hr1 = |p: PathBuf| -> Option<f64> {
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()?;
+        v.get("test").unwrap_or(&v).get("hr@1")?.as_f64()
+    };
+    let (h, t, s) = (
+        hr1(hybrid.join("eval-test-score/metrics.json")),
+        hr1(text.join("eval-test-score/metrics.json")),
+        hr1(sasrec.join("metrics.json")),
+    );
+    let k = crate::data::Dataset::open(&data)
+        .map(|d| d.meta.candidates)
+        .unwrap_or(20);
+    if let (Some(h), Some(t), Some(s)) = (h, t, s) {
+        println!(
+            "LLaRA hybrid HR@1 {h:.2} ({:.0}% of its SASRec's {s:.2}) vs text-only {t:.2}; chance is {:.2}.",
+            100.0 * h / s.max(1e-9),
+            1.0 / k.max(1) as f64
+        );
+    }
     println!(
-        "The backbone here is a tiny random model, so its HR@1 means nothing; the same commands take a real one, e.g. `--llm ../shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf` (see README.md). Data: `llara data stats {}`.",
+        "The backbone here is a tiny random model: the hybrid run ranks by what the behaviour tokens and the recommender prior carry, text-only by titles alone. The same commands take a real LLM, e.g. `--llm ../shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf` (see README.md). Data: `llara data stats {}`.",
         data.display()
     );
     Ok(())

@@ -1,8 +1,10 @@
 //! `llara recommend`: ask a tuned run about one user (or many, as JSON lines on stdin).
 
 use super::tune::open_run;
-use crate::llara::evaluate::{score_candidates, EvalOptions, ScoreMode, ScoreOptions};
-use crate::llara::{Behaviour, Example, PromptKit};
+use crate::llara::evaluate::{
+    score_candidates, score_with_head, EvalOptions, ScoreMode, ScoreOptions,
+};
+use crate::llara::Example;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use rand::{Rng, SeedableRng};
@@ -90,13 +92,14 @@ fn value_str(v: &serde_json::Value) -> String {
 
 pub fn run(a: RecommendArgs) -> Result<()> {
     super::sr::set_threads(a.threads)?;
-    let (parts, projector, view) = open_run(
+    let or = open_run(
         &a.run,
         a.data.as_deref(),
         None,
         &a.device,
         a.dtype.as_deref(),
     )?;
+    let (parts, view) = (&or.parts, or.view);
     let titles = &parts.ds.titles;
     let queries: Vec<(Vec<String>, Vec<String>, String)> = if a.history.is_empty() {
         let stdin = std::io::stdin();
@@ -136,20 +139,14 @@ pub fn run(a: RecommendArgs) -> Result<()> {
         };
         vec![(split(&a.history), split(&a.candidate), "--history".into())]
     };
-    let kit = PromptKit {
-        tok: &parts.llm.tokenizer,
-        templates: &parts.templates,
-        titles,
-    };
-    let behaviour = Behaviour {
-        item_embeddings: &parts.item_embeddings,
-        projector: &projector,
-    };
+    let kit = or.kit();
+    let behaviour = or.behaviour();
     let opts = EvalOptions {
         view,
         template: a.template,
         batch_size: 1,
         max_new_tokens: 0,
+        constrained: false,
     };
     let mode = ScoreMode::parse(&a.score).map_err(anyhow::Error::msg)?;
     for (qi, (hist, cands, origin)) in queries.iter().enumerate() {
@@ -189,15 +186,27 @@ pub fn run(a: RecommendArgs) -> Result<()> {
             candidates: candidates.clone(),
             template: a.template,
         };
-        let scored = score_candidates(
-            &parts.llm.model,
-            &kit,
-            view.uses_embeddings().then_some(&behaviour),
-            &[(0, ex)],
-            &opts,
-            ScoreOptions::new(mode),
-            |_| {},
-        )?;
+        let scored = match &or.head {
+            // A run with a scoring head ranks by it (what it was trained and evaluated with).
+            Some(hd) => score_with_head(
+                &parts.llm.model,
+                &kit,
+                behaviour.as_ref(),
+                hd,
+                &[(0, ex)],
+                &opts,
+                |_| {},
+            )?,
+            None => score_candidates(
+                &parts.llm.model,
+                &kit,
+                behaviour.as_ref(),
+                &[(0, ex)],
+                &opts,
+                ScoreOptions::new(mode),
+                |_| {},
+            )?,
+        };
         let mut ranked: Vec<(u32, f32)> = candidates
             .iter()
             .copied()

@@ -86,6 +86,35 @@ fn sr_lines(run: &Path, split: &str) -> Result<Vec<Line>> {
     }])
 }
 
+/// An `llara eval-sr --out DIR` folder (a recommender file or a count baseline on one split).
+fn eval_sr_lines(run: &Path, split: &str) -> Result<Vec<Line>> {
+    let m = read_json(&run.join("metrics.json"))?;
+    if m["split"].as_str() != Some(split) {
+        bail!(
+            "{}: scored on the {} split, not {split}",
+            run.display(),
+            m["split"].as_str().unwrap_or("?")
+        );
+    }
+    Ok(vec![Line {
+        run: run.display().to_string(),
+        model: m["model"].as_str().unwrap_or("?").to_string(),
+        dataset: String::new(),
+        method: "recommender scores".into(),
+        config: m["source"].as_str().unwrap_or("?").to_string(),
+        seed: "-".into(),
+        hr1: f(&m, "hr@1"),
+        hr5: f(&m, "hr@5"),
+        hr10: f(&m, "hr@10"),
+        ndcg5: f(&m, "ndcg@5"),
+        ndcg10: f(&m, "ndcg@10"),
+        mrr: f(&m, "mrr"),
+        valid_ratio: Some(1.0),
+        rows: m.get("rows").and_then(Value::as_u64),
+        train_seconds: None,
+    }])
+}
+
 fn llara_lines(run: &Path, split: &str) -> Result<Vec<Line>> {
     let info = read_json(&run.join("run.json"))?;
     let toml: toml::Table = std::fs::read_to_string(run.join("tune.toml"))
@@ -109,8 +138,31 @@ fn llara_lines(run: &Path, split: &str) -> Result<Vec<Line>> {
             .map(|v| v.to_string().trim_matches('"').to_string())
             .unwrap_or("?".into())
     };
+    let objective = get("objective");
+    let head = if objective == "listwise" || objective == "both" {
+        format!(
+            ", {objective} loss, head{}{}{}",
+            if toml.get("head_prior").and_then(toml::Value::as_bool) == Some(true) {
+                " + recommender prior"
+            } else {
+                ""
+            },
+            if toml.get("user_token").and_then(toml::Value::as_bool) == Some(true) {
+                ", [UserEmb]"
+            } else {
+                ""
+            },
+            if get("cand_emb") == "output" {
+                ", s_fc candidates"
+            } else {
+                ""
+            }
+        )
+    } else {
+        String::new()
+    };
     let config = format!(
-        "{} ({}), curriculum {}, lr {}, epochs {}, batch {}×{}{}",
+        "{} ({}), curriculum {}{head}, lr {}, epochs {}, batch {}×{}{}",
         Path::new(info["llm"].as_str().unwrap_or("?"))
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -153,11 +205,20 @@ fn llara_lines(run: &Path, split: &str) -> Result<Vec<Line>> {
         train_seconds,
     };
     let mut out = vec![];
-    let generated = run.join(format!("eval-{split}/metrics.json"));
-    if generated.is_file() {
+    for (dir, method) in [
+        (format!("eval-{split}"), "generation"),
+        (
+            format!("eval-{split}-constrained"),
+            "generation (constrained)",
+        ),
+    ] {
+        let generated = run.join(dir).join("metrics.json");
+        if !generated.is_file() {
+            continue;
+        }
         let m = read_json(&generated)?;
         out.push(Line {
-            method: "generation".into(),
+            method: method.into(),
             hr1: f(&m, "hr@1"),
             valid_ratio: f(&m, "valid_ratio"),
             rows: m.get("rows").and_then(Value::as_u64),
@@ -168,7 +229,11 @@ fn llara_lines(run: &Path, split: &str) -> Result<Vec<Line>> {
     if scored.is_file() {
         let m = read_json(&scored)?;
         out.push(Line {
-            method: format!("scoring ({})", m["score"].as_str().unwrap_or("sum")),
+            method: if m["scorer"].as_str() == Some("head") {
+                "scoring (head)".to_string()
+            } else {
+                format!("scoring ({})", m["score"].as_str().unwrap_or("sum"))
+            },
             hr1: f(&m, "hr@1"),
             hr5: f(&m, "hr@5"),
             hr10: f(&m, "hr@10"),
@@ -228,11 +293,13 @@ pub fn run(a: ReportArgs) -> Result<()> {
     for r in &a.runs {
         let l = if r.join("run.json").is_file() {
             llara_lines(r, &a.split)?
+        } else if r.join("scores.jsonl").is_file() && r.join("metrics.json").is_file() {
+            eval_sr_lines(r, &a.split)?
         } else if r.join("config.json").is_file() && r.join("metrics.json").is_file() {
             sr_lines(r, &a.split)?
         } else {
             bail!(
-                "{}: neither a tune run (run.json) nor a train-sr run (config.json + metrics.json)",
+                "{}: neither a tune run (run.json), a train-sr run (config.json + metrics.json) nor an eval-sr --out folder (scores.jsonl + metrics.json)",
                 r.display()
             );
         };

@@ -72,9 +72,16 @@ pub enum SplitName {
 
 #[derive(Args, Debug, Clone)]
 pub struct EvalSrArgs {
-    /// A train-sr run folder, or a .safetensors file with its .json config beside it.
+    /// A train-sr run folder, a .safetensors file with its .json config beside it, or a count
+    /// baseline fitted on the dataset's train split: popularity, markov (last item → next item
+    /// counts) or cooccurrence (next items of training rows whose history held the last item,
+    /// weighted by recency); baselines break ties by popularity.
     #[arg(long, value_name = "RUN_OR_SAFETENSORS")]
     pub model: PathBuf,
+    /// Also write scores.jsonl (each row's candidate scores and the target's rank) and
+    /// metrics.json into DIR (a folder `llara report` reads).
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
     /// Dataset folder whose fixed candidate sets are scored.
     #[arg(long, value_name = "DIR")]
     pub data: PathBuf,
@@ -281,29 +288,94 @@ pub fn eval_sr(a: EvalSrArgs) -> Result<()> {
     set_threads(a.threads)?;
     let device = crate::device::parse(&a.device).map_err(anyhow::Error::msg)?;
     let ds = Dataset::open(&a.data).with_context(|| format!("--data {}", a.data.display()))?;
-    let (model, cfg) =
-        load_model(&a.model, &device).with_context(|| format!("--model {}", a.model.display()))?;
-    if cfg.item_num != ds.n_items() {
-        bail!(
-            "--model {} scores {} items but the dataset {} has {}; use a model trained on this dataset",
-            a.model.display(),
-            cfg.item_num,
-            a.data.display(),
-            ds.n_items()
-        );
-    }
     let (name, rows, cands) = match a.split {
         SplitName::Valid => ("valid", &ds.splits.valid, &ds.candidates_valid),
         SplitName::Test => ("test", &ds.splits.test, &ds.candidates_test),
     };
-    let m = crate::sr::train::evaluate(&model, &cfg, rows, cands, &device)?;
+    let baseline = (!a.model.exists())
+        .then(|| a.model.to_str().and_then(crate::sr::baselines::Kind::parse))
+        .flatten();
+    // Each row's candidate scores (in candidate order).
+    let (label, scores): (String, Vec<Vec<f32>>) = if let Some(kind) = baseline {
+        let b = crate::sr::baselines::Baseline::fit(kind, &ds.splits.train, ds.n_items());
+        let s = rows
+            .iter()
+            .zip(cands)
+            .map(|(r, c)| b.score(&r.history, c))
+            .collect();
+        (kind.name().to_string(), s)
+    } else {
+        let (model, cfg) = load_model(&a.model, &device).with_context(|| {
+            format!(
+                "--model {}: not a recommender (nor popularity, markov or cooccurrence)",
+                a.model.display()
+            )
+        })?;
+        if cfg.item_num != ds.n_items() {
+            bail!(
+                "--model {} scores {} items but the dataset {} has {}; use a model trained on this dataset",
+                a.model.display(),
+                cfg.item_num,
+                a.data.display(),
+                ds.n_items()
+            );
+        }
+        let all = crate::sr::train::score_rows(&model, &cfg, rows, &device)?;
+        let s = all
+            .iter()
+            .zip(cands)
+            .map(|(s, c)| c.iter().map(|&i| s[i as usize]).collect())
+            .collect();
+        (cfg.model.name().to_string(), s)
+    };
+    let mut acc = crate::eval::metrics::RankAccumulator::default();
+    let mut lines = vec![];
+    for (i, ((r, c), s)) in rows.iter().zip(cands).zip(&scores).enumerate() {
+        let ti = c.iter().position(|&x| x == r.next).unwrap_or(0);
+        let rank = s
+            .iter()
+            .enumerate()
+            .filter(|&(j, v)| j != ti && v.partial_cmp(&s[ti]) != Some(std::cmp::Ordering::Less))
+            .count();
+        acc.push(rank);
+        lines.push(serde_json::json!({
+            "row": i, "target": r.next, "candidates": c, "scores": s, "rank": rank,
+        }));
+    }
+    let m = acc.finish();
+    if let Some(out) = &a.out {
+        let staged = crate::fsutil::StagedDir::new(out, true)
+            .with_context(|| format!("--out {}", out.display()))?;
+        let mut text = String::new();
+        for l in &lines {
+            text.push_str(&serde_json::to_string(l)?);
+            text.push('\n');
+        }
+        std::fs::write(staged.path().join("scores.jsonl"), text)?;
+        let mut report = serde_json::to_value(m)?;
+        let o = report.as_object_mut().expect("object");
+        o.insert("split".into(), serde_json::json!(name));
+        o.insert("model".into(), serde_json::json!(label));
+        o.insert(
+            "source".into(),
+            serde_json::json!(a.model.display().to_string()),
+        );
+        o.insert("rows".into(), serde_json::json!(rows.len()));
+        std::fs::write(
+            staged.path().join("metrics.json"),
+            serde_json::to_string_pretty(&report)? + "\n",
+        )?;
+        staged
+            .commit()
+            .with_context(|| format!("--out {}", out.display()))?;
+    }
     if a.json {
         println!("{}", serde_json::to_string(&m)?);
     } else {
         println!(
             "{} ({}) on {} {}:",
             a.model.display(),
-            cfg.model.name(),
+            label,
             ds.meta.name,
             name
         );

@@ -2,11 +2,16 @@
 
 use crate::data::Dataset;
 use crate::eval::metrics::{RankAccumulator, RankMetrics};
-use crate::llara::evaluate::{score_candidates, EvalOptions, GenMetrics, ScoreMode, ScoreOptions};
+use crate::llara::evaluate::{
+    score_candidates, score_with_head, EvalOptions, GenMetrics, ScoreMode, ScoreOptions,
+};
+use crate::llara::head::{Head, HeadConfig};
 use crate::llara::projector::Projector;
 use crate::llara::prompts::Templates;
-use crate::llara::tune::{self, EvalLog, Hooks, RunDir, RunState, Setup, StepLog, TuneOptions};
-use crate::llara::{Behaviour, Curriculum, PromptKit};
+use crate::llara::tune::{
+    self, EvalLog, Hooks, Objective, RunDir, RunState, Setup, StepLog, TuneOptions,
+};
+use crate::llara::{Behaviour, CandEmb, Curriculum, PromptKit, Recommender};
 use crate::llm::{self, LlmOptions, LoraConfig, Target};
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -36,6 +41,29 @@ pub struct TuneArgs {
     /// linear (the paper), text-only, hybrid-only, id-only, two-stage:K or mixed:P.
     #[arg(long, default_value = "linear")]
     pub curriculum: String,
+    /// generative: the paper's loss on the target's title tokens; listwise: a scoring head over the
+    /// candidates' hidden states, trained with a softmax over the candidates; both: the two summed
+    /// (the head ranks, generation keeps working).
+    #[arg(long, default_value = "generative", value_parser = ["generative", "listwise", "both"])]
+    pub objective: String,
+    /// Rank of the scoring head's bilinear form (listwise objectives).
+    #[arg(long, default_value_t = 64)]
+    pub head_rank: usize,
+    /// Add the recommender's own candidate scores (times a learned weight starting at 1) to the
+    /// head's on hybrid prompts: the run starts ranking like its recommender and learns from there.
+    #[arg(long)]
+    pub head_prior: bool,
+    /// Hybrid prompts follow the history with a [UserEmb] token carrying the recommender's
+    /// projected state of the whole history.
+    #[arg(long)]
+    pub user_token: bool,
+    /// Which recommender vectors fill the candidates' [CansEmb]: input (LLaRA's item embeddings)
+    /// or output (the s_fc rows the recommender scores its state against).
+    #[arg(long, default_value = "input", value_parser = ["input", "output"])]
+    pub cand_emb: String,
+    /// Train only the projector (and the head) for the first N optimizer steps.
+    #[arg(long, default_value_t = 0)]
+    pub projector_warmup: usize,
     #[arg(long, default_value_t = 5)]
     pub epochs: usize,
     /// Examples per forward pass.
@@ -137,6 +165,14 @@ pub struct RunInfo {
     pub prompts: String,
     pub curriculum: String,
     pub eval_view: String,
+    #[serde(default)]
+    pub objective: Objective,
+    #[serde(default)]
+    pub head: Option<HeadConfig>,
+    #[serde(default)]
+    pub user_token: bool,
+    #[serde(default)]
+    pub cand_emb: CandEmb,
 }
 
 pub(super) fn sha256_file(path: &Path) -> Result<String> {
@@ -146,8 +182,23 @@ pub(super) fn sha256_file(path: &Path) -> Result<String> {
 }
 
 fn options(a: &TuneArgs) -> Result<TuneOptions> {
+    let objective = Objective::parse(&a.objective).map_err(anyhow::Error::msg)?;
+    if a.head_rank == 0 {
+        bail!("--head-rank 0: expected at least 1");
+    }
+    if a.head_prior && !objective.listwise() {
+        bail!("--head-prior: the prior is part of the scoring head (--objective listwise or both)");
+    }
     Ok(TuneOptions {
         curriculum: Curriculum::parse(&a.curriculum).map_err(anyhow::Error::msg)?,
+        objective,
+        head: objective.listwise().then_some(HeadConfig {
+            rank: a.head_rank,
+            prior: a.head_prior,
+        }),
+        user_token: a.user_token,
+        cand_emb: CandEmb::parse(&a.cand_emb).map_err(anyhow::Error::msg)?,
+        projector_warmup: a.projector_warmup,
         epochs: a.epochs,
         batch_size: a.batch_size,
         grad_accum: a.grad_accum,
@@ -179,7 +230,7 @@ fn options(a: &TuneArgs) -> Result<TuneOptions> {
 /// The pieces every LLaRA command loads: dataset, recommender table, backbone, templates.
 pub(super) struct Loaded {
     pub(super) ds: Dataset,
-    pub(super) item_embeddings: candle_core::Tensor,
+    pub(super) rec: Recommender,
     pub(super) sr_cfg: crate::sr::Config,
     pub(super) sr_weights: PathBuf,
     pub(super) llm: llm::Loaded,
@@ -210,7 +261,7 @@ pub(super) fn load_parts(
             ds.n_items()
         );
     }
-    let item_embeddings = model.item_embeddings().narrow(0, 0, ds.n_items())?.detach();
+    let rec = Recommender::new(model, sr_cfg.clone())?;
     let opts = LlmOptions {
         device,
         dtype: dtype.map(super::llm::parse_dtype).transpose()?,
@@ -223,7 +274,7 @@ pub(super) fn load_parts(
     };
     Ok(Loaded {
         ds,
-        item_embeddings,
+        rec,
         sr_cfg,
         sr_weights,
         llm,
@@ -420,10 +471,14 @@ fn tune_in(a: TuneArgs, resume: bool, quiet: bool) -> Result<()> {
         prompts: parts.templates.source.clone(),
         curriculum: opts.curriculum.name(),
         eval_view: opts.curriculum.eval_view().name().into(),
+        objective: opts.objective,
+        head: opts.head,
+        user_token: opts.user_token,
+        cand_emb: opts.cand_emb,
     };
     let d_sr = parts.sr_cfg.hidden_size;
     let d_llm = parts.llm.model.cfg.hidden_size;
-    let (projector, state) = if resume {
+    let (projector, head, state) = if resume {
         let old: RunInfo = serde_json::from_str(
             &std::fs::read_to_string(out.join("run.json"))
                 .with_context(|| format!("--resume {}", out.display()))?,
@@ -444,14 +499,14 @@ fn tune_in(a: TuneArgs, resume: bool, quiet: bool) -> Result<()> {
             );
             return Ok(());
         }
-        let p = tune::load_weights(&mut parts.llm.model, &run.checkpoint(), d_sr)?;
+        let p = tune::load_weights(&mut parts.llm.model, &run.checkpoint(), d_sr, opts.head)?;
         tracing::info!(
             "resuming {} at step {} of {}",
             out.display(),
             state.step,
             state.total_steps
         );
-        (p, state)
+        (p.0, p.1, state)
     } else {
         std::fs::create_dir_all(&out).with_context(|| format!("--out {}", out.display()))?;
         let toml = toml::to_string(&a).context("serializing the run's options")?;
@@ -469,7 +524,11 @@ fn tune_in(a: TuneArgs, resume: bool, quiet: bool) -> Result<()> {
             candle_core::DType::F32,
             parts.llm.model.device(),
         )?;
-        (p, RunState::default())
+        let head = opts
+            .head
+            .map(|cfg| Head::new(d_llm, cfg, opts.seed, parts.llm.model.device()))
+            .transpose()?;
+        (p, head, RunState::default())
     };
     tracing::info!(
         "tuning {} on {} ({} train rows, {} items) with {} ({}), curriculum {}, seed {}",
@@ -507,10 +566,12 @@ fn tune_in(a: TuneArgs, resume: bool, quiet: bool) -> Result<()> {
         tok: &parts.llm.tokenizer,
         templates: &parts.templates,
         ds: &parts.ds,
-        item_embeddings: &parts.item_embeddings,
+        rec: &parts.rec,
     };
     let started = std::time::Instant::now();
-    let state = tune::tune(setup, projector, &opts, &run, state, &llm_name, &mut hooks)?;
+    let state = tune::tune(
+        setup, projector, head, &opts, &run, state, &llm_name, &mut hooks,
+    )?;
     hooks.train.finish_and_clear();
     if let Some(d) = hooks.dump.take() {
         d.finish()?;
@@ -571,6 +632,10 @@ pub struct EvalArgs {
     /// cache (the slow reference, for benchmarks).
     #[arg(long)]
     pub no_prompt_cache: bool,
+    /// With --mode score: head (the run's scoring head, the default when it has one) or answer
+    /// (answer log-likelihoods, the default otherwise).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "head", "answer"])]
+    pub scorer: String,
     /// Prompt template (fixed for reproducible scores).
     #[arg(long, default_value_t = 0)]
     pub template: usize,
@@ -581,14 +646,18 @@ pub struct EvalArgs {
     /// caches are filled together before their candidates are scored.
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
+    /// With --mode generate: decode only the candidates' titles (greedy over a token trie of the
+    /// row's candidate answers), so every answer names exactly one candidate.
+    #[arg(long)]
+    pub constrained: bool,
     /// Longest generated answer, in tokens (--mode generate).
     #[arg(long, default_value_t = 64)]
     pub max_new_tokens: usize,
     /// Backbone override (default: the run's --llm).
     #[arg(long, value_name = "SPEC")]
     pub llm: Option<String>,
-    /// Where predictions.jsonl (scores.jsonl) and metrics.json go (default RUN/eval-<split>, or
-    /// RUN/eval-<split>-score).
+    /// Where predictions.jsonl (scores.jsonl) and metrics.json go (default RUN/eval-<split>,
+    /// RUN/eval-<split>-constrained, or RUN/eval-<split>-score).
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
     /// Print the metrics as one JSON object.
@@ -607,31 +676,25 @@ pub fn run_eval(a: EvalArgs, quiet: bool) -> Result<()> {
         bail!("--batch-size 0: expected at least 1 row per batch");
     }
     super::sr::set_threads(a.threads)?;
-    let (parts, projector, view) = open_run(
+    let or = open_run(
         &a.run,
         a.data.as_deref(),
         a.llm.as_deref(),
         &a.device,
         a.dtype.as_deref(),
     )?;
+    let (parts, view) = (&or.parts, or.view);
     let mut rows = tune::split_rows(&parts.ds, &a.split, a.template, None, 0);
     if let Some(n) = a.limit {
         rows.truncate(n);
     }
-    let kit = PromptKit {
-        tok: &parts.llm.tokenizer,
-        templates: &parts.templates,
-        titles: &parts.ds.titles,
-    };
-    let behaviour = Behaviour {
-        item_embeddings: &parts.item_embeddings,
-        projector: &projector,
-    };
+    let kit = or.kit();
     let eopts = EvalOptions {
         view,
         template: a.template,
         batch_size: a.batch_size,
         max_new_tokens: a.max_new_tokens,
+        constrained: a.constrained,
     };
     let bar = ProgressBar::new(rows.len() as u64).with_style(
         ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} rows  ETA {eta}")
@@ -642,7 +705,8 @@ pub fn run_eval(a: EvalArgs, quiet: bool) -> Result<()> {
     if quiet || a.json {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
-    let behaviour = view.uses_embeddings().then_some(&behaviour);
+    let behaviour = or.behaviour();
+    let behaviour = behaviour.as_ref();
     let started = std::time::Instant::now();
     if a.mode == "score" {
         let mode = ScoreMode::parse(&a.score).map_err(anyhow::Error::msg)?;
@@ -650,9 +714,23 @@ pub fn run_eval(a: EvalArgs, quiet: bool) -> Result<()> {
             shared_prompt: !a.no_prompt_cache,
             ..ScoreOptions::new(mode)
         };
-        let scored = score_candidates(&parts.llm.model, &kit, behaviour, &rows, &eopts, so, |n| {
-            bar.inc(n as u64)
-        })?;
+        let use_head = or.head.is_some() && a.scorer != "answer";
+        if a.scorer == "head" && or.head.is_none() {
+            bail!(
+                "--scorer head: {} has no scoring head (tune with --objective listwise or both)",
+                a.run.display()
+            );
+        }
+        let scored = match &or.head {
+            Some(hd) if use_head => {
+                score_with_head(&parts.llm.model, &kit, behaviour, hd, &rows, &eopts, |n| {
+                    bar.inc(n as u64)
+                })?
+            }
+            _ => score_candidates(&parts.llm.model, &kit, behaviour, &rows, &eopts, so, |n| {
+                bar.inc(n as u64)
+            })?,
+        };
         bar.finish_and_clear();
         let mut acc = RankAccumulator::default();
         for r in &scored {
@@ -669,6 +747,10 @@ pub fn run_eval(a: EvalArgs, quiet: bool) -> Result<()> {
             ("split", serde_json::json!(a.split)),
             ("mode", serde_json::json!("score")),
             ("score", serde_json::json!(a.score)),
+            (
+                "scorer",
+                serde_json::json!(if use_head { "head" } else { "answer" }),
+            ),
             ("template", serde_json::json!(a.template)),
             ("view", serde_json::json!(view.name())),
             ("valid_ratio", serde_json::json!(1.0)),
@@ -703,12 +785,13 @@ pub fn run_eval(a: EvalArgs, quiet: bool) -> Result<()> {
         bar.inc(n as u64)
     })?;
     bar.finish_and_clear();
-    let out = a
-        .out
-        .clone()
-        .unwrap_or(a.run.join(format!("eval-{}", a.split)));
+    let out = a.out.clone().unwrap_or(a.run.join(if a.constrained {
+        format!("eval-{}-constrained", a.split)
+    } else {
+        format!("eval-{}", a.split)
+    }));
     let report = serde_json::json!({
-        "split": a.split, "mode": "generate", "template": a.template, "view": view.name(),
+        "split": a.split, "mode": "generate", "constrained": a.constrained, "template": a.template, "view": view.name(),
         "valid_ratio": m.valid_ratio, "hr@1": m.hr1, "hr@1_of_valid": m.hr1_of_valid, "rows": m.rows,
         "seconds": started.elapsed().as_secs_f64(),
     });
@@ -755,15 +838,43 @@ fn print_metrics(split: &str, m: &GenMetrics) {
     );
 }
 
-/// A trained run ready to answer: its dataset, recommender table, backbone with the run's adapter,
-/// projector, and the prompt kind it is evaluated with.
+/// A trained run ready to answer: its dataset, recommender, backbone with the run's adapter,
+/// projector, scoring head (when it has one), and the prompt kind it is evaluated with.
+pub(super) struct OpenRun {
+    pub(super) parts: Loaded,
+    pub(super) projector: Projector,
+    pub(super) head: Option<Head>,
+    pub(super) view: crate::llara::prompts::ItemView,
+    pub(super) info: RunInfo,
+}
+
+impl OpenRun {
+    pub(super) fn kit(&self) -> PromptKit<'_> {
+        PromptKit {
+            tok: &self.parts.llm.tokenizer,
+            templates: &self.parts.templates,
+            titles: &self.parts.ds.titles,
+            user_token: self.info.user_token,
+        }
+    }
+
+    /// The behaviour tokens' source, for runs whose evaluation prompt carries them.
+    pub(super) fn behaviour(&self) -> Option<Behaviour<'_>> {
+        self.view.uses_embeddings().then_some(Behaviour {
+            rec: &self.parts.rec,
+            cand_emb: self.info.cand_emb,
+            projector: &self.projector,
+        })
+    }
+}
+
 pub(super) fn open_run(
     run: &Path,
     data: Option<&Path>,
     llm_spec: Option<&str>,
     device: &str,
     dtype: Option<&str>,
-) -> Result<(Loaded, Projector, crate::llara::prompts::ItemView)> {
+) -> Result<OpenRun> {
     let info_path = run.join("run.json");
     let info: RunInfo = serde_json::from_str(
         &std::fs::read_to_string(&info_path)
@@ -802,12 +913,23 @@ pub(super) fn open_run(
             run.display()
         );
     };
-    let projector = tune::load_weights(&mut parts.llm.model, &weights, parts.sr_cfg.hidden_size)?;
+    let (projector, head) = tune::load_weights(
+        &mut parts.llm.model,
+        &weights,
+        parts.sr_cfg.hidden_size,
+        info.head,
+    )?;
     // Inference only from here: fold the adapters into the base weights (W + s·BA), so generation
     // and scoring run plain linears instead of base + two rank-r products per projection.
     crate::llm::lora::merge(&mut parts.llm.model)?;
     let view = Curriculum::parse(&info.curriculum)
         .map_err(anyhow::Error::msg)?
         .eval_view();
-    Ok((parts, projector, view))
+    Ok(OpenRun {
+        parts,
+        projector,
+        head,
+        view,
+        info,
+    })
 }

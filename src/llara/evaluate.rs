@@ -62,6 +62,23 @@ pub struct GenMetrics {
 }
 
 impl GenMetrics {
+    /// From a ranking's 0-based target ranks: every row answers a candidate (valid ratio 1),
+    /// correct when ranked first.
+    pub fn of_ranks(ranks: impl Iterator<Item = usize>) -> Self {
+        let (mut n, mut hits) = (0, 0);
+        for r in ranks {
+            n += 1;
+            hits += usize::from(r == 0);
+        }
+        let hr1 = if n == 0 { 0.0 } else { hits as f64 / n as f64 };
+        GenMetrics {
+            valid_ratio: if n == 0 { 0.0 } else { 1.0 },
+            hr1,
+            hr1_of_valid: hr1,
+            rows: n,
+        }
+    }
+
     pub fn of(preds: &[Prediction]) -> Self {
         let n = preds.len();
         let valid = preds.iter().filter(|p| p.valid).count();
@@ -81,6 +98,8 @@ pub struct EvalOptions {
     pub template: usize,
     pub batch_size: usize,
     pub max_new_tokens: usize,
+    /// Generation may only produce one of the row's candidate answers (a token trie).
+    pub constrained: bool,
 }
 
 /// Generates an answer for every `(row index, example)` and judges it. Deterministic: greedy,
@@ -119,7 +138,21 @@ pub fn evaluate(
     for chunk in order.chunks(opts.batch_size.max(1)) {
         let refs: Vec<_> = chunk.iter().map(|&i| &toks[i]).collect();
         let (x, lengths) = embed_batch(model, &refs, |t| t.answer_start, behaviour)?;
-        let outputs = generate(model, kit.tok, &x, &lengths, &gen)?;
+        let outputs = if opts.constrained {
+            // Each row's candidates' answer tokens as they tokenize after its prompt.
+            let allowed = chunk
+                .iter()
+                .map(|&i| {
+                    let (row, ex) = &rows[i];
+                    prepare_row(kit, *row, ex, opts).map(|r| r.answers)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            crate::llm::generate::generate_constrained(
+                model, kit.tok, &x, &lengths, &gen, &allowed,
+            )?
+        } else {
+            generate(model, kit.tok, &x, &lengths, &gen)?
+        };
         for (&i, g) in chunk.iter().zip(outputs) {
             answers[i] = Some(g.text);
         }
@@ -231,7 +264,7 @@ impl ScoreMode {
 }
 
 /// One row scored: each candidate's score (in candidate order) and the target's 0-based rank.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct RowScores {
     pub row: usize,
     pub target: u32,
@@ -522,6 +555,66 @@ fn score_with_cache(
                 .map(|(&tot, a)| finish_score(so.mode, tot, a.len()))
                 .collect()
         })
+        .collect())
+}
+
+/// Ranks each row's candidates by the scoring head (one forward pass per prompt: no answer
+/// tokens). Rows go in batches of `opts.batch_size` of similar prompt length; results in row order.
+pub fn score_with_head(
+    model: &Llama,
+    kit: &PromptKit,
+    behaviour: Option<&Behaviour>,
+    head: &super::head::Head,
+    rows: &[(usize, Example)],
+    opts: &EvalOptions,
+    mut progress: impl FnMut(usize),
+) -> Result<Vec<RowScores>> {
+    use crate::llm::llama::Step;
+    let exs: Vec<Example> = rows
+        .iter()
+        .map(|(_, ex)| Example {
+            template: opts.template,
+            ..ex.clone()
+        })
+        .collect();
+    let toks = exs
+        .iter()
+        .map(|ex| kit.tokenize(ex, opts.view, false))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(candle_core::Error::Msg)?;
+    let mut order: Vec<usize> = (0..rows.len()).collect();
+    order.sort_by_key(|&i| (toks[i].answer_start, toks[i].cand_positions.len()));
+    let mut out: Vec<Option<RowScores>> = vec![None; rows.len()];
+    let mut start = 0;
+    while start < order.len() {
+        // A batch: up to batch_size rows with the same candidate count.
+        let k = toks[order[start]].cand_positions.len();
+        let mut end = start;
+        while end < order.len()
+            && end - start < opts.batch_size.max(1)
+            && toks[order[end]].cand_positions.len() == k
+        {
+            end += 1;
+        }
+        let chunk = &order[start..end];
+        let refs: Vec<_> = chunk.iter().map(|&i| &toks[i]).collect();
+        let (x, lengths) = embed_batch(model, &refs, |t| t.answer_start, behaviour)?;
+        let tmax = x.dim(1)?;
+        let h = model.forward(&x, Step::padded(&lengths, tmax), None)?;
+        let prior = match behaviour {
+            Some(b) => head.prior(b.rec, &refs, opts.view)?,
+            None => None,
+        };
+        let scores: Vec<Vec<f32>> = head.scores(&h, &refs, prior.as_ref())?.detach().to_vec2()?;
+        for (&i, s) in chunk.iter().zip(scores) {
+            out[i] = Some(ranked(rows[i].0, &exs[i], s));
+        }
+        progress(chunk.len());
+        start = end;
+    }
+    Ok(out
+        .into_iter()
+        .map(|r| r.expect("every row scored"))
         .collect())
 }
 

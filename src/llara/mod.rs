@@ -2,6 +2,7 @@
 //! generation-based evaluation, on top of [`crate::llm`] and [`crate::sr`].
 
 pub mod evaluate;
+pub mod head;
 pub mod optim;
 pub mod projector;
 pub mod prompts;
@@ -108,7 +109,16 @@ pub struct Example {
 pub struct Tokenized {
     pub ids: Vec<u32>,
     pub answer_start: usize,
+    /// The items of the `[HistoryEmb]` / `[CansEmb]` slots, in prompt order.
     pub slot_items: Vec<u32>,
+    /// Where each candidate's marker token (`[CansEmb]`, or `[PH]` in a text prompt) is, in
+    /// candidate order: the positions a scoring head reads.
+    pub cand_positions: Vec<usize>,
+    /// Where the `[UserEmb]` slot is, when the prompt has one (the head reads the user there).
+    pub user_position: Option<usize>,
+    /// The history (for the `[UserEmb]` slot's recommender state and the head's prior).
+    pub history: Vec<u32>,
+    pub candidates: Vec<u32>,
     pub prompt: String,
 }
 
@@ -117,6 +127,8 @@ pub struct PromptKit<'a> {
     pub tok: &'a LlmTokenizer,
     pub templates: &'a Templates,
     pub titles: &'a [String],
+    /// Hybrid prompts follow the history with a `[UserEmb]` slot.
+    pub user_token: bool,
 }
 
 impl PromptKit<'_> {
@@ -134,7 +146,14 @@ impl PromptKit<'_> {
                 self.templates.list.len()
             )
         })?;
-        let prompt = prompts::render(template, self.titles, &ex.history, &ex.candidates, view);
+        let prompt = prompts::render(
+            template,
+            self.titles,
+            &ex.history,
+            &ex.candidates,
+            view,
+            self.user_token,
+        );
         let ans = prompts::answer(&self.titles[ex.target as usize]);
         let enc = prompts::encode(self.tok, &prompt, with_answer.then_some(ans.as_str()))?;
         prompts::check_slots(
@@ -143,6 +162,7 @@ impl PromptKit<'_> {
             ex.history.len(),
             ex.candidates.len(),
             view,
+            self.user_token,
         )?;
         // Placeholder order in the prompt: history and candidate slots as they appear.
         let (h, c) = (
@@ -158,24 +178,133 @@ impl PromptKit<'_> {
                 slot_items.push(*ci.next().expect("checked count"));
             }
         }
+        // Each candidate's marker: its [CansEmb], or in a text prompt its [PH] (the history's
+        // come first when the template lists the history first).
+        let marker = if view == ItemView::Text {
+            self.tok.added_id("[PH]").expect("added")
+        } else {
+            c
+        };
+        let mut marks: Vec<usize> = enc.ids[..enc.answer_start]
+            .iter()
+            .enumerate()
+            .filter(|&(_, &id)| id == marker)
+            .map(|(p, _)| p)
+            .collect();
+        if view == ItemView::Text {
+            let nh = ex.history.len();
+            marks = if prompts::history_first(template) {
+                marks[nh..].to_vec()
+            } else {
+                marks[..marks.len() - nh].to_vec()
+            };
+        }
+        let user = self.tok.added_id("[UserEmb]").expect("added");
+        let user_position = enc.ids[..enc.answer_start]
+            .iter()
+            .position(|&id| id == user);
         Ok(Tokenized {
             ids: enc.ids,
             answer_start: enc.answer_start,
             slot_items,
+            cand_positions: marks,
+            user_position,
+            history: ex.history.clone(),
+            candidates: ex.candidates.clone(),
             prompt,
         })
     }
 }
 
-/// The frozen recommender's item table and the projector: what fills the behaviour tokens.
+/// The frozen recommender with the tables behaviour tokens are filled from.
+pub struct Recommender {
+    pub model: crate::sr::SeqRec,
+    pub cfg: crate::sr::Config,
+    /// `[N, d_sr]`: the input item embeddings (the padding row removed): LLaRA's behaviour tokens.
+    pub item_embeddings: Tensor,
+    /// `[N, d_sr]`: the output rows `s_fc` (the vectors the recommender scores items with).
+    pub output_embeddings: Tensor,
+}
+
+impl Recommender {
+    pub fn new(model: crate::sr::SeqRec, cfg: crate::sr::Config) -> Result<Self> {
+        let n = cfg.item_num;
+        let item_embeddings = model.item_embeddings().narrow(0, 0, n)?.detach();
+        let output_embeddings = model.head().weight.detach();
+        Ok(Self {
+            model,
+            cfg,
+            item_embeddings,
+            output_embeddings,
+        })
+    }
+
+    /// The recommender's state of each history `[B, d_sr]` (evaluation mode).
+    pub fn states(&self, histories: &[&[u32]]) -> Result<Tensor> {
+        let dev = self.item_embeddings.device();
+        let batch = crate::sr::Batch::new(histories, &self.cfg, dev).map_err(sr_err)?;
+        Ok(self.model.state(&batch, None).map_err(sr_err)?.detach())
+    }
+
+    /// The recommender's own scores of each row's candidates `[B, K]` (all rows with K candidates).
+    pub fn candidate_scores(&self, histories: &[&[u32]], candidates: &[&[u32]]) -> Result<Tensor> {
+        let k = candidates.first().map_or(0, |c| c.len());
+        if candidates.iter().any(|c| c.len() != k) {
+            candle_core::bail!("rows of one batch must have the same number of candidates");
+        }
+        let state = self.states(histories)?;
+        let flat: Vec<u32> = candidates.iter().flat_map(|c| c.iter().copied()).collect();
+        let items = Tensor::from_vec(flat, (candidates.len(), k), state.device())?;
+        Ok(self
+            .model
+            .score_items(&state, &items)
+            .map_err(sr_err)?
+            .detach())
+    }
+}
+
+fn sr_err(e: crate::sr::SrError) -> candle_core::Error {
+    candle_core::Error::Msg(e.to_string())
+}
+
+/// Which recommender rows fill the candidates' `[CansEmb]` slots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CandEmb {
+    /// The input item embeddings (LLaRA).
+    #[default]
+    Input,
+    /// The output rows `s_fc`, the vectors the recommender's state is scored against.
+    Output,
+}
+
+impl CandEmb {
+    pub fn parse(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "input" => Ok(CandEmb::Input),
+            "output" => Ok(CandEmb::Output),
+            o => Err(format!("--cand-emb {o}: expected input or output")),
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            CandEmb::Input => "input",
+            CandEmb::Output => "output",
+        }
+    }
+}
+
+/// The frozen recommender and the projector: what fills the behaviour tokens.
 pub struct Behaviour<'a> {
-    /// `[N, d_sr]`: one row per item (the padding row removed).
-    pub item_embeddings: &'a Tensor,
+    pub rec: &'a Recommender,
+    pub cand_emb: CandEmb,
     pub projector: &'a Projector,
 }
 
 /// Input embeddings `[B, T, H]` of right-padded rows, with every placeholder position overwritten
-/// by the projected embedding of its item (when `behaviour` is given); returns the lengths too.
+/// by the projected recommender vector of its item (history items: input embeddings; candidates:
+/// the `cand_emb` table; `[UserEmb]`: the recommender's state of the row's history) when
+/// `behaviour` is given; returns the lengths too.
 pub fn embed_batch(
     model: &Llama,
     rows: &[&Tokenized],
@@ -189,29 +318,58 @@ pub fn embed_batch(
         .zip(&lengths)
         .map(|(r, &l)| r.ids[..l].to_vec())
         .collect();
-    let Some(bh) = behaviour.filter(|_| rows.iter().any(|r| !r.slot_items.is_empty())) else {
+    let v = model.cfg.vocab_size as u32;
+    let (hist_id, cand_id, user_id) = (v + 1, v + 2, v + 4);
+    let has_slots = ids
+        .iter()
+        .flatten()
+        .any(|&i| i == hist_id || i == cand_id || i == user_id);
+    let Some(bh) = behaviour.filter(|_| has_slots) else {
         return Ok((model.embed(&ids, None)?, lengths));
     };
-    let slot_ids = [
-        model.cfg.vocab_size as u32 + 1, // [HistoryEmb]
-        model.cfg.vocab_size as u32 + 2, // [CansEmb]
-    ];
-    let mut positions = vec![];
-    let mut items = vec![];
+    let (mut hpos, mut hitems, mut cpos, mut citems, mut upos, mut uhist) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
     for (b, r) in rows.iter().enumerate() {
         let mut k = 0;
-        for (p, id) in r.ids[..lengths[b]].iter().enumerate() {
-            if slot_ids.contains(id) {
-                positions.push(b * t + p);
-                items.push(r.slot_items[k]);
+        for (p, &id) in r.ids[..lengths[b]].iter().enumerate() {
+            if id == hist_id || id == cand_id {
+                let item = *r
+                    .slot_items
+                    .get(k)
+                    .ok_or_else(|| candle_core::Error::Msg("more slots than slot items".into()))?;
                 k += 1;
+                if id == hist_id {
+                    hpos.push(b * t + p);
+                    hitems.push(item);
+                } else {
+                    cpos.push(b * t + p);
+                    citems.push(item);
+                }
+            } else if id == user_id {
+                upos.push(b * t + p);
+                uhist.push(r.history.as_slice());
             }
         }
     }
-    let idx = Tensor::from_vec(items, positions.len(), bh.item_embeddings.device())?;
-    let vecs = bh
-        .projector
-        .forward(&bh.item_embeddings.index_select(&idx, 0)?)?;
+    let dev = bh.rec.item_embeddings.device();
+    let mut parts = vec![];
+    if !hitems.is_empty() {
+        let idx = Tensor::from_vec(hitems, hpos.len(), dev)?;
+        parts.push(bh.rec.item_embeddings.index_select(&idx, 0)?);
+    }
+    if !citems.is_empty() {
+        let table = match bh.cand_emb {
+            CandEmb::Input => &bh.rec.item_embeddings,
+            CandEmb::Output => &bh.rec.output_embeddings,
+        };
+        let idx = Tensor::from_vec(citems, cpos.len(), dev)?;
+        parts.push(table.index_select(&idx, 0)?);
+    }
+    if !uhist.is_empty() {
+        parts.push(bh.rec.states(&uhist)?);
+    }
+    let positions: Vec<usize> = hpos.into_iter().chain(cpos).chain(upos).collect();
+    let vecs = bh.projector.forward(&Tensor::cat(&parts, 0)?)?;
     Ok((model.embed(&ids, Some((&positions, &vecs)))?, lengths))
 }
 

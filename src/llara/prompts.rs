@@ -124,13 +124,15 @@ fn item_text(title: &str, view: ItemView, slot: &str) -> String {
     }
 }
 
-/// The prompt text for a history and candidate list.
+/// The prompt text for a history and candidate list. With `user`, a view that carries embeddings
+/// follows the history with one `[UserEmb]` slot (the recommender's state of that history).
 pub fn render(
     template: &str,
     titles: &[String],
     history: &[u32],
     candidates: &[u32],
     view: ItemView,
+    user: bool,
 ) -> String {
     let list = |items: &[u32], slot: &str| {
         items
@@ -139,10 +141,19 @@ pub fn render(
             .collect::<Vec<_>>()
             .join(", ")
     };
+    let mut hist = list(history, "[HistoryEmb]");
+    if user && view.uses_embeddings() {
+        hist.push_str(" [UserEmb]");
+    }
     template
-        .replace(HISTORY_SLOT, &list(history, "[HistoryEmb]"))
+        .replace(HISTORY_SLOT, &hist)
         .replace(CANDIDATES_SLOT, &list(candidates, "[CansEmb]"))
         .replace(COUNT_SLOT, &candidates.len().to_string())
+}
+
+/// Whether a template lists the history before the candidates.
+pub fn history_first(template: &str) -> bool {
+    template.find(HISTORY_SLOT) < template.find(CANDIDATES_SLOT)
 }
 
 /// The answer the model is trained to produce: a space, the title, a newline.
@@ -191,19 +202,32 @@ pub fn check_slots(
     history: usize,
     candidates: usize,
     view: ItemView,
+    user: bool,
 ) -> Result<(), String> {
-    let h = tok.added_id("[HistoryEmb]").expect("added token");
-    let c = tok.added_id("[CansEmb]").expect("added token");
-    let nh = ids.iter().filter(|&&i| i == h).count();
-    let nc = ids.iter().filter(|&&i| i == c).count();
-    let (eh, ec) = if view.uses_embeddings() {
-        (history, candidates)
-    } else {
-        (0, 0)
+    let count = |name: &str| {
+        let id = tok.added_id(name).expect("added token");
+        ids.iter().filter(|&&i| i == id).count()
     };
-    if nh != eh || nc != ec {
+    let (nh, nc, nu, np) = (
+        count("[HistoryEmb]"),
+        count("[CansEmb]"),
+        count("[UserEmb]"),
+        count("[PH]"),
+    );
+    let emb = view.uses_embeddings();
+    let (eh, ec, eu) = if emb {
+        (history, candidates, usize::from(user))
+    } else {
+        (0, 0, 0)
+    };
+    let ep = if view == ItemView::Text {
+        history + candidates
+    } else {
+        0
+    };
+    if nh != eh || nc != ec || nu != eu || np != ep {
         return Err(format!(
-            "the prompt holds {nh} [HistoryEmb] and {nc} [CansEmb] placeholders for {eh} history items and {ec} candidates (a title containing a placeholder, or a template that repeats them?)"
+            "the prompt holds {nh} [HistoryEmb], {nc} [CansEmb], {nu} [UserEmb] and {np} [PH] placeholders for {eh}, {ec}, {eu} and {ep} expected ({history} history items, {candidates} candidates; a title containing a placeholder, or a template that repeats them?)"
         ));
     }
     Ok(())
@@ -237,15 +261,19 @@ mod tests {
         let titles: Vec<String> = ["A", "B", "C"].iter().map(|s| s.to_string()).collect();
         let t = "H: [HistoryHere]. C ([N]): [CansHere].";
         assert_eq!(
-            render(t, &titles, &[0, 1], &[2, 0], ItemView::Text),
+            render(t, &titles, &[0, 1], &[2, 0], ItemView::Text, true),
             "H: A [PH], B [PH]. C (2): C [PH], A [PH]."
         );
         assert_eq!(
-            render(t, &titles, &[0], &[2], ItemView::Hybrid),
+            render(t, &titles, &[0], &[2], ItemView::Hybrid, false),
             "H: A [HistoryEmb]. C (1): C [CansEmb]."
         );
         assert_eq!(
-            render(t, &titles, &[0], &[2, 1, 0], ItemView::IdOnly),
+            render(t, &titles, &[0], &[2], ItemView::Hybrid, true),
+            "H: A [HistoryEmb] [UserEmb]. C (1): C [CansEmb]."
+        );
+        assert_eq!(
+            render(t, &titles, &[0], &[2, 1, 0], ItemView::IdOnly, false),
             "H: [HistoryEmb]. C (3): [CansEmb], [CansEmb], [CansEmb]."
         );
     }

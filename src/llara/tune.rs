@@ -6,11 +6,14 @@
 //! negatives, dropout) or the epoch (row order), so a resumed run needs only the step counter,
 //! the trainable tensors and the optimizer moments.
 
-use super::evaluate::{evaluate, EvalOptions, GenMetrics, Prediction};
+use super::evaluate::{evaluate, score_with_head, EvalOptions, GenMetrics, Prediction};
+use super::head::{self, Head, HeadConfig};
 use super::optim::{self, AdamW};
 use super::projector::Projector;
 use super::prompts::{ItemView, Templates};
-use super::{embed_batch, stream_seed, Behaviour, Curriculum, Example, PromptKit};
+use super::{
+    embed_batch, stream_seed, Behaviour, CandEmb, Curriculum, Example, PromptKit, Recommender,
+};
 use crate::data::{Dataset, Row};
 use crate::fsutil::StagedDir;
 use crate::llm::lora::{self, LoraConfig};
@@ -51,9 +54,57 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TuneError + '_ {
 
 type TResult<T> = Result<T, TuneError>;
 
+/// What the training loss is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Objective {
+    /// The paper: cross-entropy of the target's title tokens.
+    #[default]
+    Generative,
+    /// A softmax over the candidates' scores from the scoring head (see [`super::head`]).
+    Listwise,
+    /// Both losses, summed (the head ranks; generation keeps working).
+    Both,
+}
+
+impl Objective {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "generative" => Ok(Objective::Generative),
+            "listwise" => Ok(Objective::Listwise),
+            "both" => Ok(Objective::Both),
+            o => Err(format!(
+                "--objective {o}: expected generative, listwise or both"
+            )),
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Objective::Generative => "generative",
+            Objective::Listwise => "listwise",
+            Objective::Both => "both",
+        }
+    }
+    pub fn generative(self) -> bool {
+        self != Objective::Listwise
+    }
+    pub fn listwise(self) -> bool {
+        self != Objective::Generative
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TuneOptions {
     pub curriculum: Curriculum,
+    pub objective: Objective,
+    /// The scoring head (listwise objectives).
+    pub head: Option<HeadConfig>,
+    /// Hybrid prompts carry a `[UserEmb]` token (the recommender's state of the history).
+    pub user_token: bool,
+    /// Which recommender rows fill `[CansEmb]`.
+    pub cand_emb: CandEmb,
+    /// Optimizer steps at the start that train only the projector and the head (LoRA frozen).
+    pub projector_warmup: usize,
     pub epochs: usize,
     /// Examples per forward pass.
     pub batch_size: usize,
@@ -135,8 +186,8 @@ pub struct Setup<'a> {
     pub tok: &'a LlmTokenizer,
     pub templates: &'a Templates,
     pub ds: &'a Dataset,
-    /// `[N, d_sr]` frozen item embeddings of the recommender.
-    pub item_embeddings: &'a Tensor,
+    /// The frozen recommender (behaviour tokens, the head's prior).
+    pub rec: &'a Recommender,
 }
 
 /// Where a run keeps its files.
@@ -266,11 +317,17 @@ pub fn split_rows(
 
 struct Trainables {
     projector: Projector,
+    head: Option<Head>,
     opt: AdamW,
     vars: Vec<(String, Var)>,
 }
 
-fn trainables(model: &Llama, projector: Projector, opts: &TuneOptions) -> TResult<Trainables> {
+fn trainables(
+    model: &Llama,
+    projector: Projector,
+    head: Option<Head>,
+    opts: &TuneOptions,
+) -> TResult<Trainables> {
     let mut vars: Vec<(String, Var)> = lora::adapter_vars(model);
     let mut groups: Vec<(String, Var, f64)> = vars
         .iter()
@@ -281,8 +338,13 @@ fn trainables(model: &Llama, projector: Projector, opts: &TuneOptions) -> TResul
         groups.push((name.clone(), v.clone(), opts.projector_weight_decay));
         vars.push((name, v));
     }
+    for (n, v) in head.iter().flat_map(Head::vars) {
+        groups.push((n.clone(), v.clone(), 0.0));
+        vars.push((n, v));
+    }
     Ok(Trainables {
         projector,
+        head,
         opt: AdamW::new(groups)?,
         vars,
     })
@@ -308,6 +370,9 @@ fn save_weights(
     lora::save_adapter(model, &staged.path().join("adapter"), llm_name, false)?;
     t.projector
         .save(&staged.path().join("projector.safetensors"))?;
+    if let Some(h) = &t.head {
+        h.save(&staged.path().join("head.safetensors"))?;
+    }
     if let Some(state) = state {
         candle_core::safetensors::save(
             &t.opt.state()?,
@@ -321,9 +386,11 @@ fn save_weights(
 
 /// Runs (or resumes) tuning in `run`. A fresh run expects adapters on the model already and a
 /// new projector; a resumed one loads both from the checkpoint first (see [`resume_weights`]).
+#[allow(clippy::too_many_arguments)]
 pub fn tune(
     setup: Setup<'_>,
     projector: Projector,
+    head: Option<Head>,
     opts: &TuneOptions,
     run: &RunDir,
     mut state: RunState,
@@ -335,8 +402,13 @@ pub fn tune(
         tok,
         templates,
         ds,
-        item_embeddings,
+        rec,
     } = setup;
+    if opts.objective.listwise() != head.is_some() {
+        return Err(TuneError::Invalid(
+            "a listwise objective needs the scoring head, and only it trains one".into(),
+        ));
+    }
     if opts.batch_size == 0 || opts.grad_accum == 0 || opts.epochs == 0 {
         return Err(TuneError::Invalid(
             "--batch-size, --grad-accum and --epochs must be at least 1".into(),
@@ -366,7 +438,7 @@ pub fn tune(
     }
     let (per_epoch, total) = schedule(rows.len(), opts);
     state.total_steps = total;
-    let mut t = trainables(model, projector, opts)?;
+    let mut t = trainables(model, projector, head, opts)?;
     if state.step > 0 {
         let path = run.checkpoint().join("optimizer.safetensors");
         let st = candle_core::safetensors::load(&path, &candle_core::Device::Cpu)?;
@@ -378,6 +450,7 @@ pub fn tune(
         tok,
         templates,
         titles: &ds.titles,
+        user_token: opts.user_token,
     };
     let valid = split_rows(ds, "valid", opts.template, opts.valid_samples, opts.seed);
     let n_items = ds.n_items();
@@ -444,13 +517,14 @@ pub fn tune(
         let mut loss_sum = 0.0;
         let mut tokens = 0;
         let behaviour = Behaviour {
-            item_embeddings,
+            rec,
+            cand_emb: opts.cand_emb,
             projector: &t.projector,
         };
         for micro in examples.chunks(opts.batch_size) {
             let toks = micro
                 .iter()
-                .map(|ex| kit.tokenize(ex, view, true))
+                .map(|ex| kit.tokenize(ex, view, opts.objective.generative()))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(TuneError::Invalid)?;
             let refs: Vec<_> = toks.iter().collect();
@@ -463,25 +537,31 @@ pub fn tune(
             )?;
             let tt = x.dim(1)?;
             tokens += lengths.iter().sum::<usize>();
-            let (pos, targets) = answer_targets(&refs, tt);
             let h = model.forward(
                 &x,
                 Step::padded(&lengths, tt),
                 (opts.lora.dropout > 0.0).then_some(&mut dropout),
             )?;
-            let loss = model.loss_at(&h, &pos, &targets)?;
+            let loss = micro_loss(model, t.head.as_ref(), rec, &h, &refs, micro, view, opts)?;
             let share = micro.len() as f64 / examples.len() as f64;
             loss_sum += loss.to_scalar::<f32>()? as f64 * share;
             let g = model.backward(&(loss * share)?)?;
             for (name, v) in &t.vars {
                 if let Some(gv) = g.get(v.as_tensor()) {
+                    // Detached: a gradient computed by composed ops (the head's) would otherwise
+                    // keep this step's whole graph alive in the optimizer's moments.
+                    let gv = gv.detach();
                     let sum = match grads.remove(name) {
                         Some(old) => (old + gv)?,
-                        None => gv.clone(),
+                        None => gv,
                     };
                     grads.insert(name.clone(), sum);
                 }
             }
+        }
+        if step < opts.projector_warmup {
+            // Warm-up: only the projector and the head move.
+            grads.retain(|n, _| n.starts_with("projector.") || n.starts_with("head."));
         }
         let grad_norm = optim::clip(&mut grads, opts.max_grad_norm)?;
         let lr = optim::lr_at(step, total, opts.lr, opts.min_lr);
@@ -521,20 +601,32 @@ pub fn tune(
                     template: opts.template,
                     batch_size: opts.eval_batch_size,
                     max_new_tokens: opts.max_new_tokens,
+                    constrained: false,
                 };
                 let behaviour = Behaviour {
-                    item_embeddings,
+                    rec,
+                    cand_emb: opts.cand_emb,
                     projector: &t.projector,
                 };
-                let preds = evaluate(
-                    model,
-                    &kit,
-                    eval_opts.view.uses_embeddings().then_some(&behaviour),
-                    &valid,
-                    &eval_opts,
-                    |n| hooks.on_eval_progress(n),
-                )?;
-                let m = GenMetrics::of(&preds);
+                let behaviour = eval_opts.view.uses_embeddings().then_some(&behaviour);
+                let m = match &t.head {
+                    // Head runs validate by the head's ranking (valid ratio 1).
+                    Some(hd) => {
+                        let scored =
+                            score_with_head(model, &kit, behaviour, hd, &valid, &eval_opts, |n| {
+                                hooks.on_eval_progress(n)
+                            })?;
+                        GenMetrics::of_ranks(scored.iter().map(|r| r.rank))
+                    }
+                    None => GenMetrics::of(&evaluate(
+                        model,
+                        &kit,
+                        behaviour,
+                        &valid,
+                        &eval_opts,
+                        |n| hooks.on_eval_progress(n),
+                    )?),
+                };
                 let better = state.best.as_ref().is_none_or(|b| m.hr1 > b.valid.hr1);
                 let e = EvalLog {
                     step: state.step,
@@ -587,22 +679,70 @@ fn publish_best(run: &RunDir) -> TResult<()> {
         std::fs::copy(&from, staged.path().join(f)).map_err(io(&from))?;
     }
     staged.commit().map_err(io(&dest))?;
-    let from = best.join("projector.safetensors");
-    crate::fsutil::write_file_atomic(&run.dir.join("projector.safetensors"), |p| {
-        std::fs::copy(&from, p).map(|_| ()).map_err(io(&from))
-    })?;
+    for f in ["projector.safetensors", "head.safetensors"] {
+        let from = best.join(f);
+        if f == "head.safetensors" && !from.exists() {
+            continue;
+        }
+        crate::fsutil::write_file_atomic(&run.dir.join(f), |p| {
+            std::fs::copy(&from, p).map(|_| ()).map_err(io(&from))
+        })?;
+    }
     Ok(())
 }
 
-/// Loads the trainable state of a checkpoint folder (adapter + projector) onto a fresh model.
-pub fn load_weights(model: &mut Llama, dir: &Path, d_sr: usize) -> TResult<Projector> {
+/// Loads the trainable state of a checkpoint folder (adapter + projector, and the head when the
+/// run has one) onto a fresh model.
+pub fn load_weights(
+    model: &mut Llama,
+    dir: &Path,
+    d_sr: usize,
+    head: Option<HeadConfig>,
+) -> TResult<(Projector, Option<Head>)> {
     lora::load_adapter(model, &dir.join("adapter"))?;
     let d_llm = model.cfg.hidden_size;
     let p = dir.join("projector.safetensors");
-    Projector::load(&p, d_sr, d_llm, candle_core::DType::F32, model.device())
-        .map_err(|e| TuneError::Invalid(e.to_string()))
+    let projector = Projector::load(&p, d_sr, d_llm, candle_core::DType::F32, model.device())
+        .map_err(|e| TuneError::Invalid(e.to_string()))?;
+    let head = head
+        .map(|cfg| Head::load(&dir.join("head.safetensors"), d_llm, cfg, model.device()))
+        .transpose()
+        .map_err(|e| TuneError::Invalid(e.to_string()))?;
+    Ok((projector, head))
 }
 
+/// The loss of one micro-batch: the answer tokens' cross-entropy, the head's listwise
+/// cross-entropy over the candidates, or their sum.
+#[allow(clippy::too_many_arguments)]
+fn micro_loss(
+    model: &Llama,
+    hd: Option<&Head>,
+    rec: &Recommender,
+    h: &Tensor,
+    refs: &[&super::Tokenized],
+    micro: &[Example],
+    view: ItemView,
+    opts: &TuneOptions,
+) -> TResult<Tensor> {
+    let tt = h.dim(1)?;
+    let mut loss: Option<Tensor> = None;
+    if opts.objective.generative() {
+        let (pos, targets) = answer_targets(refs, tt);
+        loss = Some(model.loss_at(h, &pos, &targets)?);
+    }
+    if let Some(hd) = hd.filter(|_| opts.objective.listwise()) {
+        let prior = hd.prior(rec, refs, view)?;
+        let scores = hd.scores(h, refs, prior.as_ref())?;
+        let targets: Vec<u32> = micro.iter().map(|e| e.target).collect();
+        let idx = head::target_indices(refs, &targets)?;
+        let l = head::listwise_loss(&scores, &idx)?;
+        loss = Some(match loss {
+            Some(g) => (g + l)?,
+            None => l,
+        });
+    }
+    loss.ok_or_else(|| TuneError::Invalid("no loss to train".into()))
+}
 /// The checkpoint's state.
 pub fn read_state(run: &RunDir) -> TResult<RunState> {
     let p = run.checkpoint().join("state.json");

@@ -120,6 +120,51 @@ pub fn generate_timed(
     lengths: &[usize],
     opts: &GenOptions,
 ) -> Result<(Vec<Generated>, GenTiming)> {
+    generate_inner(model, tok, embeds, lengths, opts, None)
+}
+
+/// Greedy (or sampled) generation restricted, row by row, to a set of token sequences: at every
+/// step a row may only take a token that continues one of its `allowed[row]` sequences given what
+/// it has generated so far (a prefix walk of their trie), and it stops when it has produced one
+/// of them whole. So every answer is exactly one of the allowed sequences.
+pub fn generate_constrained(
+    model: &Llama,
+    tok: &LlmTokenizer,
+    embeds: &Tensor,
+    lengths: &[usize],
+    opts: &GenOptions,
+    allowed: &[Vec<Vec<u32>>],
+) -> Result<Vec<Generated>> {
+    if allowed.len() != lengths.len() || allowed.iter().any(|a| a.iter().all(Vec::is_empty)) {
+        candle_core::bail!("constrained generation needs a non-empty allowed sequence per row");
+    }
+    generate_inner(model, tok, embeds, lengths, opts, Some(allowed)).map(|(g, _)| g)
+}
+
+/// The tokens that may follow `prefix` in `seqs`, and whether `prefix` is one of them whole.
+pub fn trie_next(seqs: &[Vec<u32>], prefix: &[u32]) -> (Vec<u32>, bool) {
+    let mut next = vec![];
+    let mut complete = false;
+    for s in seqs {
+        if s.len() >= prefix.len() && s[..prefix.len()] == *prefix {
+            match s.get(prefix.len()) {
+                Some(&t) if !next.contains(&t) => next.push(t),
+                Some(_) => {}
+                None => complete = true,
+            }
+        }
+    }
+    (next, complete)
+}
+
+fn generate_inner(
+    model: &Llama,
+    tok: &LlmTokenizer,
+    embeds: &Tensor,
+    lengths: &[usize],
+    opts: &GenOptions,
+    allowed: Option<&[Vec<Vec<u32>>]>,
+) -> Result<(Vec<Generated>, GenTiming)> {
     let started = std::time::Instant::now();
     let mut timing = GenTiming::default();
     let (b, t, _) = embeds.dims3()?;
@@ -162,7 +207,25 @@ pub fn generate_timed(
             if done[bi].is_some() {
                 continue;
             }
-            let id = pick(&rows[bi], opts, &mut rng);
+            let id = match allowed {
+                None => pick(&rows[bi], opts, &mut rng),
+                Some(a) => {
+                    let (ok, _) = trie_next(&a[bi], &out[bi]);
+                    let mut masked = vec![f32::NEG_INFINITY; rows[bi].len()];
+                    for &t in &ok {
+                        if let Some(v) = rows[bi].get(t as usize) {
+                            masked[t as usize] = *v;
+                        }
+                    }
+                    let id = pick(&masked, opts, &mut rng);
+                    if !ok.contains(&id) {
+                        // Every allowed logit is -inf or NaN: take the first allowed token.
+                        ok[0]
+                    } else {
+                        id
+                    }
+                }
+            };
             next[bi] = id;
             if tok.eos.contains(&id) {
                 done[bi] = Some("eos");
@@ -170,6 +233,15 @@ pub fn generate_timed(
             }
             out[bi].push(id);
             let text = tok.decode(&out[bi]).map_err(candle_core::Error::Msg)?;
+            if let Some(a) = allowed {
+                let (more, complete) = trie_next(&a[bi], &out[bi]);
+                if complete && more.is_empty() {
+                    let cut = opts.stop.iter().filter_map(|s| text.find(s.as_str())).min();
+                    texts[bi] = cut.map_or(text.clone(), |c| text[..c].to_string());
+                    done[bi] = Some("stop");
+                    continue;
+                }
+            }
             if let Some(cut) = opts.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
                 texts[bi] = text[..cut].to_string();
                 done[bi] = Some("stop");
@@ -210,4 +282,23 @@ pub fn generate_timed(
         })
         .collect();
     Ok((generated, timing))
+}
+
+#[cfg(test)]
+mod trie_tests {
+    use super::trie_next;
+
+    #[test]
+    fn trie_walk_offers_only_continuations() {
+        let seqs = vec![vec![1, 2, 3], vec![1, 4], vec![5]];
+        let (mut n, c) = trie_next(&seqs, &[]);
+        n.sort();
+        assert_eq!((n, c), (vec![1, 5], false));
+        let (mut n, c) = trie_next(&seqs, &[1]);
+        n.sort();
+        assert_eq!((n, c), (vec![2, 4], false));
+        assert_eq!(trie_next(&seqs, &[1, 4]), (vec![], true));
+        assert_eq!(trie_next(&seqs, &[1, 2]), (vec![3], false));
+        assert_eq!(trie_next(&seqs, &[9]), (vec![], false));
+    }
 }

@@ -12,9 +12,16 @@ use tokenizers::{AddedToken, Tokenizer};
 /// Byte spans of tokens in the encoded text.
 pub type Offsets = Vec<(usize, usize)>;
 
-/// LLaRA's added tokens, in id order after the base vocabulary: a fixed placeholder and the three
-/// slots that carry projected recommender embeddings.
-pub const ADDED_TOKENS: [&str; 4] = ["[PH]", "[HistoryEmb]", "[CansEmb]", "[ItemEmb]"];
+/// LLaRA's added tokens, in id order after the base vocabulary: a fixed placeholder, the three
+/// slots that carry projected recommender item embeddings, and `[UserEmb]`, the slot that carries
+/// the recommender's projected state of the whole history.
+pub const ADDED_TOKENS: [&str; 5] = [
+    "[PH]",
+    "[HistoryEmb]",
+    "[CansEmb]",
+    "[ItemEmb]",
+    "[UserEmb]",
+];
 
 #[derive(Clone)]
 pub struct LlmTokenizer {

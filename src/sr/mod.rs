@@ -6,6 +6,7 @@
 //! scores the `item_num` real items.
 
 pub mod adam;
+pub mod baselines;
 pub mod caser;
 pub mod gru4rec;
 pub mod nn;

@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# The quality benchmark of issue 14: LLaRA variants against their recommender, text-only tuning and
+# count baselines on the same fixed candidates, with 95% intervals and paired p-values.
+#
+#   scripts/quality.sh                 # Steam (1,186 test users), SmolLM2-135M, the budget below
+#   DATASET=lastfm SR=../shared/recmodels/lastfm-sasrec.safetensors scripts/quality.sh
+#
+# Knobs (environment): DATASET (steam), SR (LLaRA's released SASRec of the dataset), SAMPLES training
+# rows per tune run (200), BATCH × ACCUM per optimizer step (4 × 2), LR (5e-4), VALID rows validated on
+# (32), TEST_LIMIT (all), GEN_LIMIT rows evaluated by generation (64), SEED (42), THREADS (2),
+# VARIANTS (the runs below). Finished steps are skipped on a re-run (delete runs/quality/DATASET/X to redo X).
+# Output: runs/quality/DATASET/*, docs/results/quality-DATASET.md (table + commands + wall times).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SHARED="${LLARA_SHARED:-../shared}"
+DATASET="${DATASET:-steam}"
+SR="${SR:-$SHARED/recmodels/$DATASET-sasrec.safetensors}"
+LLM="${LLM:-$SHARED/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf}"
+LLARA="${LLARA:-target/release/llara}"
+SAMPLES="${SAMPLES:-200}"
+BATCH="${BATCH:-4}"
+ACCUM="${ACCUM:-2}"
+LR="${LR:-5e-4}"
+VALID="${VALID:-32}"
+TEST_LIMIT="${TEST_LIMIT:-}"
+GEN_LIMIT="${GEN_LIMIT:-64}"
+SEED="${SEED:-42}"
+THREADS="${THREADS:-2}"
+VARIANTS="${VARIANTS:-hybrid-prior text-only}"
+OUT="${OUT:-runs/quality/$DATASET}"
+RESULTS="${RESULTS:-docs/results/quality-$DATASET.md}"
+[ -x "$LLARA" ] || cargo build --release
+mkdir -p "$OUT"
+LOG="$OUT/commands.txt"
+touch "$LOG"
+. scripts/lib.sh
+limit=()
+[ -n "$TEST_LIMIT" ] && limit=(--limit "$TEST_LIMIT")
+
+[ -f "$OUT/data/meta.json" ] ||
+  run "$LLARA" -q data prepare --from llara-jsonl "$SHARED/datasets/$DATASET" --out "$OUT/data" --seed "$SEED" --force
+
+# The LLaRA variants: name → tune flags.
+flags_of() {
+  case "$1" in
+    # The recommended setting: hybrid prompts with a [UserEmb] state token and s_fc rows on the
+    # candidates, a scoring head over the hidden states that starts from the recommender's own scores.
+    hybrid-prior) echo "--curriculum hybrid-only --objective both --head-prior --user-token --cand-emb output" ;;
+    # The same head and behaviour tokens without the recommender prior (what the LLM reads by itself).
+    hybrid-head) echo "--curriculum hybrid-only --objective both --user-token --cand-emb output" ;;
+    # Text-only prompt tuning (titles only), the same head and loss.
+    text-only) echo "--curriculum text-only --objective both" ;;
+    # The paper: linear curriculum, generative loss, LLaRA's input-side item tokens.
+    paper) echo "--curriculum linear --objective generative" ;;
+    *) echo "unknown variant $1" >&2; exit 2 ;;
+  esac
+}
+
+for v in $VARIANTS; do
+  r="$OUT/llara-$v"
+  if [ ! -f "$r/metrics.json" ] || ! grep -q '"finished": true' "$r/metrics.json"; then
+    # shellcheck disable=SC2046
+    run "$LLARA" -q tune --data "$OUT/data" --sr "$SR" --llm "$LLM" $(flags_of "$v") \
+      --epochs 1 --batch-size "$BATCH" --grad-accum "$ACCUM" --lr "$LR" --max-train-samples "$SAMPLES" \
+      --valid-samples "$VALID" --max-new-tokens 32 --seed "$SEED" --threads "$THREADS" --out "$r" --force
+  fi
+  [ -f "$r/eval-test-score/metrics.json" ] ||
+    run "$LLARA" -q eval --run "$r" --split test --mode score "${limit[@]}" --threads "$THREADS" --json
+  [ -f "$r/eval-test/metrics.json" ] ||
+    run "$LLARA" -q eval --run "$r" --split test --limit "$GEN_LIMIT" --max-new-tokens 32 --threads "$THREADS" --json
+done
+
+# The recommender and the count baselines on the same candidates (per-row scores for the paired tests).
+[ -f "$OUT/sasrec/scores.jsonl" ] ||
+  run "$LLARA" -q eval-sr --model "$SR" --data "$OUT/data" --split test --out "$OUT/sasrec" --json
+for b in popularity markov cooccurrence; do
+  [ -f "$OUT/$b/scores.jsonl" ] ||
+    run "$LLARA" -q eval-sr --model "$b" --data "$OUT/data" --split test --out "$OUT/$b" --json
+done
+
+python3 scripts/quality_table.py "$OUT" "$DATASET" $VARIANTS > "$RESULTS.partial"
+{
+  echo
+  echo "## Commands (wall time of each after it)"
+  echo
+  echo '```'
+  cat "$LOG"
+  echo '```'
+  echo
+  echo "Budget: SAMPLES=$SAMPLES BATCH=$BATCH ACCUM=$ACCUM LR=$LR VALID=$VALID TEST_LIMIT=${TEST_LIMIT:-all} GEN_LIMIT=$GEN_LIMIT SEED=$SEED THREADS=$THREADS; CPU: $(lscpu | sed -n 's/^Model name: *//p') ($(nproc) cores)"
+} >> "$RESULTS.partial"
+mv "$RESULTS.partial" "$RESULTS"
+echo "wrote $RESULTS"
