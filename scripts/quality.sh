@@ -9,7 +9,8 @@
 # rows per tune run (200), BATCH × ACCUM per optimizer step (4 × 2), LR (5e-4), VALID rows validated on
 # (32), TEST_LIMIT (all), GEN_LIMIT rows evaluated by generation (64), SEED (42), THREADS (2),
 # VARIANTS (the runs below). Finished steps are skipped on a re-run (delete runs/quality/DATASET/X to redo X).
-# Output: runs/quality/DATASET/*, docs/results/quality-DATASET.md (table + commands + wall times).
+# Output: runs/quality/DATASET/*, docs/results/quality.md for Steam (quality-DATASET.md for others): table,
+# commands and wall times.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED="${LLARA_SHARED:-../shared}"
@@ -28,7 +29,8 @@ SEED="${SEED:-42}"
 THREADS="${THREADS:-2}"
 VARIANTS="${VARIANTS:-hybrid-prior text-only}"
 OUT="${OUT:-runs/quality/$DATASET}"
-RESULTS="${RESULTS:-docs/results/quality-$DATASET.md}"
+# Steam's table is the headline file (docs/results/quality.md); other datasets get their own.
+if [ "$DATASET" = steam ]; then RESULTS="${RESULTS:-docs/results/quality.md}"; else RESULTS="${RESULTS:-docs/results/quality-$DATASET.md}"; fi
 [ -x "$LLARA" ] || cargo build --release
 mkdir -p "$OUT"
 LOG="$OUT/commands.txt"

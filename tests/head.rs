@@ -394,7 +394,7 @@ fn count_baselines_score_and_report() {
         dirs[2].to_str().unwrap(),
     ]);
     for b in ["popularity", "markov", "cooccurrence"] {
-        assert!(table.contains(b), "{table}");
+        assert!(table.contains(&format!("| {b} | synth |")), "{table}");
     }
     assert!(fails(&[
         "eval-sr",

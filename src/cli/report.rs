@@ -99,7 +99,7 @@ fn eval_sr_lines(run: &Path, split: &str) -> Result<Vec<Line>> {
     Ok(vec![Line {
         run: run.display().to_string(),
         model: m["model"].as_str().unwrap_or("?").to_string(),
-        dataset: String::new(),
+        dataset: m["dataset"].as_str().unwrap_or("?").to_string(),
         method: "recommender scores".into(),
         config: m["source"].as_str().unwrap_or("?").to_string(),
         seed: "-".into(),

@@ -361,6 +361,7 @@ pub fn eval_sr(a: EvalSrArgs) -> Result<()> {
             serde_json::json!(a.model.display().to_string()),
         );
         o.insert("rows".into(), serde_json::json!(rows.len()));
+        o.insert("dataset".into(), serde_json::json!(ds.meta.name));
         std::fs::write(
             staged.path().join("metrics.json"),
             serde_json::to_string_pretty(&report)? + "\n",

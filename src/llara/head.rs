@@ -18,7 +18,6 @@ use candle_core::{DType, Device, Result, Tensor, Var, D};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
-use std::collections::HashMap;
 use std::path::Path;
 
 /// What a run's head was built with (saved in `run.json`).
@@ -65,12 +64,7 @@ impl Head {
     }
 
     pub fn save(&self, path: &Path) -> Result<()> {
-        let map: HashMap<String, Tensor> = self
-            .vars()
-            .into_iter()
-            .map(|(n, v)| (n, v.as_tensor().clone()))
-            .collect();
-        candle_core::safetensors::save(&map, path)
+        super::projector::save_vars(&self.vars(), path)
     }
 
     /// Loads `head.safetensors`, checking the shapes against `hidden` and `cfg.rank`.

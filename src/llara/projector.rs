@@ -8,6 +8,15 @@ use rand_chacha::ChaCha8Rng;
 use std::collections::HashMap;
 use std::path::Path;
 
+/// Saves named trainable tensors as one safetensors file (the projector's, the head's).
+pub fn save_vars(vars: &[(String, Var)], path: &Path) -> Result<()> {
+    let map: HashMap<String, Tensor> = vars
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+        .collect();
+    candle_core::safetensors::save(&map, path)
+}
+
 /// `x Wᵀ + b`: the deterministic fused kernel for f32 on the CPU, candle's ops elsewhere.
 fn affine(x: &Tensor, w: &Var, b: &Var) -> Result<Tensor> {
     if crate::llm::ops::fused(&[x, w.as_tensor(), b.as_tensor()]) && x.rank() == 2 {
@@ -62,12 +71,7 @@ impl Projector {
     }
 
     pub fn save(&self, path: &Path) -> Result<()> {
-        let map: HashMap<String, Tensor> = self
-            .vars()
-            .into_iter()
-            .map(|(n, v)| (n, v.as_tensor().clone()))
-            .collect();
-        candle_core::safetensors::save(&map, path)
+        save_vars(&self.vars(), path)
     }
 
     /// Loads `projector.safetensors`, checking its shapes against `d_sr → d_llm`.
