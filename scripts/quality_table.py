@@ -89,7 +89,7 @@ def main():
         p, _, _ = mcnemar(best[1], text)
         lines.append(
             f"{dataset} HR@1 (scoring): llara hybrid {b:.2f} [{lo:.2f}, {hi:.2f}] vs SASRec {hr(sas)[0]:.2f} "
-            f"vs text-only {hr(text)[0]:.2f} (p={fmt_p(p)}), {best[2]['train_s'] / 3600:.1f} h train"
+            f"vs text-only {hr(text)[0]:.2f} (p{'<0.001' if p < 0.001 else f'={p:.3f}'}), {best[2]['train_s'] / 3600:.1f} h train"
         )
         lines.append("")
     lines.append(f"# Quality on {dataset}: HR@1 on the fixed test candidates (20 per user, chance 0.05)")
