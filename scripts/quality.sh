@@ -48,6 +48,8 @@ flags_of() {
     # The recommended setting: hybrid prompts with a [UserEmb] state token and s_fc rows on the
     # candidates, a scoring head over the hidden states that starts from the recommender's own scores.
     hybrid-prior) echo "--curriculum hybrid-only --objective both --head-prior --user-token --cand-emb output" ;;
+    # The same, run under another LR (the name only tells the rows apart: LR=5e-3 VARIANTS=hybrid-prior-lr ...).
+    hybrid-prior-lr) echo "--curriculum hybrid-only --objective both --head-prior --user-token --cand-emb output" ;;
     # The same head and behaviour tokens without the recommender prior (what the LLM reads by itself).
     hybrid-head) echo "--curriculum hybrid-only --objective both --user-token --cand-emb output" ;;
     # Text-only prompt tuning (titles only), the same head and loss.
