@@ -295,15 +295,17 @@ pub fn eval_sr(a: EvalSrArgs) -> Result<()> {
     let baseline = (!a.model.exists())
         .then(|| a.model.to_str().and_then(crate::sr::baselines::Kind::parse))
         .flatten();
-    // Each row's candidate scores (in candidate order).
-    let (label, scores): (String, Vec<Vec<f32>>) = if let Some(kind) = baseline {
+    // Each row's candidate scores (in candidate order), and for a trained model every item's
+    // score (the full-catalogue metrics).
+    type Scored = (String, Vec<Vec<f32>>, Option<Vec<Vec<f32>>>);
+    let (label, scores, all): Scored = if let Some(kind) = baseline {
         let b = crate::sr::baselines::Baseline::fit(kind, &ds.splits.train, ds.n_items());
         let s = rows
             .iter()
             .zip(cands)
             .map(|(r, c)| b.score(&r.history, c))
             .collect();
-        (kind.name().to_string(), s)
+        (kind.name().to_string(), s, None)
     } else {
         let (model, cfg) = load_model(&a.model, &device).with_context(|| {
             format!(
@@ -326,18 +328,19 @@ pub fn eval_sr(a: EvalSrArgs) -> Result<()> {
             .zip(cands)
             .map(|(s, c)| c.iter().map(|&i| s[i as usize]).collect())
             .collect();
-        (cfg.model.name().to_string(), s)
+        (cfg.model.name().to_string(), s, Some(all))
     };
     let mut acc = crate::eval::metrics::RankAccumulator::default();
     let mut lines = vec![];
     for (i, ((r, c), s)) in rows.iter().zip(cands).zip(&scores).enumerate() {
         let ti = c.iter().position(|&x| x == r.next).unwrap_or(0);
-        let rank = s
-            .iter()
-            .enumerate()
-            .filter(|&(j, v)| j != ti && v.partial_cmp(&s[ti]) != Some(std::cmp::Ordering::Less))
-            .count();
+        let rank = crate::eval::metrics::rank_among(s, ti);
         acc.push(rank);
+        if let Some(all) = &all {
+            acc.push_full(crate::eval::metrics::full_rank_of(
+                &all[i], &r.history, r.next,
+            ));
+        }
         lines.push(serde_json::json!({
             "row": i, "target": r.next, "candidates": c, "scores": s, "rank": rank,
         }));

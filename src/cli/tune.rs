@@ -231,7 +231,6 @@ fn options(a: &TuneArgs) -> Result<TuneOptions> {
 pub(super) struct Loaded {
     pub(super) ds: Dataset,
     pub(super) rec: Recommender,
-    pub(super) sr_cfg: crate::sr::Config,
     pub(super) sr_weights: PathBuf,
     pub(super) llm: llm::Loaded,
     pub(super) templates: Templates,
@@ -261,7 +260,7 @@ pub(super) fn load_parts(
             ds.n_items()
         );
     }
-    let rec = Recommender::new(model, sr_cfg.clone())?;
+    let rec = Recommender::new(model, sr_cfg)?;
     let opts = LlmOptions {
         device,
         dtype: dtype.map(super::llm::parse_dtype).transpose()?,
@@ -275,7 +274,6 @@ pub(super) fn load_parts(
     Ok(Loaded {
         ds,
         rec,
-        sr_cfg,
         sr_weights,
         llm,
         templates,
@@ -463,8 +461,8 @@ fn tune_in(a: TuneArgs, resume: bool, quiet: bool) -> Result<()> {
         llm_source: serde_json::to_value(&parts.llm.source)?,
         sr: std::fs::canonicalize(&sr).unwrap_or(sr.clone()),
         sr_sha256: sr_hash.clone(),
-        sr_arch: parts.sr_cfg.model.name().to_string(),
-        sr_hidden: parts.sr_cfg.hidden_size,
+        sr_arch: parts.rec.cfg.model.name().to_string(),
+        sr_hidden: parts.rec.cfg.hidden_size,
         data: std::fs::canonicalize(&data).unwrap_or(data.clone()),
         data_content_hash: parts.ds.meta.content_hash.clone(),
         n_items: parts.ds.n_items(),
@@ -476,7 +474,7 @@ fn tune_in(a: TuneArgs, resume: bool, quiet: bool) -> Result<()> {
         user_token: opts.user_token,
         cand_emb: opts.cand_emb,
     };
-    let d_sr = parts.sr_cfg.hidden_size;
+    let d_sr = parts.rec.cfg.hidden_size;
     let d_llm = parts.llm.model.cfg.hidden_size;
     let (projector, head, state) = if resume {
         let old: RunInfo = serde_json::from_str(
@@ -916,7 +914,7 @@ pub(super) fn open_run(
     let (projector, head) = tune::load_weights(
         &mut parts.llm.model,
         &weights,
-        parts.sr_cfg.hidden_size,
+        parts.rec.cfg.hidden_size,
         info.head,
     )?;
     // Inference only from here: fold the adapters into the base weights (W + s·BA), so generation

@@ -10,6 +10,17 @@ fn beats(s: f32, t: f32) -> bool {
     s.partial_cmp(&t) != Some(std::cmp::Ordering::Less)
 }
 
+/// 0-based rank of the candidate at index `target` given one score per candidate (in candidate
+/// order): how many other candidates score at least as high.
+pub fn rank_among(scores: &[f32], target: usize) -> usize {
+    let t = scores[target];
+    scores
+        .iter()
+        .enumerate()
+        .filter(|&(i, &s)| i != target && beats(s, t))
+        .count()
+}
+
 /// 0-based rank of `target` among `candidates` given a score per item id.
 pub fn rank_of(scores: &[f32], candidates: &[u32], target: u32) -> usize {
     let t = scores[target as usize];

@@ -625,11 +625,7 @@ fn ranked(row: usize, ex: &Example, scores: Vec<f32>) -> RowScores {
         .iter()
         .position(|&c| c == ex.target)
         .unwrap_or(0);
-    let rank = scores
-        .iter()
-        .enumerate()
-        .filter(|&(i, s)| i != ti && s.partial_cmp(&scores[ti]) != Some(std::cmp::Ordering::Less))
-        .count();
+    let rank = crate::eval::metrics::rank_among(&scores, ti);
     RowScores {
         row,
         target: ex.target,

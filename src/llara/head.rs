@@ -70,18 +70,8 @@ impl Head {
     /// Loads `head.safetensors`, checking the shapes against `hidden` and `cfg.rank`.
     pub fn load(path: &Path, hidden: usize, cfg: HeadConfig, dev: &Device) -> Result<Self> {
         let mut t = candle_core::safetensors::load(path, dev)?;
-        let mut get = |name: &str, shape: &[usize]| -> Result<Var> {
-            let x = t.remove(name).ok_or_else(|| {
-                candle_core::Error::Msg(format!("{}: tensor {name} is missing", path.display()))
-            })?;
-            if x.dims() != shape {
-                candle_core::bail!(
-                    "{}: tensor {name} has shape {:?}, expected {shape:?}",
-                    path.display(),
-                    x.dims()
-                );
-            }
-            Var::from_tensor(&x.to_dtype(DType::F32)?)
+        let mut get = |name: &str, shape: &[usize]| {
+            super::projector::take_var(&mut t, path, name, shape, DType::F32, "")
         };
         Ok(Self {
             cfg,

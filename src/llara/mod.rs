@@ -286,12 +286,6 @@ impl CandEmb {
             o => Err(format!("--cand-emb {o}: expected input or output")),
         }
     }
-    pub fn name(self) -> &'static str {
-        match self {
-            CandEmb::Input => "input",
-            CandEmb::Output => "output",
-        }
-    }
 }
 
 /// The frozen recommender and the projector: what fills the behaviour tokens.

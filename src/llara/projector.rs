@@ -17,6 +17,29 @@ pub fn save_vars(vars: &[(String, Var)], path: &Path) -> Result<()> {
     candle_core::safetensors::save(&map, path)
 }
 
+/// Removes tensor `name` from a loaded safetensors file as a `Var` of dtype `dt`, checking its shape
+/// (`why` is appended to a shape error).
+pub fn take_var(
+    t: &mut HashMap<String, Tensor>,
+    path: &Path,
+    name: &str,
+    shape: &[usize],
+    dt: DType,
+    why: &str,
+) -> Result<Var> {
+    let x = t.remove(name).ok_or_else(|| {
+        candle_core::Error::Msg(format!("{}: tensor {name} is missing", path.display()))
+    })?;
+    if x.dims() != shape {
+        candle_core::bail!(
+            "{}: tensor {name} has shape {:?}, expected {shape:?}{why}",
+            path.display(),
+            x.dims()
+        );
+    }
+    Var::from_tensor(&x.to_dtype(dt)?)
+}
+
 /// `x Wᵀ + b`: the deterministic fused kernel for f32 on the CPU, candle's ops elsewhere.
 fn affine(x: &Tensor, w: &Var, b: &Var) -> Result<Tensor> {
     if crate::llm::ops::fused(&[x, w.as_tensor(), b.as_tensor()]) && x.rank() == 2 {
@@ -77,19 +100,8 @@ impl Projector {
     /// Loads `projector.safetensors`, checking its shapes against `d_sr → d_llm`.
     pub fn load(path: &Path, d_sr: usize, d_llm: usize, dt: DType, dev: &Device) -> Result<Self> {
         let mut t = candle_core::safetensors::load(path, dev)?;
-        let mut get = |name: &str, shape: &[usize]| -> Result<Var> {
-            let x = t.remove(name).ok_or_else(|| {
-                candle_core::Error::Msg(format!("{}: tensor {name} is missing", path.display()))
-            })?;
-            if x.dims() != shape {
-                candle_core::bail!(
-                    "{}: tensor {name} has shape {:?}, expected {shape:?} (recommender dim {d_sr} → LLM dim {d_llm})",
-                    path.display(),
-                    x.dims()
-                );
-            }
-            Var::from_tensor(&x.to_dtype(dt)?)
-        };
+        let why = format!(" (recommender dim {d_sr} → LLM dim {d_llm})");
+        let mut get = |name: &str, shape: &[usize]| take_var(&mut t, path, name, shape, dt, &why);
         Ok(Self {
             w1: get("0.weight", &[d_llm, d_sr])?,
             b1: get("0.bias", &[d_llm])?,

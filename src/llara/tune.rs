@@ -78,13 +78,6 @@ impl Objective {
             )),
         }
     }
-    pub fn name(self) -> &'static str {
-        match self {
-            Objective::Generative => "generative",
-            Objective::Listwise => "listwise",
-            Objective::Both => "both",
-        }
-    }
     pub fn generative(self) -> bool {
         self != Objective::Listwise
     }
