@@ -8,7 +8,8 @@
 # Knobs (environment): DATASET (steam), SR (LLaRA's released SASRec of the dataset), SAMPLES training
 # rows per tune run (200), BATCH × ACCUM per optimizer step (4 × 2), LR (5e-4), VALID rows validated on
 # (32), TEST_LIMIT (all), GEN_LIMIT rows evaluated by generation (64), SEED (42), THREADS (2),
-# VARIANTS (the runs below). Finished steps are skipped on a re-run (delete runs/quality/DATASET/X to redo X).
+# VARIANTS (the runs below), CAND_SEEDS (extra candidate seeds the test split is also scored on, e.g. "1 2":
+# `data prepare --seed S` draws other fixed candidate sets for the same users). Finished steps are skipped on a re-run (delete runs/quality/DATASET/X to redo X).
 # Output: runs/quality/DATASET/*, docs/results/quality.md for Steam (quality-DATASET.md for others): table,
 # commands and wall times.
 set -euo pipefail
@@ -27,6 +28,7 @@ TEST_LIMIT="${TEST_LIMIT:-}"
 GEN_LIMIT="${GEN_LIMIT:-64}"
 SEED="${SEED:-42}"
 THREADS="${THREADS:-2}"
+CAND_SEEDS="${CAND_SEEDS:-}"
 VARIANTS="${VARIANTS:-hybrid-prior text-only}"
 OUT="${OUT:-runs/quality/$DATASET}"
 # Steam's table is the headline file (docs/results/quality.md); other datasets get their own.
@@ -52,6 +54,18 @@ flags_of() {
     hybrid-prior-lr) echo "--curriculum hybrid-only --objective both --head-prior --user-token --cand-emb output" ;;
     # The same head and behaviour tokens without the recommender prior (what the LLM reads by itself).
     hybrid-head) echo "--curriculum hybrid-only --objective both --user-token --cand-emb output" ;;
+    # Ablations of the recommended setting, one lever each.
+    hybrid-prior-input) echo "--curriculum hybrid-only --objective both --head-prior --user-token --cand-emb input" ;;
+    hybrid-prior-nouser) echo "--curriculum hybrid-only --objective both --head-prior --cand-emb output" ;;
+    hybrid-prior-warmup) echo "--curriculum hybrid-only --objective both --head-prior --user-token --cand-emb output --projector-warmup 8" ;;
+    hybrid-prior-listwise) echo "--curriculum hybrid-only --objective listwise --head-prior --user-token --cand-emb output" ;;
+    # The listwise loss over the candidates' answer log-likelihoods (one packed pass per row), no head.
+    hybrid-answer) echo "--curriculum hybrid-only --objective both --ranker answer --user-token --cand-emb output" ;;
+    # The one-token verbalizer: lettered candidates, the softmax over the labels' log-probabilities.
+    hybrid-letter) echo "--curriculum hybrid-only --objective both --ranker answer --answer letter --user-token --cand-emb output" ;;
+    text-letter) echo "--curriculum text-only --objective both --ranker answer --answer letter" ;;
+    # The backbone as it is: no step moves it (lr 0), text prompts, answers scored by log-likelihood.
+    untuned) echo "--curriculum text-only --objective generative --max-steps 1" ;;
     # Text-only prompt tuning (titles only), the same head and loss.
     text-only) echo "--curriculum text-only --objective both" ;;
     # The paper: linear curriculum, generative loss, LLaRA's input-side item tokens.
@@ -60,29 +74,57 @@ flags_of() {
   esac
 }
 
+lr_of() { if [ "$1" = untuned ]; then echo 0; else echo "$LR"; fi; }
+
 for v in $VARIANTS; do
   r="$OUT/llara-$v"
   if [ ! -f "$r/metrics.json" ] || ! grep -q '"finished": true' "$r/metrics.json"; then
     # shellcheck disable=SC2046
     run "$LLARA" -q tune --data "$OUT/data" --sr "$SR" --llm "$LLM" $(flags_of "$v") \
-      --epochs 1 --batch-size "$BATCH" --grad-accum "$ACCUM" --lr "$LR" --max-train-samples "$SAMPLES" \
+      --epochs 1 --batch-size "$BATCH" --grad-accum "$ACCUM" --lr "$(lr_of "$v")" --max-train-samples "$SAMPLES" \
       --valid-samples "$VALID" --max-new-tokens 32 --seed "$SEED" --threads "$THREADS" --out "$r" --force
   fi
   [ -f "$r/eval-test-score/metrics.json" ] ||
     run "$LLARA" -q eval --run "$r" --split test --mode score "${limit[@]}" --threads "$THREADS" --json
   [ -f "$r/eval-test/metrics.json" ] ||
     run "$LLARA" -q eval --run "$r" --split test --limit "$GEN_LIMIT" --max-new-tokens 32 --threads "$THREADS" --json
+  [ -f "$r/eval-test-constrained/metrics.json" ] ||
+    run "$LLARA" -q eval --run "$r" --split test --constrained --limit "$GEN_LIMIT" --max-new-tokens 32 --threads "$THREADS" --json
+  for cs in $CAND_SEEDS; do
+    [ -f "$OUT/data-$cs/meta.json" ] ||
+      run "$LLARA" -q data prepare --from llara-jsonl "$SHARED/datasets/$DATASET" --out "$OUT/data-$cs" --seed "$cs" --force
+    [ -f "$r/eval-test-score-cands$cs/metrics.json" ] ||
+      run "$LLARA" -q eval --run "$r" --data "$OUT/data-$cs" --split test --mode score "${limit[@]}" --threads "$THREADS" --out "$r/eval-test-score-cands$cs" --json
+  done
 done
 
 # The recommender and the count baselines on the same candidates (per-row scores for the paired tests).
 [ -f "$OUT/sasrec/scores.jsonl" ] ||
   run "$LLARA" -q eval-sr --model "$SR" --data "$OUT/data" --split test --out "$OUT/sasrec" --json
+# LLaRA's other released recommenders of the dataset, and a SASRec llara trains on the same rows.
+for arch in gru4rec caser; do
+  w="$SHARED/recmodels/$DATASET-$arch.safetensors"
+  [ -f "$w" ] && { [ -f "$OUT/$arch/scores.jsonl" ] ||
+    run "$LLARA" -q eval-sr --model "$w" --data "$OUT/data" --split test --out "$OUT/$arch" --json; }
+done
+[ -f "$OUT/sasrec-llara-run/metrics.json" ] ||
+  run "$LLARA" -q train-sr --data "$OUT/data" --model sasrec --seed "$SEED" --threads "$THREADS" --out "$OUT/sasrec-llara-run" --force
+[ -f "$OUT/sasrec-llara/scores.jsonl" ] ||
+  run "$LLARA" -q eval-sr --model "$OUT/sasrec-llara-run" --data "$OUT/data" --split test --out "$OUT/sasrec-llara" --json
 for b in popularity markov cooccurrence; do
   [ -f "$OUT/$b/scores.jsonl" ] ||
     run "$LLARA" -q eval-sr --model "$b" --data "$OUT/data" --split test --out "$OUT/$b" --json
 done
+for cs in $CAND_SEEDS; do
+  [ -f "$OUT/sasrec-cands$cs/scores.jsonl" ] ||
+    run "$LLARA" -q eval-sr --model "$SR" --data "$OUT/data-$cs" --split test --out "$OUT/sasrec-cands$cs" --json
+  for b in popularity markov cooccurrence; do
+    [ -f "$OUT/$b-cands$cs/scores.jsonl" ] ||
+      run "$LLARA" -q eval-sr --model "$b" --data "$OUT/data-$cs" --split test --out "$OUT/$b-cands$cs" --json
+  done
+done
 
-python3 scripts/quality_table.py "$OUT" "$DATASET" $VARIANTS > "$RESULTS.partial"
+CAND_SEEDS="$CAND_SEEDS" python3 scripts/quality_table.py "$OUT" "$DATASET" $VARIANTS > "$RESULTS.partial"
 {
   echo
   echo "## Commands (wall time of each after it)"

@@ -7,6 +7,7 @@ use common::{fails, ok};
 use llara::data::Dataset;
 use llara::llara::head::{Head, HeadConfig};
 use llara::llara::projector::Projector;
+use llara::llara::prompts::AnswerFormat;
 use llara::llara::prompts::{ItemView, Templates};
 use llara::llara::{embed_batch, Behaviour, CandEmb, Example, PromptKit, Recommender};
 use llara::llm::{self, LlmOptions, Step};
@@ -294,6 +295,7 @@ fn injected_behaviour_tokens_reach_the_head() {
         templates: &templates,
         titles: &ds.titles,
         user_token: true,
+        answer: AnswerFormat::Title,
     };
     let a = Example {
         history: vec![1, 2, 3],

@@ -7,6 +7,7 @@ use candle_core::Tensor;
 use common::{fails, ok};
 use llara::data::Dataset;
 use llara::llara::projector::Projector;
+use llara::llara::prompts::AnswerFormat;
 use llara::llara::prompts::{ItemView, Templates};
 use llara::llara::tune::{self, answer_targets, draw_step, RunDir, RunState, Setup, TuneOptions};
 use llara::llara::{embed_batch, Behaviour, CandEmb, Curriculum, Example, PromptKit, Recommender};
@@ -104,6 +105,7 @@ fn loss_covers_the_answer_tokens_only() {
         templates: &templates,
         titles: &ds.titles,
         user_token: false,
+        answer: AnswerFormat::Title,
     };
     let row = &ds.splits.train[0];
     let ex = Example {
@@ -171,6 +173,7 @@ fn placeholders_carry_the_projected_recommender_rows() {
         templates: &templates,
         titles: &ds.titles,
         user_token: false,
+        answer: AnswerFormat::Title,
     };
     let ex = Example {
         history: vec![3, 5, 7],
@@ -214,6 +217,7 @@ fn placeholders_carry_the_projected_recommender_rows() {
         templates: &templates,
         titles: &titles,
         user_token: false,
+        answer: AnswerFormat::Title,
     };
     let e = kit.tokenize(&ex, ItemView::Hybrid, true).unwrap_err();
     assert!(e.contains("placeholders"), "{e}");
@@ -223,6 +227,8 @@ fn tiny_opts(curriculum: Curriculum) -> TuneOptions {
     TuneOptions {
         curriculum,
         objective: tune::Objective::Generative,
+        ranker: tune::Ranker::Head,
+        answer: AnswerFormat::Title,
         head: None,
         user_token: false,
         cand_emb: CandEmb::Input,
@@ -335,6 +341,7 @@ fn a_tiny_run_overfits_a_handful_of_examples() {
         templates: &templates,
         titles: &ds.titles,
         user_token: false,
+        answer: AnswerFormat::Title,
     };
     let behaviour = Behaviour {
         rec: &rec,
@@ -707,6 +714,7 @@ fn candidate_scoring_with_a_shared_prompt_cache_equals_full_recomputation() {
         templates: &templates,
         titles: &ds.titles,
         user_token: false,
+        answer: AnswerFormat::Title,
     };
     let behaviour = Behaviour {
         rec: &rec,

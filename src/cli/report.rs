@@ -139,7 +139,14 @@ fn llara_lines(run: &Path, split: &str) -> Result<Vec<Line>> {
             .unwrap_or("?".into())
     };
     let objective = get("objective");
-    let head = if objective == "listwise" || objective == "both" {
+    let letters = if get("answer") == "letter" {
+        ", letter answers"
+    } else {
+        ""
+    };
+    let head = if (objective == "listwise" || objective == "both") && get("ranker") == "answer" {
+        format!(", {objective} loss over the answers{letters}")
+    } else if objective == "listwise" || objective == "both" {
         format!(
             ", {objective} loss, head{}{}{}",
             if toml.get("head_prior").and_then(toml::Value::as_bool) == Some(true) {
@@ -157,9 +164,9 @@ fn llara_lines(run: &Path, split: &str) -> Result<Vec<Line>> {
             } else {
                 ""
             }
-        )
+        ) + letters
     } else {
-        String::new()
+        letters.to_string()
     };
     let config = format!(
         "{} ({}), curriculum {}{head}, lr {}, epochs {}, batch {}×{}{}",

@@ -7,9 +7,9 @@ use crate::llara::evaluate::{
 };
 use crate::llara::head::{Head, HeadConfig};
 use crate::llara::projector::Projector;
-use crate::llara::prompts::Templates;
+use crate::llara::prompts::{AnswerFormat, Templates};
 use crate::llara::tune::{
-    self, EvalLog, Hooks, Objective, RunDir, RunState, Setup, StepLog, TuneOptions,
+    self, EvalLog, Hooks, Objective, Ranker, RunDir, RunState, Setup, StepLog, TuneOptions,
 };
 use crate::llara::{Behaviour, CandEmb, Curriculum, PromptKit, Recommender};
 use crate::llm::{self, LlmOptions, LoraConfig, Target};
@@ -41,11 +41,20 @@ pub struct TuneArgs {
     /// linear (the paper), text-only, hybrid-only, id-only, two-stage:K or mixed:P.
     #[arg(long, default_value = "linear")]
     pub curriculum: String,
-    /// generative: the paper's loss on the target's title tokens; listwise: a scoring head over the
-    /// candidates' hidden states, trained with a softmax over the candidates; both: the two summed
-    /// (the head ranks, generation keeps working).
+    /// generative: the paper's loss on the target's answer tokens; listwise: a softmax over the
+    /// candidates' scores (see --ranker), cross-entropy on the target; both: the two summed (the
+    /// ranking is learnt, generation keeps working).
     #[arg(long, default_value = "generative", value_parser = ["generative", "listwise", "both"])]
     pub objective: String,
+    /// What the listwise objective ranks with: head (a scoring head over the candidates' hidden
+    /// states) or answer (each candidate's answer log-likelihood after the shared prompt, one
+    /// packed pass per row).
+    #[arg(long, default_value = "head", value_parser = ["head", "answer"])]
+    pub ranker: String,
+    /// What the model answers: title (LLaRA) or letter (candidates listed as "(A) title", …, the
+    /// answer is the target's letter: a one-token verbalizer; at most 26 candidates).
+    #[arg(long, default_value = "title", value_parser = ["title", "letter"])]
+    pub answer: String,
     /// Rank of the scoring head's bilinear form (listwise objectives).
     #[arg(long, default_value_t = 64)]
     pub head_rank: usize,
@@ -173,6 +182,10 @@ pub struct RunInfo {
     pub user_token: bool,
     #[serde(default)]
     pub cand_emb: CandEmb,
+    #[serde(default)]
+    pub ranker: Ranker,
+    #[serde(default)]
+    pub answer: AnswerFormat,
 }
 
 pub(super) fn sha256_file(path: &Path) -> Result<String> {
@@ -186,13 +199,20 @@ fn options(a: &TuneArgs) -> Result<TuneOptions> {
     if a.head_rank == 0 {
         bail!("--head-rank 0: expected at least 1");
     }
-    if a.head_prior && !objective.listwise() {
-        bail!("--head-prior: the prior is part of the scoring head (--objective listwise or both)");
+    let ranker = Ranker::parse(&a.ranker).map_err(anyhow::Error::msg)?;
+    if ranker == Ranker::Answer && !objective.listwise() {
+        bail!("--ranker answer: the ranker is what the listwise objective trains (--objective listwise or both)");
+    }
+    let head_ranks = objective.listwise() && ranker == Ranker::Head;
+    if a.head_prior && !head_ranks {
+        bail!("--head-prior: the prior is part of the scoring head (--objective listwise or both with --ranker head)");
     }
     Ok(TuneOptions {
         curriculum: Curriculum::parse(&a.curriculum).map_err(anyhow::Error::msg)?,
         objective,
-        head: objective.listwise().then_some(HeadConfig {
+        ranker,
+        answer: AnswerFormat::parse(&a.answer).map_err(anyhow::Error::msg)?,
+        head: head_ranks.then_some(HeadConfig {
             rank: a.head_rank,
             prior: a.head_prior,
         }),
@@ -473,6 +493,8 @@ fn tune_in(a: TuneArgs, resume: bool, quiet: bool) -> Result<()> {
         head: opts.head,
         user_token: opts.user_token,
         cand_emb: opts.cand_emb,
+        ranker: opts.ranker,
+        answer: opts.answer,
     };
     let d_sr = parts.rec.cfg.hidden_size;
     let d_llm = parts.llm.model.cfg.hidden_size;
@@ -853,6 +875,7 @@ impl OpenRun {
             templates: &self.parts.templates,
             titles: &self.parts.ds.titles,
             user_token: self.info.user_token,
+            answer: self.info.answer,
         }
     }
 

@@ -1,7 +1,7 @@
 //! Generation-based evaluation as in the paper: greedy decoding of the answer, then the candidate
 //! titles found in it decide validity (exactly one) and correctness (that one is the target).
 
-use super::prompts::ItemView;
+use super::prompts::{AnswerFormat, ItemView};
 use super::{embed_batch, Behaviour, Example, PromptKit};
 use crate::llm::generate::{generate, GenOptions};
 use crate::llm::Llama;
@@ -33,6 +33,20 @@ pub fn judge(output: &str, candidates: &[u32], titles: &[String], target: u32) -
     Verdict {
         valid,
         correct: valid && matched[0] == target,
+        matched,
+    }
+}
+
+/// The verdict on a letter answer: valid when it starts with one of the list's labels (see
+/// [`super::prompts::letter_index`]), correct when that label is the target's.
+pub fn judge_letter(output: &str, candidates: &[u32], target: u32) -> Verdict {
+    let matched: Vec<u32> = super::prompts::letter_index(output, candidates.len())
+        .map(|i| candidates[i])
+        .into_iter()
+        .collect();
+    Verdict {
+        valid: matched.len() == 1,
+        correct: matched.first() == Some(&target),
         matched,
     }
 }
@@ -161,7 +175,10 @@ pub fn evaluate(
     let mut out = Vec::with_capacity(rows.len());
     for (((row, ex), t), answer) in rows.iter().zip(toks).zip(answers) {
         let text = answer.expect("every row was generated");
-        let v = judge(&text, &ex.candidates, kit.titles, ex.target);
+        let v = match kit.answer {
+            AnswerFormat::Title => judge(&text, &ex.candidates, kit.titles, ex.target),
+            AnswerFormat::Letter => judge_letter(&text, &ex.candidates, ex.target),
+        };
         out.push(Prediction {
             row: *row,
             prompt: t.prompt,
@@ -214,6 +231,16 @@ mod tests {
         assert!(!judge("Heat", &[2, 4], &t, 2).valid);
         // A candidate listed twice counts once.
         assert!(judge("Heat", &[2, 2, 0], &t, 2).correct);
+    }
+
+    #[test]
+    fn letter_answers_name_their_position() {
+        assert!(judge_letter(" B\n", &[4, 2, 3], 2).correct);
+        let v = judge_letter("C", &[4, 2, 3], 2);
+        assert!(v.valid && !v.correct && v.matched == vec![3]);
+        // Beyond the list, or not a label: invalid.
+        assert!(!judge_letter("D", &[4, 2, 3], 2).valid);
+        assert!(!judge_letter("Heat", &[4, 2, 3], 2).valid);
     }
 
     #[test]
@@ -336,42 +363,14 @@ fn prepare_row(kit: &PromptKit, row: usize, ex: &Example, opts: &EvalOptions) ->
         template: opts.template,
         ..ex.clone()
     };
-    let prompt = kit
-        .tokenize(&ex, opts.view, false)
-        .map_err(candle_core::Error::Msg)?;
-    // Each candidate's answer tokens, as they tokenize after this prompt.
-    let full: Vec<super::Tokenized> = ex
-        .candidates
-        .iter()
-        .map(|&c| {
-            let with = kit.tokenize(
-                &Example {
-                    target: c,
-                    ..ex.clone()
-                },
-                opts.view,
-                true,
-            )?;
-            if with.ids[..with.answer_start] != prompt.ids[..] {
-                return Err("the answer changed the prompt's tokens".to_string());
-            }
-            if with.ids.len() <= with.answer_start {
-                return Err("a candidate's answer has no tokens".to_string());
-            }
-            Ok(with)
-        })
-        .collect::<std::result::Result<_, _>>()
-        .map_err(candle_core::Error::Msg)?;
-    let answers = full
-        .iter()
-        .map(|w| w.ids[w.answer_start..].to_vec())
-        .collect();
+    let c =
+        super::listwise::candidate_answers(kit, &ex, opts.view).map_err(candle_core::Error::Msg)?;
     Ok(ScoreRow {
         row,
         ex,
-        prompt,
-        full,
-        answers,
+        prompt: c.prompt,
+        full: c.full,
+        answers: c.answers,
     })
 }
 

@@ -3,6 +3,7 @@
 
 pub mod evaluate;
 pub mod head;
+pub mod listwise;
 pub mod optim;
 pub mod projector;
 pub mod prompts;
@@ -11,7 +12,7 @@ pub mod tune;
 use crate::llm::{Llama, LlmTokenizer};
 use candle_core::{Result, Tensor};
 use projector::Projector;
-use prompts::{ItemView, Templates};
+use prompts::{AnswerFormat, ItemView, Templates};
 
 /// Which prompt each optimizer step uses.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -129,6 +130,8 @@ pub struct PromptKit<'a> {
     pub titles: &'a [String],
     /// Hybrid prompts follow the history with a `[UserEmb]` slot.
     pub user_token: bool,
+    /// Titles, or lettered candidates answered by their letter.
+    pub answer: AnswerFormat,
 }
 
 impl PromptKit<'_> {
@@ -153,8 +156,24 @@ impl PromptKit<'_> {
             &ex.candidates,
             view,
             self.user_token,
+            self.answer,
         );
-        let ans = prompts::answer(&self.titles[ex.target as usize]);
+        let ans = match self.answer {
+            AnswerFormat::Title => prompts::answer(&self.titles[ex.target as usize]),
+            AnswerFormat::Letter => {
+                if ex.candidates.len() > 26 {
+                    return Err(format!(
+                        "--answer letter labels at most 26 candidates, the row has {}",
+                        ex.candidates.len()
+                    ));
+                }
+                match ex.candidates.iter().position(|&c| c == ex.target) {
+                    Some(i) => prompts::answer(&prompts::letter(i).expect("checked").to_string()),
+                    None if !with_answer => String::new(),
+                    None => return Err("the target is not among the candidates".into()),
+                }
+            }
+        };
         let enc = prompts::encode(self.tok, &prompt, with_answer.then_some(ans.as_str()))?;
         prompts::check_slots(
             self.tok,

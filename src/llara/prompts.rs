@@ -31,6 +31,46 @@ impl ItemView {
     }
 }
 
+/// What the model answers with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AnswerFormat {
+    /// The target's title (LLaRA).
+    #[default]
+    Title,
+    /// The letter the candidate list labels the target with (`(A) title`, …): a one-token
+    /// verbalizer (LlamaRec); at most 26 candidates.
+    Letter,
+}
+
+impl AnswerFormat {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "title" => Ok(AnswerFormat::Title),
+            "letter" => Ok(AnswerFormat::Letter),
+            o => Err(format!("--answer {o}: expected title or letter")),
+        }
+    }
+}
+
+/// The label of the `i`-th candidate in a lettered list (`A`, `B`, …).
+pub fn letter(i: usize) -> Option<char> {
+    (i < 26).then(|| (b'A' + i as u8) as char)
+}
+
+/// The candidate index a generated letter answer names: its first non-space character, an
+/// upper-case label within the list (optionally in parentheses), not followed by a letter or digit.
+pub fn letter_index(output: &str, candidates: usize) -> Option<usize> {
+    let t = output.trim_start().trim_start_matches('(');
+    let mut chars = t.chars();
+    let c = chars.next()?;
+    if chars.next().is_some_and(|n| n.is_alphanumeric()) || !c.is_ascii_uppercase() {
+        return None;
+    }
+    let i = (c as u8 - b'A') as usize;
+    (i < candidates).then_some(i)
+}
+
 pub const HISTORY_SLOT: &str = "[HistoryHere]";
 pub const CANDIDATES_SLOT: &str = "[CansHere]";
 pub const COUNT_SLOT: &str = "[N]";
@@ -125,7 +165,8 @@ fn item_text(title: &str, view: ItemView, slot: &str) -> String {
 }
 
 /// The prompt text for a history and candidate list. With `user`, a view that carries embeddings
-/// follows the history with one `[UserEmb]` slot (the recommender's state of that history).
+/// follows the history with one `[UserEmb]` slot (the recommender's state of that history). With
+/// [`AnswerFormat::Letter`] each candidate is prefixed by its label, `(A) `, `(B) `, …
 pub fn render(
     template: &str,
     titles: &[String],
@@ -133,21 +174,29 @@ pub fn render(
     candidates: &[u32],
     view: ItemView,
     user: bool,
+    answer: AnswerFormat,
 ) -> String {
-    let list = |items: &[u32], slot: &str| {
-        items
-            .iter()
-            .map(|&i| item_text(&titles[i as usize], view, slot))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    let mut hist = list(history, "[HistoryEmb]");
+    let text = |i: u32, slot: &str| item_text(&titles[i as usize], view, slot);
+    let mut hist = history
+        .iter()
+        .map(|&i| text(i, "[HistoryEmb]"))
+        .collect::<Vec<_>>()
+        .join(", ");
     if user && view.uses_embeddings() {
         hist.push_str(" [UserEmb]");
     }
+    let cands = candidates
+        .iter()
+        .enumerate()
+        .map(|(k, &i)| match (answer, letter(k)) {
+            (AnswerFormat::Letter, Some(l)) => format!("({l}) {}", text(i, "[CansEmb]")),
+            _ => text(i, "[CansEmb]"),
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
     template
         .replace(HISTORY_SLOT, &hist)
-        .replace(CANDIDATES_SLOT, &list(candidates, "[CansEmb]"))
+        .replace(CANDIDATES_SLOT, &cands)
         .replace(COUNT_SLOT, &candidates.len().to_string())
 }
 
@@ -156,9 +205,9 @@ pub fn history_first(template: &str) -> bool {
     template.find(HISTORY_SLOT) < template.find(CANDIDATES_SLOT)
 }
 
-/// The answer the model is trained to produce: a space, the title, a newline.
-pub fn answer(title: &str) -> String {
-    format!(" {title}\n")
+/// The answer the model is trained to produce: a space, the title (or the letter), a newline.
+pub fn answer(title_or_letter: &str) -> String {
+    format!(" {title_or_letter}\n")
 }
 
 /// A tokenized example.
@@ -261,20 +310,88 @@ mod tests {
         let titles: Vec<String> = ["A", "B", "C"].iter().map(|s| s.to_string()).collect();
         let t = "H: [HistoryHere]. C ([N]): [CansHere].";
         assert_eq!(
-            render(t, &titles, &[0, 1], &[2, 0], ItemView::Text, true),
+            render(
+                t,
+                &titles,
+                &[0, 1],
+                &[2, 0],
+                ItemView::Text,
+                true,
+                AnswerFormat::Title
+            ),
             "H: A [PH], B [PH]. C (2): C [PH], A [PH]."
         );
         assert_eq!(
-            render(t, &titles, &[0], &[2], ItemView::Hybrid, false),
+            render(
+                t,
+                &titles,
+                &[0],
+                &[2],
+                ItemView::Hybrid,
+                false,
+                AnswerFormat::Title
+            ),
             "H: A [HistoryEmb]. C (1): C [CansEmb]."
         );
         assert_eq!(
-            render(t, &titles, &[0], &[2], ItemView::Hybrid, true),
+            render(
+                t,
+                &titles,
+                &[0],
+                &[2],
+                ItemView::Hybrid,
+                true,
+                AnswerFormat::Title
+            ),
             "H: A [HistoryEmb] [UserEmb]. C (1): C [CansEmb]."
         );
         assert_eq!(
-            render(t, &titles, &[0], &[2, 1, 0], ItemView::IdOnly, false),
+            render(
+                t,
+                &titles,
+                &[0],
+                &[2, 1, 0],
+                ItemView::IdOnly,
+                false,
+                AnswerFormat::Title
+            ),
             "H: [HistoryEmb]. C (3): [CansEmb], [CansEmb], [CansEmb]."
         );
+    }
+
+    #[test]
+    fn letters_label_candidates_and_parse_back() {
+        let titles: Vec<String> = ["Alien", "Heat", "Up"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let t = "H: [HistoryHere]. C: [CansHere].";
+        assert_eq!(
+            render(
+                t,
+                &titles,
+                &[0],
+                &[2, 1],
+                ItemView::Hybrid,
+                false,
+                AnswerFormat::Letter
+            ),
+            "H: Alien [HistoryEmb]. C: (A) Up [CansEmb], (B) Heat [CansEmb]."
+        );
+        assert_eq!(letter(0), Some('A'));
+        assert_eq!(letter(19), Some('T'));
+        assert_eq!(letter(26), None);
+        assert_eq!(letter_index(" B\n", 20), Some(1));
+        assert_eq!(letter_index("(C) Heat", 20), Some(2));
+        assert_eq!(letter_index("T.", 20), Some(19));
+        // Outside the list, a word, lower case, nothing: no answer.
+        assert_eq!(letter_index("U", 20), None);
+        assert_eq!(letter_index("Alien", 20), None);
+        assert_eq!(letter_index("a", 20), None);
+        assert_eq!(letter_index("  ", 20), None);
+        assert_eq!(AnswerFormat::parse("letter"), Ok(AnswerFormat::Letter));
+        assert!(AnswerFormat::parse("number")
+            .unwrap_err()
+            .contains("--answer number"));
     }
 }

@@ -6,11 +6,14 @@
 //! negatives, dropout) or the epoch (row order), so a resumed run needs only the step counter,
 //! the trainable tensors and the optimizer moments.
 
-use super::evaluate::{evaluate, score_with_head, EvalOptions, GenMetrics, Prediction};
+use super::evaluate::{
+    evaluate, score_candidates, score_with_head, EvalOptions, GenMetrics, Prediction, ScoreMode,
+    ScoreOptions,
+};
 use super::head::{self, Head, HeadConfig};
 use super::optim::{self, AdamW};
 use super::projector::Projector;
-use super::prompts::{ItemView, Templates};
+use super::prompts::{AnswerFormat, ItemView, Templates};
 use super::{
     embed_batch, stream_seed, Behaviour, CandEmb, Curriculum, Example, PromptKit, Recommender,
 };
@@ -86,10 +89,36 @@ impl Objective {
     }
 }
 
+/// What the listwise objective's softmax ranges over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Ranker {
+    /// The scoring head's candidate scores.
+    #[default]
+    Head,
+    /// The candidates' answer log-likelihoods after the shared prompt (with letter answers: the
+    /// labels' log-probabilities at one position).
+    Answer,
+}
+
+impl Ranker {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "head" => Ok(Ranker::Head),
+            "answer" => Ok(Ranker::Answer),
+            o => Err(format!("--ranker {o}: expected head or answer")),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TuneOptions {
     pub curriculum: Curriculum,
     pub objective: Objective,
+    /// What a listwise objective ranks with.
+    pub ranker: Ranker,
+    /// Titles, or lettered candidates answered by their letter.
+    pub answer: AnswerFormat,
     /// The scoring head (listwise objectives).
     pub head: Option<HeadConfig>,
     /// Hybrid prompts carry a `[UserEmb]` token (the recommender's state of the history).
@@ -397,11 +426,14 @@ pub fn tune(
         ds,
         rec,
     } = setup;
-    if opts.objective.listwise() != head.is_some() {
+    let head_ranks = opts.objective.listwise() && opts.ranker == Ranker::Head;
+    if head_ranks != head.is_some() {
         return Err(TuneError::Invalid(
-            "a listwise objective needs the scoring head, and only it trains one".into(),
+            "a listwise objective ranking with the head needs the scoring head, and only it trains one"
+                .into(),
         ));
     }
+    let answer_ranks = opts.objective.listwise() && opts.ranker == Ranker::Answer;
     if opts.batch_size == 0 || opts.grad_accum == 0 || opts.epochs == 0 {
         return Err(TuneError::Invalid(
             "--batch-size, --grad-accum and --epochs must be at least 1".into(),
@@ -444,6 +476,7 @@ pub fn tune(
         templates,
         titles: &ds.titles,
         user_token: opts.user_token,
+        answer: opts.answer,
     };
     let valid = split_rows(ds, "valid", opts.template, opts.valid_samples, opts.seed);
     let n_items = ds.n_items();
@@ -515,6 +548,36 @@ pub fn tune(
             projector: &t.projector,
         };
         for micro in examples.chunks(opts.batch_size) {
+            if answer_ranks {
+                // One packed pass per row: every candidate's answer log-likelihood.
+                let cands = micro
+                    .iter()
+                    .map(|ex| super::listwise::candidate_answers(&kit, ex, view))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(TuneError::Invalid)?;
+                let refs: Vec<_> = cands.iter().collect();
+                let prompts: Vec<_> = cands.iter().map(|c| &c.prompt).collect();
+                hooks.on_batch(step, view.uses_embeddings(), &prompts);
+                let targets: Vec<u32> = micro.iter().map(|e| e.target).collect();
+                let idx = head::target_indices(&prompts, &targets)?;
+                let s = super::listwise::answer_scores(
+                    model,
+                    &refs,
+                    &idx,
+                    view.uses_embeddings().then_some(&behaviour),
+                    (opts.lora.dropout > 0.0).then_some(&mut dropout),
+                )?;
+                tokens += s.tokens;
+                let mut loss = head::listwise_loss(&s.scores, &idx)?;
+                if opts.objective.generative() {
+                    loss = (loss - s.target_mean_logp.mean_all()?)?;
+                }
+                let share = micro.len() as f64 / examples.len() as f64;
+                loss_sum += loss.to_scalar::<f32>()? as f64 * share;
+                let g = model.backward(&(loss * share)?)?;
+                accumulate(&mut grads, &t.vars, &g)?;
+                continue;
+            }
             let toks = micro
                 .iter()
                 .map(|ex| kit.tokenize(ex, view, opts.objective.generative()))
@@ -539,18 +602,7 @@ pub fn tune(
             let share = micro.len() as f64 / examples.len() as f64;
             loss_sum += loss.to_scalar::<f32>()? as f64 * share;
             let g = model.backward(&(loss * share)?)?;
-            for (name, v) in &t.vars {
-                if let Some(gv) = g.get(v.as_tensor()) {
-                    // Detached: a gradient computed by composed ops (the head's) would otherwise
-                    // keep this step's whole graph alive in the optimizer's moments.
-                    let gv = gv.detach();
-                    let sum = match grads.remove(name) {
-                        Some(old) => (old + gv)?,
-                        None => gv,
-                    };
-                    grads.insert(name.clone(), sum);
-                }
-            }
+            accumulate(&mut grads, &t.vars, &g)?;
         }
         if step < opts.projector_warmup {
             // Warm-up: only the projector and the head move.
@@ -611,6 +663,19 @@ pub fn tune(
                             })?;
                         GenMetrics::of_ranks(scored.iter().map(|r| r.rank))
                     }
+                    // Answer-ranking runs validate by that ranking.
+                    None if answer_ranks => {
+                        let scored = score_candidates(
+                            model,
+                            &kit,
+                            behaviour,
+                            &valid,
+                            &eval_opts,
+                            ScoreOptions::new(ScoreMode::Sum),
+                            |n| hooks.on_eval_progress(n),
+                        )?;
+                        GenMetrics::of_ranks(scored.iter().map(|r| r.rank))
+                    }
                     None => GenMetrics::of(&evaluate(
                         model,
                         &kit,
@@ -660,6 +725,27 @@ pub fn tune(
     });
     crate::fsutil::write_file_atomic(&run.dir.join("metrics.json"), |p| write_json(p, &metrics))?;
     Ok(state)
+}
+
+/// Adds a micro-batch's gradients of the trainable `vars` to `grads`.
+fn accumulate(
+    grads: &mut HashMap<String, Tensor>,
+    vars: &[(String, Var)],
+    g: &candle_core::backprop::GradStore,
+) -> TResult<()> {
+    for (name, v) in vars {
+        if let Some(gv) = g.get(v.as_tensor()) {
+            // Detached: a gradient computed by composed ops (the head's) would otherwise keep
+            // this step's whole graph alive in the optimizer's moments.
+            let gv = gv.detach();
+            let sum = match grads.remove(name) {
+                Some(old) => (old + gv)?,
+                None => gv,
+            };
+            grads.insert(name.clone(), sum);
+        }
+    }
+    Ok(())
 }
 
 /// Copies `best/` to the run's top level (`adapter/`, `projector.safetensors`), each atomically.
