@@ -52,6 +52,8 @@ flags_of() {
     hybrid-prior) echo "--curriculum hybrid-only --objective both --head-prior --user-token --cand-emb output" ;;
     # The same, run under another LR (the name only tells the rows apart: LR=5e-3 VARIANTS=hybrid-prior-lr ...).
     hybrid-prior-lr) echo "--curriculum hybrid-only --objective both --head-prior --user-token --cand-emb output" ;;
+    # The same with the head at 100× the run's learning rate (LR 5e-4: the head at 5e-2).
+    hybrid-prior-headlr) echo "--curriculum hybrid-only --objective both --head-prior --user-token --cand-emb output --head-lr 5e-2" ;;
     # The same head and behaviour tokens without the recommender prior (what the LLM reads by itself).
     hybrid-head) echo "--curriculum hybrid-only --objective both --user-token --cand-emb output" ;;
     # Ablations of the recommended setting, one lever each.

@@ -462,3 +462,57 @@ fn projector_warmup_freezes_the_adapters() {
     assert_ne!(p(&warm), p(&zero));
     assert_eq!(lora_b_max(&zero), 0.0);
 }
+
+/// `--head-lr`: the head's own peak learning rate. At 0 the head stays as it started (V zero)
+/// while the adapters move; at 100× the run's lr it moves further than at the run's lr.
+#[test]
+fn head_lr_sets_the_heads_own_rate() {
+    let (data, sr) = fixture();
+    let tmp = tempfile::tempdir().unwrap();
+    let (d, s) = (data.to_str().unwrap(), sr.to_str().unwrap());
+    let v_max = |run: &Path| -> f32 {
+        let t =
+            candle_core::safetensors::load(run.join("head.safetensors"), &candle_core::Device::Cpu)
+                .unwrap();
+        let v: Vec<f32> = t["head.v"].flatten_all().unwrap().to_vec1().unwrap();
+        v.iter().fold(0f32, |a, b| a.max(b.abs()))
+    };
+    let flags = [
+        "--curriculum",
+        "hybrid-only",
+        "--objective",
+        "both",
+        "--user-token",
+    ];
+    let mut still = flags.to_vec();
+    still.extend(["--head-lr", "0"]);
+    let frozen = tmp.path().join("frozen-head");
+    tune(d, s, frozen.to_str().unwrap(), "5e-3", &still);
+    assert_eq!(v_max(&frozen), 0.0);
+    let same = tmp.path().join("same");
+    tune(d, s, same.to_str().unwrap(), "5e-3", &flags);
+    let mut fast = flags.to_vec();
+    fast.extend(["--head-lr", "0.5"]);
+    let quick = tmp.path().join("quick");
+    tune(d, s, quick.to_str().unwrap(), "5e-3", &fast);
+    assert!(
+        v_max(&quick) > 10.0 * v_max(&same),
+        "{} vs {}",
+        v_max(&quick),
+        v_max(&same)
+    );
+    let e = fails(&[
+        "tune",
+        "--data",
+        d,
+        "--sr",
+        s,
+        "--llm",
+        "builtin:tiny",
+        "--head-lr",
+        "1e-2",
+        "--out",
+        tmp.path().join("x").to_str().unwrap(),
+    ]);
+    assert!(e.contains("--head-lr"), "{e}");
+}

@@ -304,7 +304,13 @@ fn letter_runs_train_score_and_generate_labels() {
     let e = fails(&bad);
     assert!(e.contains("--head-prior"), "{e}");
     let mut bad: Vec<&str> = base.to_vec();
-    bad.extend(["--ranker", "answer", "--out", run.to_str().unwrap(), "--force"]);
+    bad.extend([
+        "--ranker",
+        "answer",
+        "--out",
+        run.to_str().unwrap(),
+        "--force",
+    ]);
     assert!(fails(&bad).contains("--ranker answer"));
     let mut bad: Vec<&str> = base.to_vec();
     bad.extend(["--answer", "number", "--out", run.to_str().unwrap()]);

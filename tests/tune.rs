@@ -237,6 +237,7 @@ fn tiny_opts(curriculum: Curriculum) -> TuneOptions {
         batch_size: 4,
         grad_accum: 1,
         lr: 3e-3,
+        head_lr: None,
         min_lr: 1e-4,
         projector_weight_decay: 1e-5,
         max_grad_norm: Some(1.0),

@@ -84,6 +84,9 @@ pub struct TuneArgs {
     /// Peak learning rate (after a warm-up over the first 5% of steps from lr/100).
     #[arg(long, default_value_t = 5e-4)]
     pub lr: f64,
+    /// Peak learning rate of the scoring head (default: --lr); it follows --lr's schedule, scaled.
+    #[arg(long)]
+    pub head_lr: Option<f64>,
     /// Floor of the cosine decay.
     #[arg(long, default_value_t = 1e-6)]
     pub min_lr: f64,
@@ -204,6 +207,9 @@ fn options(a: &TuneArgs) -> Result<TuneOptions> {
         bail!("--ranker answer: the ranker is what the listwise objective trains (--objective listwise or both)");
     }
     let head_ranks = objective.listwise() && ranker == Ranker::Head;
+    if a.head_lr.is_some() && !head_ranks {
+        bail!("--head-lr: only a run with a scoring head has one (--objective listwise or both with --ranker head)");
+    }
     if a.head_prior && !head_ranks {
         bail!("--head-prior: the prior is part of the scoring head (--objective listwise or both with --ranker head)");
     }
@@ -223,6 +229,7 @@ fn options(a: &TuneArgs) -> Result<TuneOptions> {
         batch_size: a.batch_size,
         grad_accum: a.grad_accum,
         lr: a.lr,
+        head_lr: a.head_lr,
         min_lr: a.min_lr,
         projector_weight_decay: a.projector_weight_decay,
         max_grad_norm: a.max_grad_norm,

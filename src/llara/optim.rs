@@ -9,6 +9,8 @@ pub struct Param {
     pub name: String,
     pub var: Var,
     pub weight_decay: f64,
+    /// This parameter's learning rate is the schedule's times this (1 unless set).
+    pub lr_scale: f64,
     m: Tensor,
     v: Tensor,
     step: u64,
@@ -32,6 +34,7 @@ impl AdamW {
                     name,
                     var,
                     weight_decay,
+                    lr_scale: 1.0,
                     m: z.clone(),
                     v: z,
                     step: 0,
@@ -46,12 +49,24 @@ impl AdamW {
         })
     }
 
+    /// Scales the learning rate of every parameter whose name starts with `prefix`.
+    pub fn set_lr_scale(&mut self, prefix: &str, scale: f64) {
+        for p in self
+            .params
+            .iter_mut()
+            .filter(|p| p.name.starts_with(prefix))
+        {
+            p.lr_scale = scale;
+        }
+    }
+
     /// One update with `grads` (by parameter name); parameters without a gradient are left alone.
     pub fn step(&mut self, grads: &HashMap<String, Tensor>, lr: f64) -> Result<()> {
         for p in self.params.iter_mut() {
             let Some(g) = grads.get(&p.name) else {
                 continue;
             };
+            let lr = lr * p.lr_scale;
             let g = g.to_dtype(DType::F32)?;
             p.step += 1;
             let t = p.step as i32;

@@ -133,6 +133,9 @@ pub struct TuneOptions {
     /// Forward passes per optimizer step (effective batch = batch_size × grad_accum).
     pub grad_accum: usize,
     pub lr: f64,
+    /// The scoring head's peak learning rate (`None`: `lr`); its schedule is `lr`'s, scaled.
+    #[serde(default)]
+    pub head_lr: Option<f64>,
     pub min_lr: f64,
     pub projector_weight_decay: f64,
     pub max_grad_norm: Option<f64>,
@@ -364,10 +367,21 @@ fn trainables(
         groups.push((n.clone(), v.clone(), 0.0));
         vars.push((n, v));
     }
+    let mut opt = AdamW::new(groups)?;
+    if let Some(h) = opts.head_lr {
+        if !(h.is_finite() && h >= 0.0) || (opts.lr == 0.0 && h != 0.0) {
+            return Err(TuneError::Invalid(format!(
+                "--head-lr {h}: expected a finite rate of at least 0 (and --lr above 0, whose schedule it follows)"
+            )));
+        }
+        if opts.lr > 0.0 {
+            opt.set_lr_scale("head.", h / opts.lr);
+        }
+    }
     Ok(Trainables {
         projector,
         head,
-        opt: AdamW::new(groups)?,
+        opt,
         vars,
     })
 }
