@@ -8,7 +8,7 @@
 # Knobs (environment): DATASET (steam), SR (LLaRA's released SASRec of the dataset), SAMPLES training
 # rows per tune run (200), BATCH × ACCUM per optimizer step (4 × 2), LR (5e-4), VALID rows validated on
 # (32), TEST_LIMIT (all), GEN_LIMIT rows evaluated by generation (64), SEED (42), THREADS (2),
-# VARIANTS (the runs below), CAND_SEEDS (extra candidate seeds the test split is also scored on, e.g. "1 2":
+# VARIANTS (the runs below), TABLE_ONLY=1 (run nothing, only write the table), CAND_SEEDS (extra candidate seeds the test split is also scored on, e.g. "1 2":
 # `data prepare --seed S` draws other fixed candidate sets for the same users). Finished steps are skipped on a re-run (delete runs/quality/DATASET/X to redo X).
 # Output: runs/quality/DATASET/*, docs/results/quality.md for Steam (quality-DATASET.md for others): table,
 # commands and wall times.
@@ -38,6 +38,8 @@ mkdir -p "$OUT"
 LOG="$OUT/commands.txt"
 touch "$LOG"
 . scripts/lib.sh
+# TABLE_ONLY=1: run nothing, only write the table from what the run folders already hold.
+if [ -n "${TABLE_ONLY:-}" ]; then run() { echo "TABLE_ONLY: not run: $*" >&2; }; fi
 limit=()
 [ -n "$TEST_LIMIT" ] && limit=(--limit "$TEST_LIMIT")
 
