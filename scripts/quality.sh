@@ -56,6 +56,8 @@ flags_of() {
     hybrid-prior-lr) echo "--curriculum hybrid-only --objective both --head-prior --user-token --cand-emb output" ;;
     # The same with the head at 100× the run's learning rate (LR 5e-4: the head at 5e-2).
     hybrid-prior-headlr) echo "--curriculum hybrid-only --objective both --head-prior --user-token --cand-emb output --head-lr 5e-2" ;;
+    # The recommended setting over LLaRA's other recommenders (the prior and the tokens from Caser / GRU4Rec).
+    hybrid-prior-caser | hybrid-prior-gru4rec) echo "--curriculum hybrid-only --objective both --head-prior --user-token --cand-emb output" ;;
     # The same head and behaviour tokens without the recommender prior (what the LLM reads by itself).
     hybrid-head) echo "--curriculum hybrid-only --objective both --user-token --cand-emb output" ;;
     # Ablations of the recommended setting, one lever each.
@@ -79,12 +81,20 @@ flags_of() {
 }
 
 lr_of() { if [ "$1" = untuned ]; then echo 0; else echo "$LR"; fi; }
+# Variants named *-caser / *-gru4rec read LLaRA's released Caser / GRU4Rec of the dataset instead.
+sr_of() {
+  case "$1" in
+    *-caser) echo "$SHARED/recmodels/$DATASET-caser.safetensors" ;;
+    *-gru4rec) echo "$SHARED/recmodels/$DATASET-gru4rec.safetensors" ;;
+    *) echo "$SR" ;;
+  esac
+}
 
 for v in $VARIANTS; do
   r="$OUT/llara-$v"
   if [ ! -f "$r/metrics.json" ] || ! grep -q '"finished": true' "$r/metrics.json"; then
     # shellcheck disable=SC2046
-    run "$LLARA" -q tune --data "$OUT/data" --sr "$SR" --llm "$LLM" $(flags_of "$v") \
+    run "$LLARA" -q tune --data "$OUT/data" --sr "$(sr_of "$v")" --llm "$LLM" $(flags_of "$v") \
       --epochs 1 --batch-size "$BATCH" --grad-accum "$ACCUM" --lr "$(lr_of "$v")" --max-train-samples "$SAMPLES" \
       --valid-samples "$VALID" --max-new-tokens 32 --seed "$SEED" --threads "$THREADS" --out "$r" --force
   fi

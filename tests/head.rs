@@ -516,3 +516,71 @@ fn head_lr_sets_the_heads_own_rate() {
     ]);
     assert!(e.contains("--head-lr"), "{e}");
 }
+
+/// Caser's state (and `s_fc` rows) is wider than its item embeddings: `[UserEmb]` and `s_fc`
+/// candidates go through the projector's own state-space first layer (`state.0.weight`), and the
+/// run with the prior still starts as its recommender (lr 0: the same rank on every test row).
+#[test]
+fn caser_state_tokens_have_their_own_projector_input() {
+    let (data, _) = fixture();
+    let tmp = tempfile::tempdir().unwrap();
+    let d = data.to_str().unwrap();
+    let caser = tmp.path().join("caser");
+    ok(&[
+        "train-sr",
+        "--data",
+        d,
+        "--model",
+        "caser",
+        "--epochs",
+        "3",
+        "--hidden",
+        "32",
+        "--out",
+        caser.to_str().unwrap(),
+        "--force",
+    ]);
+    let s = caser.to_str().unwrap();
+    let sr_eval = tmp.path().join("caser-eval");
+    ok(&[
+        "eval-sr",
+        "--model",
+        s,
+        "--data",
+        d,
+        "--out",
+        sr_eval.to_str().unwrap(),
+    ]);
+    let run = tmp.path().join("run");
+    let flags = [
+        "--curriculum",
+        "hybrid-only",
+        "--objective",
+        "both",
+        "--head-prior",
+        "--user-token",
+        "--cand-emb",
+        "output",
+    ];
+    tune(d, s, run.to_str().unwrap(), "0", &flags);
+    let p = candle_core::safetensors::load(
+        run.join("projector.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let (w1, ws) = (
+        p["0.weight"].dims().to_vec(),
+        p["state.0.weight"].dims().to_vec(),
+    );
+    assert_eq!(w1[1], 32);
+    assert!(ws[1] > 32, "{ws:?}");
+    ok(&["eval", "--run", run.to_str().unwrap(), "--mode", "score"]);
+    assert_eq!(
+        ranks(&run.join("eval-test-score/scores.jsonl")),
+        ranks(&sr_eval.join("scores.jsonl"))
+    );
+    // Trained, it still loads and ranks.
+    let moved = tmp.path().join("moved");
+    tune(d, s, moved.to_str().unwrap(), "5e-3", &flags);
+    ok(&["eval", "--run", moved.to_str().unwrap(), "--mode", "score"]);
+}

@@ -544,13 +544,19 @@ fn tune_in(a: TuneArgs, resume: bool, quiet: bool) -> Result<()> {
             std::fs::write(p, serde_json::to_string_pretty(&info)? + "\n")
         })?;
         llm::lora::add_adapters(&mut parts.llm.model, &opts.lora, opts.seed)?;
-        let p = Projector::new(
+        let mut p = Projector::new(
             d_sr,
             d_llm,
             opts.seed,
             candle_core::DType::F32,
             parts.llm.model.device(),
         )?;
+        // State-space slots ([UserEmb], s_fc rows) of a recommender whose state is not the size
+        // of its item embeddings (Caser) get their own first layer.
+        let d_state = parts.rec.state_dim();
+        if d_state != d_sr && (opts.user_token || opts.cand_emb == CandEmb::Output) {
+            p.add_state_input(d_state, opts.seed)?;
+        }
         let head = opts
             .head
             .map(|cfg| Head::new(d_llm, cfg, opts.seed, parts.llm.model.device()))

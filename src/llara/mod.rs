@@ -241,11 +241,17 @@ pub struct Recommender {
     pub cfg: crate::sr::Config,
     /// `[N, d_sr]`: the input item embeddings (the padding row removed): LLaRA's behaviour tokens.
     pub item_embeddings: Tensor,
-    /// `[N, d_sr]`: the output rows `s_fc` (the vectors the recommender scores items with).
+    /// `[N, d_state]`: the output rows `s_fc` (the vectors the recommender scores its state
+    /// against; `d_state` differs from `d_sr` for Caser).
     pub output_embeddings: Tensor,
 }
 
 impl Recommender {
+    /// The size of the recommender's state (and of its `s_fc` rows).
+    pub fn state_dim(&self) -> usize {
+        self.output_embeddings.dim(1).unwrap_or(0)
+    }
+
     pub fn new(model: crate::sr::SeqRec, cfg: crate::sr::Config) -> Result<Self> {
         let n = cfg.item_num;
         let item_embeddings = model.item_embeddings().narrow(0, 0, n)?.detach();
@@ -365,24 +371,41 @@ pub fn embed_batch(
         }
     }
     let dev = bh.rec.item_embeddings.device();
-    let mut parts = vec![];
+    // (vectors, whether they live in the recommender's state space) in position order.
+    let mut parts: Vec<(Tensor, bool)> = vec![];
     if !hitems.is_empty() {
         let idx = Tensor::from_vec(hitems, hpos.len(), dev)?;
-        parts.push(bh.rec.item_embeddings.index_select(&idx, 0)?);
+        parts.push((bh.rec.item_embeddings.index_select(&idx, 0)?, false));
     }
     if !citems.is_empty() {
-        let table = match bh.cand_emb {
-            CandEmb::Input => &bh.rec.item_embeddings,
-            CandEmb::Output => &bh.rec.output_embeddings,
+        let (table, state) = match bh.cand_emb {
+            CandEmb::Input => (&bh.rec.item_embeddings, false),
+            CandEmb::Output => (&bh.rec.output_embeddings, true),
         };
         let idx = Tensor::from_vec(citems, cpos.len(), dev)?;
-        parts.push(table.index_select(&idx, 0)?);
+        parts.push((table.index_select(&idx, 0)?, state));
     }
     if !uhist.is_empty() {
-        parts.push(bh.rec.states(&uhist)?);
+        parts.push((bh.rec.states(&uhist)?, true));
     }
     let positions: Vec<usize> = hpos.into_iter().chain(cpos).chain(upos).collect();
-    let vecs = bh.projector.forward(&Tensor::cat(&parts, 0)?)?;
+    let vecs = if bh.projector.ws.is_none() {
+        // One space (SASRec, GRU4Rec): one projector pass over all slots.
+        let all: Vec<Tensor> = parts.into_iter().map(|(t, _)| t).collect();
+        bh.projector.forward(&Tensor::cat(&all, 0)?)?
+    } else {
+        let projected = parts
+            .iter()
+            .map(|(t, state)| {
+                if *state {
+                    bh.projector.forward_state(t)
+                } else {
+                    bh.projector.forward(t)
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&projected, 0)?
+    };
     Ok((model.embed(&ids, Some((&positions, &vecs)))?, lengths))
 }
 

@@ -57,6 +57,10 @@ pub struct Projector {
     pub b1: Var,
     pub w2: Var,
     pub b2: Var,
+    /// The first layer's weight for vectors of the recommender's state space (`[UserEmb]`, `s_fc`
+    /// rows) when that differs in size from its item embeddings (Caser: `[d_llm, d_state]`, saved
+    /// as `state.0.weight`); the rest of the projector is shared.
+    pub ws: Option<Var>,
 }
 
 impl Projector {
@@ -73,7 +77,33 @@ impl Projector {
             b1: uniform(d_llm, d_sr, &[d_llm])?,
             w2: uniform(d_llm * d_llm, d_llm, &[d_llm, d_llm])?,
             b2: uniform(d_llm, d_llm, &[d_llm])?,
+            ws: None,
         })
+    }
+
+    /// Adds a first-layer weight for state-space vectors of size `d_state` (PyTorch's `nn.Linear`
+    /// initialisation, seeded).
+    pub fn add_state_input(&mut self, d_state: usize, seed: u64) -> Result<()> {
+        let d_llm = self.b1.dims1()?;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5354_4154);
+        let bound = 1.0 / (d_state as f64).sqrt();
+        let v: Vec<f64> = (0..d_llm * d_state)
+            .map(|_| rng.random_range(-bound..bound))
+            .collect();
+        let t =
+            Tensor::from_vec(v, (d_llm, d_state), self.w1.device())?.to_dtype(self.w1.dtype())?;
+        self.ws = Some(Var::from_tensor(&t)?);
+        Ok(())
+    }
+
+    /// `[M, d_state]` → `[M, d_llm]`: state-space vectors, through `ws` when the projector has one.
+    pub fn forward_state(&self, x: &Tensor) -> Result<Tensor> {
+        let Some(ws) = &self.ws else {
+            return self.forward(x);
+        };
+        let x = x.to_dtype(ws.dtype())?;
+        let h = affine(&x, ws, &self.b1)?.gelu_erf()?;
+        affine(&h, &self.w2, &self.b2)
     }
 
     /// `[M, d_sr]` → `[M, d_llm]`.
@@ -91,6 +121,9 @@ impl Projector {
             ("2.weight".into(), self.w2.clone()),
             ("2.bias".into(), self.b2.clone()),
         ]
+        .into_iter()
+        .chain(self.ws.iter().map(|w| ("state.0.weight".into(), w.clone())))
+        .collect()
     }
 
     pub fn save(&self, path: &Path) -> Result<()> {
@@ -100,14 +133,24 @@ impl Projector {
     /// Loads `projector.safetensors`, checking its shapes against `d_sr → d_llm`.
     pub fn load(path: &Path, d_sr: usize, d_llm: usize, dt: DType, dev: &Device) -> Result<Self> {
         let mut t = candle_core::safetensors::load(path, dev)?;
+        let state_dims = t.get("state.0.weight").map(|w| w.dims().to_vec());
         let why = format!(" (recommender dim {d_sr} → LLM dim {d_llm})");
         let mut get = |name: &str, shape: &[usize]| take_var(&mut t, path, name, shape, dt, &why);
-        Ok(Self {
-            w1: get("0.weight", &[d_llm, d_sr])?,
-            b1: get("0.bias", &[d_llm])?,
-            w2: get("2.weight", &[d_llm, d_llm])?,
-            b2: get("2.bias", &[d_llm])?,
-        })
+        let (w1, b1, w2, b2) = (
+            get("0.weight", &[d_llm, d_sr])?,
+            get("0.bias", &[d_llm])?,
+            get("2.weight", &[d_llm, d_llm])?,
+            get("2.bias", &[d_llm])?,
+        );
+        let ws = match state_dims {
+            Some(d) if d.len() == 2 && d[0] == d_llm => Some(get("state.0.weight", &d)?),
+            Some(d) => candle_core::bail!(
+                "{}: state.0.weight has shape {d:?}, expected [{d_llm}, d_state]",
+                path.display()
+            ),
+            None => None,
+        };
+        Ok(Self { w1, b1, w2, b2, ws })
     }
 }
 
