@@ -112,9 +112,7 @@ for v in $VARIANTS; do
   done
 done
 
-# The recommender and the count baselines on the same candidates (per-row scores for the paired tests).
-[ -f "$OUT/sasrec/scores.jsonl" ] ||
-  run "$LLARA" -q eval-sr --model "$SR" --data "$OUT/data" --split test --out "$OUT/sasrec" --json
+# The recommenders and the count baselines on the same candidates (per-row scores for the paired tests).
 # LLaRA's other released recommenders of the dataset, and a SASRec llara trains on the same rows.
 for arch in gru4rec caser; do
   w="$SHARED/recmodels/$DATASET-$arch.safetensors"
@@ -125,16 +123,13 @@ done
   run "$LLARA" -q train-sr --data "$OUT/data" --model sasrec --seed "$SEED" --threads "$THREADS" --out "$OUT/sasrec-llara-run" --force
 [ -f "$OUT/sasrec-llara/scores.jsonl" ] ||
   run "$LLARA" -q eval-sr --model "$OUT/sasrec-llara-run" --data "$OUT/data" --split test --out "$OUT/sasrec-llara" --json
-for b in popularity markov cooccurrence; do
-  [ -f "$OUT/$b/scores.jsonl" ] ||
-    run "$LLARA" -q eval-sr --model "$b" --data "$OUT/data" --split test --out "$OUT/$b" --json
-done
-for cs in $CAND_SEEDS; do
-  [ -f "$OUT/sasrec-cands$cs/scores.jsonl" ] ||
-    run "$LLARA" -q eval-sr --model "$SR" --data "$OUT/data-$cs" --split test --out "$OUT/sasrec-cands$cs" --json
-  for b in popularity markov cooccurrence; do
-    [ -f "$OUT/$b-cands$cs/scores.jsonl" ] ||
-      run "$LLARA" -q eval-sr --model "$b" --data "$OUT/data-$cs" --split test --out "$OUT/$b-cands$cs" --json
+# SASRec and the count baselines on the main candidates and on every extra candidate seed's.
+for cs in "" $CAND_SEEDS; do
+  data="$OUT/data${cs:+-$cs}"
+  for b in sasrec popularity markov cooccurrence; do
+    m="$b"; [ "$b" = sasrec ] && m="$SR"
+    [ -f "$OUT/$b${cs:+-cands$cs}/scores.jsonl" ] ||
+      run "$LLARA" -q eval-sr --model "$m" --data "$data" --split test --out "$OUT/$b${cs:+-cands$cs}" --json
   done
 done
 

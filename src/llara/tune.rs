@@ -562,7 +562,7 @@ pub fn tune(
             projector: &t.projector,
         };
         for micro in examples.chunks(opts.batch_size) {
-            if answer_ranks {
+            let (loss, micro_tokens) = if answer_ranks {
                 // One packed pass per row: every candidate's answer log-likelihood.
                 let cands = micro
                     .iter()
@@ -581,38 +581,35 @@ pub fn tune(
                     view.uses_embeddings().then_some(&behaviour),
                     (opts.lora.dropout > 0.0).then_some(&mut dropout),
                 )?;
-                tokens += s.tokens;
                 let mut loss = head::listwise_loss(&s.scores, &idx)?;
                 if opts.objective.generative() {
                     loss = (loss - s.target_mean_logp.mean_all()?)?;
                 }
-                let share = micro.len() as f64 / examples.len() as f64;
-                loss_sum += loss.to_scalar::<f32>()? as f64 * share;
-                let g = model.backward(&(loss * share)?)?;
-                accumulate(&mut grads, &t.vars, &g)?;
-                continue;
-            }
-            let toks = micro
-                .iter()
-                .map(|ex| kit.tokenize(ex, view, opts.objective.generative()))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(TuneError::Invalid)?;
-            let refs: Vec<_> = toks.iter().collect();
-            hooks.on_batch(step, view.uses_embeddings(), &refs);
-            let (x, lengths) = embed_batch(
-                model,
-                &refs,
-                |t| t.ids.len(),
-                view.uses_embeddings().then_some(&behaviour),
-            )?;
-            let tt = x.dim(1)?;
-            tokens += lengths.iter().sum::<usize>();
-            let h = model.forward(
-                &x,
-                Step::padded(&lengths, tt),
-                (opts.lora.dropout > 0.0).then_some(&mut dropout),
-            )?;
-            let loss = micro_loss(model, t.head.as_ref(), rec, &h, &refs, micro, view, opts)?;
+                (loss, s.tokens)
+            } else {
+                let toks = micro
+                    .iter()
+                    .map(|ex| kit.tokenize(ex, view, opts.objective.generative()))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(TuneError::Invalid)?;
+                let refs: Vec<_> = toks.iter().collect();
+                hooks.on_batch(step, view.uses_embeddings(), &refs);
+                let (x, lengths) = embed_batch(
+                    model,
+                    &refs,
+                    |t| t.ids.len(),
+                    view.uses_embeddings().then_some(&behaviour),
+                )?;
+                let tt = x.dim(1)?;
+                let h = model.forward(
+                    &x,
+                    Step::padded(&lengths, tt),
+                    (opts.lora.dropout > 0.0).then_some(&mut dropout),
+                )?;
+                let loss = micro_loss(model, t.head.as_ref(), rec, &h, &refs, micro, view, opts)?;
+                (loss, lengths.iter().sum::<usize>())
+            };
+            tokens += micro_tokens;
             let share = micro.len() as f64 / examples.len() as f64;
             loss_sum += loss.to_scalar::<f32>()? as f64 * share;
             let g = model.backward(&(loss * share)?)?;
