@@ -7,7 +7,7 @@
 #
 # Knobs (environment): DATASET (steam), SR (LLaRA's released SASRec of the dataset), SAMPLES training
 # rows per tune run (200), BATCH × ACCUM per optimizer step (4 × 2), LR (5e-4), VALID rows validated on
-# (32), TEST_LIMIT (all), GEN_LIMIT rows evaluated by generation (64), SEED (42), THREADS (2),
+# (32), TEST_LIMIT (all), GEN_LIMIT rows evaluated by generation (64; empty: all), SEED (42), THREADS (2),
 # VARIANTS (the runs below), TABLE_ONLY=1 (run nothing, only write the table), CAND_SEEDS (extra candidate seeds the test split is also scored on, e.g. "1 2":
 # `data prepare --seed S` draws other fixed candidate sets for the same users). Finished steps are skipped on a re-run (delete runs/quality/DATASET/X to redo X).
 # Output: runs/quality/DATASET/*, docs/results/quality.md for Steam (quality-DATASET.md for others): table,
@@ -25,7 +25,7 @@ ACCUM="${ACCUM:-2}"
 LR="${LR:-5e-4}"
 VALID="${VALID:-32}"
 TEST_LIMIT="${TEST_LIMIT:-}"
-GEN_LIMIT="${GEN_LIMIT:-64}"
+GEN_LIMIT="${GEN_LIMIT-64}"
 SEED="${SEED:-42}"
 THREADS="${THREADS:-2}"
 CAND_SEEDS="${CAND_SEEDS:-}"
@@ -42,6 +42,9 @@ touch "$LOG"
 if [ -n "${TABLE_ONLY:-}" ]; then run() { echo "TABLE_ONLY: not run: $*" >&2; }; fi
 limit=()
 [ -n "$TEST_LIMIT" ] && limit=(--limit "$TEST_LIMIT")
+# GEN_LIMIT= (empty): generation on every test user too.
+gen_limit=()
+[ -n "$GEN_LIMIT" ] && gen_limit=(--limit "$GEN_LIMIT")
 
 [ -f "$OUT/data/meta.json" ] ||
   run "$LLARA" -q data prepare --from llara-jsonl "$SHARED/datasets/$DATASET" --out "$OUT/data" --seed "$SEED" --force
@@ -53,13 +56,16 @@ flags_of() {
     # candidates, a scoring head over the hidden states that starts from the recommender's own scores.
     hybrid-prior) echo "--curriculum hybrid-only --objective both --head-prior --user-token --cand-emb output" ;;
     # The same, run under another LR (the name only tells the rows apart: LR=5e-3 VARIANTS=hybrid-prior-lr ...).
-    hybrid-prior-lr) echo "--curriculum hybrid-only --objective both --head-prior --user-token --cand-emb output" ;;
+    # hybrid-prior-long: the same with more rows and a higher LR (LR=5e-3 SAMPLES=1000 VARIANTS=hybrid-prior-long ...).
+    hybrid-prior-lr | hybrid-prior-long) echo "--curriculum hybrid-only --objective both --head-prior --user-token --cand-emb output" ;;
     # The same with the head at 100× the run's learning rate (LR 5e-4: the head at 5e-2).
     hybrid-prior-headlr) echo "--curriculum hybrid-only --objective both --head-prior --user-token --cand-emb output --head-lr 5e-2" ;;
     # The recommended setting over LLaRA's other recommenders (the prior and the tokens from Caser / GRU4Rec).
     hybrid-prior-caser | hybrid-prior-gru4rec) echo "--curriculum hybrid-only --objective both --head-prior --user-token --cand-emb output" ;;
     # The same head and behaviour tokens without the recommender prior (what the LLM reads by itself).
-    hybrid-head) echo "--curriculum hybrid-only --objective both --user-token --cand-emb output" ;;
+    # hybrid-head-long: the same flags, run with more training rows (SAMPLES=1000 VARIANTS=hybrid-head-long ...):
+    # whether more optimizer steps let the LLM learn the ranking by itself.
+    hybrid-head | hybrid-head-long) echo "--curriculum hybrid-only --objective both --user-token --cand-emb output" ;;
     # Ablations of the recommended setting, one lever each.
     hybrid-prior-input) echo "--curriculum hybrid-only --objective both --head-prior --user-token --cand-emb input" ;;
     hybrid-prior-nouser) echo "--curriculum hybrid-only --objective both --head-prior --cand-emb output" ;;
@@ -101,9 +107,9 @@ for v in $VARIANTS; do
   [ -f "$r/eval-test-score/metrics.json" ] ||
     run "$LLARA" -q eval --run "$r" --split test --mode score "${limit[@]}" --threads "$THREADS" --json
   [ -f "$r/eval-test/metrics.json" ] ||
-    run "$LLARA" -q eval --run "$r" --split test --limit "$GEN_LIMIT" --max-new-tokens 32 --threads "$THREADS" --json
+    run "$LLARA" -q eval --run "$r" --split test "${gen_limit[@]}" --max-new-tokens 32 --threads "$THREADS" --json
   [ -f "$r/eval-test-constrained/metrics.json" ] ||
-    run "$LLARA" -q eval --run "$r" --split test --constrained --limit "$GEN_LIMIT" --max-new-tokens 32 --threads "$THREADS" --json
+    run "$LLARA" -q eval --run "$r" --split test --constrained "${gen_limit[@]}" --max-new-tokens 32 --threads "$THREADS" --json
   for cs in $CAND_SEEDS; do
     [ -f "$OUT/data-$cs/meta.json" ] ||
       run "$LLARA" -q data prepare --from llara-jsonl "$SHARED/datasets/$DATASET" --out "$OUT/data-$cs" --seed "$cs" --force
@@ -142,7 +148,7 @@ CAND_SEEDS="$CAND_SEEDS" python3 scripts/quality_table.py "$OUT" "$DATASET" $VAR
   cat "$LOG"
   echo '```'
   echo
-  echo "Budget: SAMPLES=$SAMPLES BATCH=$BATCH ACCUM=$ACCUM LR=$LR VALID=$VALID TEST_LIMIT=${TEST_LIMIT:-all} GEN_LIMIT=$GEN_LIMIT SEED=$SEED THREADS=$THREADS; CPU: $(lscpu | sed -n 's/^Model name: *//p') ($(nproc) cores)"
+  echo "Budget: SAMPLES=$SAMPLES BATCH=$BATCH ACCUM=$ACCUM LR=$LR VALID=$VALID TEST_LIMIT=${TEST_LIMIT:-all} GEN_LIMIT=${GEN_LIMIT:-all} SEED=$SEED THREADS=$THREADS; CPU: $(lscpu | sed -n 's/^Model name: *//p') ($(nproc) cores)"
 } >> "$RESULTS.partial"
 mv "$RESULTS.partial" "$RESULTS"
 echo "wrote $RESULTS"

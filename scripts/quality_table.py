@@ -55,6 +55,12 @@ def mcnemar(a, b):
     return min(1.0, 2 * tail), n10, n01
 
 
+def hours(seconds):
+    """Training time in hours for the headline: one decimal, two below 0.1 h (a 3-minute run is 0.05 h, not 0.0)."""
+    h = seconds / 3600
+    return f"{h:.1f}" if h >= 0.1 else f"{h:.2f}"
+
+
 def fmt_p(p):
     return "<0.001" if p < 0.001 else f"{p:.3f}"
 
@@ -117,7 +123,7 @@ def main():
         p, _, _ = mcnemar(best[1], text)
         lines.append(
             f"{dataset} HR@1 (scoring): llara hybrid {b:.2f} [{lo:.2f}, {hi:.2f}] vs SASRec {hr(sas)[0]:.2f} "
-            f"vs text-only {hr(text)[0]:.2f} (p{'<0.001' if p < 0.001 else f'={p:.3f}'}), {best[2]['train_s'] / 3600:.1f} h train"
+            f"vs text-only {hr(text)[0]:.2f} (p{'<0.001' if p < 0.001 else f'={p:.3f}'}), {hours(best[2]['train_s'])} h train"
         )
         lines.append("")
     lines.append(f"# Quality on {dataset}: HR@1 on the fixed test candidates (20 per user, chance 0.05)")
