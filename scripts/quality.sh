@@ -54,14 +54,12 @@ flags_of() {
   case "$1" in
     # The recommended setting: hybrid prompts with a [UserEmb] state token and s_fc rows on the
     # candidates, a scoring head over the hidden states that starts from the recommender's own scores.
-    hybrid-prior) echo "--curriculum hybrid-only --objective both --head-prior --user-token --cand-emb output" ;;
-    # The same, run under another LR (the name only tells the rows apart: LR=5e-3 VARIANTS=hybrid-prior-lr ...).
-    # hybrid-prior-long: the same with more rows and a higher LR (LR=5e-3 SAMPLES=1000 VARIANTS=hybrid-prior-long ...).
-    hybrid-prior-lr | hybrid-prior-long) echo "--curriculum hybrid-only --objective both --head-prior --user-token --cand-emb output" ;;
+    # The same flags under other names, which only tell the rows apart: hybrid-prior-lr is run under another
+    # LR (LR=5e-3 VARIANTS=hybrid-prior-lr ...); -caser / -gru4rec read LLaRA's other recommenders (the prior,
+    # the tokens and the projector input from Caser / GRU4Rec, see sr_of).
+    hybrid-prior | hybrid-prior-lr | hybrid-prior-caser | hybrid-prior-gru4rec) echo "--curriculum hybrid-only --objective both --head-prior --user-token --cand-emb output" ;;
     # The same with the head at 100× the run's learning rate (LR 5e-4: the head at 5e-2).
     hybrid-prior-headlr) echo "--curriculum hybrid-only --objective both --head-prior --user-token --cand-emb output --head-lr 5e-2" ;;
-    # The recommended setting over LLaRA's other recommenders (the prior and the tokens from Caser / GRU4Rec).
-    hybrid-prior-caser | hybrid-prior-gru4rec) echo "--curriculum hybrid-only --objective both --head-prior --user-token --cand-emb output" ;;
     # The same head and behaviour tokens without the recommender prior (what the LLM reads by itself).
     # hybrid-head-long: the same flags, run with more training rows (SAMPLES=1000 VARIANTS=hybrid-head-long ...):
     # whether more optimizer steps let the LLM learn the ranking by itself.
