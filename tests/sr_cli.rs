@@ -148,11 +148,17 @@ fn sasrec_trains_beats_popularity_and_is_reproducible() {
 }
 
 #[test]
-fn gru4rec_and_caser_train_and_ce_loss() {
+fn gru4rec_and_caser_train_and_every_loss() {
     let tmp = tempfile::tempdir().unwrap();
     let data = small_synth(tmp.path());
     let pop = popularity_hr1(&data);
-    for (model, loss) in [("gru4rec", "bce"), ("caser", "bce"), ("sasrec", "ce")] {
+    for (model, loss) in [
+        ("gru4rec", "bce"),
+        ("caser", "bce"),
+        ("sasrec", "ce"),
+        ("sasrec", "sampled"),
+        ("sasrec", "gbce"),
+    ] {
         let run = tmp.path().join(format!("{model}-{loss}"));
         ok(&[
             "train-sr",
@@ -168,12 +174,29 @@ fn gru4rec_and_caser_train_and_ce_loss() {
             "6",
             "--lr",
             "3e-3",
+            "--negatives",
+            "32",
         ]);
         let m = json(&run.join("metrics.json"));
         let hr1 = m["hr@1"].as_f64().unwrap();
         assert!(hr1 > pop, "{model}/{loss}: HR@1 {hr1} vs popularity {pop}");
         let cfg = json(&run.join("config.json"));
         assert_eq!(cfg["model"], model);
+        assert_eq!(cfg["training"]["loss"], loss);
+        // The selection metric is recorded with the valid metrics.
+        let e = m["valid"]["expected_hr@1"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&e), "{e}");
+    }
+    for (flags, want) in [
+        (["--loss", "gbce", "--gbce-t", "1.5"], "--gbce-t"),
+        (["--loss", "sampled", "--negatives", "0"], "--negatives"),
+    ] {
+        let bad = tmp.path().join("bad");
+        let mut args = vec!["train-sr", "--data", s(&data), "--out", s(&bad)];
+        args.extend(flags);
+        let err = fails(&args);
+        assert!(err.contains(want), "{err}");
+        assert!(!tmp.path().join("bad").exists());
     }
 }
 

@@ -1,7 +1,7 @@
 //! `llara train-sr` and `llara eval-sr`.
 
 use crate::data::Dataset;
-use crate::eval::metrics::RankMetrics;
+use crate::eval::metrics::{RankMetrics, Selection};
 use crate::fsutil::StagedDir;
 use crate::sr::train::{train, EpochLog, Loss, TrainOptions};
 use crate::sr::{load_model, Arch};
@@ -26,7 +26,7 @@ pub struct TrainSrArgs {
     /// Maximum epochs.
     #[arg(long, default_value_t = 100)]
     pub epochs: usize,
-    /// Stop after this many epochs without a better valid HR@1 (ties: NDCG@5).
+    /// Stop after this many epochs without a better valid score (see --select).
     #[arg(long, default_value_t = 10)]
     pub patience: usize,
     /// Embedding and hidden size.
@@ -45,9 +45,25 @@ pub struct TrainSrArgs {
     /// SASRec attention heads.
     #[arg(long, default_value_t = 1)]
     pub num_heads: usize,
-    /// bce: target vs one sampled negative (LLaRA's recipe); ce: full softmax cross-entropy.
+    /// bce: target vs one sampled negative (LLaRA's recipe); ce: full softmax cross-entropy;
+    /// sampled: softmax over the target and --negatives sampled items; gbce: gSASRec's calibrated
+    /// BCE over the target and --negatives sampled items.
     #[arg(long, value_enum, default_value = "bce")]
     pub loss: Loss,
+    /// Negatives per step for --loss sampled and gbce (shared by the batch).
+    #[arg(long, default_value_t = 256)]
+    pub negatives: usize,
+    /// gBCE calibration t in [0, 1] (1: calibrated, 0: plain BCE over the negatives).
+    #[arg(long, default_value_t = 0.75)]
+    pub gbce_t: f64,
+    /// What picks the best epoch on valid: expected-hr1 (HR@1 averaged over every possible
+    /// candidate set, exact from full-catalogue ranks) or hr1 (the fixed sets' HR@1, LLaRA's rule).
+    #[arg(long, value_enum, default_value = "expected-hr1")]
+    pub select: Selection,
+    /// Validate, select and save an exponential moving average of the weights with this decay
+    /// per step (e.g. 0.999); 0 turns it off.
+    #[arg(long, default_value_t = 0.0)]
+    pub ema: f64,
     /// Seed of initialisation, shuffling, negatives and dropout.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
@@ -167,6 +183,10 @@ pub fn train_sr(a: TrainSrArgs) -> Result<()> {
         dropout: a.dropout,
         num_heads: a.num_heads,
         loss: a.loss,
+        negatives: a.negatives,
+        gbce_t: a.gbce_t,
+        select: a.select,
+        ema: a.ema,
         seed: a.seed,
     };
     tracing::info!(
@@ -209,10 +229,11 @@ pub fn train_sr(a: TrainSrArgs) -> Result<()> {
         |e: &EpochLog, improved| {
             bar.suspend(|| {
                 tracing::info!(
-                    "epoch {:>3}  loss {:.4}  valid HR@1 {:.4}  NDCG@5 {:.4}  {:.1}s  {:.0} ex/s{}",
+                    "epoch {:>3}  loss {:.4}  valid HR@1 {:.4}  expected HR@1 {:.4}  NDCG@5 {:.4}  {:.1}s  {:.0} ex/s{}",
                     e.epoch,
                     e.loss,
                     e.valid.hr1,
+                    e.valid.expected_hr1.unwrap_or(f64::NAN),
                     e.valid.ndcg5,
                     e.seconds,
                     rows / e.seconds,
@@ -337,9 +358,10 @@ pub fn eval_sr(a: EvalSrArgs) -> Result<()> {
         let rank = crate::eval::metrics::rank_among(s, ti);
         acc.push(rank);
         if let Some(all) = &all {
-            acc.push_full(crate::eval::metrics::full_rank_of(
-                &all[i], &r.history, r.next,
-            ));
+            acc.push_full(
+                crate::eval::metrics::full_rank_of(&all[i], &r.history, r.next),
+                c.len(),
+            );
         }
         lines.push(serde_json::json!({
             "row": i, "target": r.next, "candidates": c, "scores": s, "rank": rank,

@@ -1,7 +1,10 @@
 //! GRU4Rec as LLaRA ships it: item embedding → one-layer GRU over the true length → the last hidden
 //! state → linear head. Gates follow PyTorch's `nn.GRU` (r, z, n order in `weight_ih_l0`).
+//!
+//! In training, dropout applies to the input embeddings and to the final state (LLaRA's code has
+//! none; `--dropout 0` reproduces it). Inference is unchanged either way.
 
-use super::nn::{embed, matmul_t, Linear};
+use super::nn::{embed, matmul_t, maybe_dropout, Dropout, Linear};
 use super::{Batch, Config};
 use candle_core::{DType, Result, Tensor, D};
 use candle_nn::VarBuilder;
@@ -31,29 +34,37 @@ impl GRU4Rec {
         })
     }
 
-    /// The GRU's hidden state after each history's last item: `[B, H]`.
-    pub fn state(&self, batch: &Batch) -> Result<Tensor> {
-        if super::ops::fused_ok(&self.item_embeddings) {
-            self.state_fused(batch)
+    /// The GRU's hidden state after each history's last item: `[B, H]`. `dropout` is `Some` in
+    /// training mode.
+    pub fn state(&self, batch: &Batch, mut dropout: Option<&mut Dropout>) -> Result<Tensor> {
+        let state = if super::ops::fused_ok(&self.item_embeddings) {
+            self.state_fused(batch, &mut dropout)?
         } else {
-            self.state_composed(batch)
-        }
+            self.state_composed(batch, &mut dropout)?
+        };
+        maybe_dropout(&state, &mut dropout)
     }
 
     /// Input projections of every step at once: `[B, steps, 3H]`.
-    fn input_gates(&self, batch: &Batch, steps: usize) -> Result<Tensor> {
+    fn input_gates(
+        &self,
+        batch: &Batch,
+        steps: usize,
+        dropout: &mut Option<&mut Dropout>,
+    ) -> Result<Tensor> {
         let emb = embed(&self.item_embeddings, &batch.seq.narrow(1, 0, steps)?)?;
+        let emb = maybe_dropout(&emb, dropout)?;
         super::ops::add_trailing(&matmul_t(&emb, &self.weight_ih)?, &self.bias_ih)
     }
 
     /// The whole recurrence as one fused op; rows past their length keep their state.
-    pub fn state_fused(&self, batch: &Batch) -> Result<Tensor> {
+    pub fn state_fused(&self, batch: &Batch, dropout: &mut Option<&mut Dropout>) -> Result<Tensor> {
         let (b, _) = batch.seq.dims2()?;
         let steps = batch.lens.iter().copied().max().unwrap_or(0);
         if steps == 0 {
             return Tensor::zeros((b, self.hidden), DType::F32, self.item_embeddings.device());
         }
-        let gi = self.input_gates(batch, steps)?.contiguous()?;
+        let gi = self.input_gates(batch, steps, dropout)?.contiguous()?;
         let op = super::ops::GruSequence::new(batch.lens.clone());
         gi.apply_op3(
             &self.weight_hh.contiguous()?,
@@ -63,7 +74,11 @@ impl GRU4Rec {
     }
 
     /// The same from differentiable primitives (any device).
-    pub fn state_composed(&self, batch: &Batch) -> Result<Tensor> {
+    pub fn state_composed(
+        &self,
+        batch: &Batch,
+        dropout: &mut Option<&mut Dropout>,
+    ) -> Result<Tensor> {
         let h = self.hidden;
         let (b, _) = batch.seq.dims2()?;
         let steps = batch.lens.iter().copied().max().unwrap_or(0);
@@ -75,7 +90,7 @@ impl GRU4Rec {
         if steps == 0 {
             return Ok(state);
         }
-        let gi = self.input_gates(batch, steps)?;
+        let gi = self.input_gates(batch, steps, dropout)?;
         let w_hh = self.weight_hh.t()?;
         let mut states = Vec::with_capacity(steps);
         for t in 0..steps {
@@ -99,7 +114,7 @@ impl GRU4Rec {
     }
 
     pub fn forward(&self, batch: &Batch) -> Result<Tensor> {
-        self.s_fc.forward(&self.state(batch)?)
+        self.s_fc.forward(&self.state(batch, None)?)
     }
 }
 
@@ -134,9 +149,9 @@ mod tests {
         .unwrap();
         let run = |fused: bool| -> Vec<Vec<f32>> {
             let s = if fused {
-                m.state_fused(&batch)
+                m.state_fused(&batch, &mut None)
             } else {
-                m.state_composed(&batch)
+                m.state_composed(&batch, &mut None)
             }
             .unwrap();
             let loss = (s * &coef).unwrap().sum_all().unwrap();
@@ -181,9 +196,9 @@ mod tests {
         let batch = Batch::new(&refs, &cfg, &dev).unwrap();
         let run = |fused: bool| -> Vec<Vec<f32>> {
             let s = if fused {
-                m.state_fused(&batch)
+                m.state_fused(&batch, &mut None)
             } else {
-                m.state_composed(&batch)
+                m.state_composed(&batch, &mut None)
             }
             .unwrap();
             let loss = s.sin().unwrap().sum_all().unwrap();

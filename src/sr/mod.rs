@@ -241,7 +241,7 @@ impl SeqRec {
     pub fn state(&self, batch: &Batch, dropout: Option<&mut nn::Dropout>) -> Result<Tensor> {
         Ok(match self {
             SeqRec::Sasrec(m) => m.state(batch, dropout)?,
-            SeqRec::Gru4rec(m) => m.state(batch)?,
+            SeqRec::Gru4rec(m) => m.state(batch, dropout)?,
             SeqRec::Caser(m) => m.state(batch, dropout)?,
         })
     }

@@ -8,7 +8,7 @@ use super::adam::Adam;
 use super::nn::Dropout;
 use super::{Arch, Batch, Config, Result, SeqRec, SrError};
 use crate::data::{Dataset, Row};
-use crate::eval::metrics::{full_rank_of, rank_of, RankAccumulator, RankMetrics};
+use crate::eval::metrics::{full_rank_of, rank_of, RankAccumulator, RankMetrics, Selection};
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::{VarBuilder, VarMap};
 use rand::seq::SliceRandom;
@@ -27,6 +27,27 @@ pub enum Loss {
     Bce,
     /// Softmax cross-entropy over every item.
     Ce,
+    /// Softmax cross-entropy over the target and `negatives` uniformly sampled items (shared by
+    /// the batch).
+    Sampled,
+    /// gBCE (gSASRec, Petrov & Macdonald, RecSys 2023): binary cross-entropy over the target and
+    /// `negatives` sampled items, the target's probability raised to the power β that undoes the
+    /// overconfidence negative sampling causes (`gbce_t` = 1: fully calibrated; 0: plain BCE).
+    Gbce,
+}
+
+impl Loss {
+    /// Whether the loss samples `negatives` items per step.
+    pub fn samples_negatives(self) -> bool {
+        matches!(self, Loss::Sampled | Loss::Gbce)
+    }
+}
+
+fn default_negatives() -> usize {
+    256
+}
+fn default_gbce_t() -> f64 {
+    0.75
 }
 
 /// Hyper-parameters of a training run.
@@ -42,6 +63,19 @@ pub struct TrainOptions {
     pub dropout: f64,
     pub num_heads: usize,
     pub loss: Loss,
+    /// Negatives per step for `sampled` and `gbce` (capped at the item count − 1).
+    #[serde(default = "default_negatives")]
+    pub negatives: usize,
+    /// gBCE's calibration `t` in [0, 1].
+    #[serde(default = "default_gbce_t")]
+    pub gbce_t: f64,
+    /// What picks the best epoch.
+    #[serde(default)]
+    pub select: Selection,
+    /// Decay of an exponential moving average of the weights, updated after every step; when
+    /// above 0 the average (not the raw weights) is validated, selected and saved. 0: off.
+    #[serde(default)]
+    pub ema: f64,
     pub seed: u64,
 }
 
@@ -240,7 +274,7 @@ pub fn evaluate(
     let mut acc = RankAccumulator::default();
     for ((row, cands), s) in rows.iter().zip(candidates).zip(&scores) {
         acc.push(rank_of(s, cands, row.next));
-        acc.push_full(full_rank_of(s, &row.history, row.next));
+        acc.push_full(full_rank_of(s, &row.history, row.next), cands.len());
     }
     Ok(acc.finish())
 }
@@ -254,7 +288,7 @@ fn batch_loss(
     model: &SeqRec,
     cfg: &Config,
     rows: &[&Row],
-    loss: Loss,
+    o: &TrainOptions,
     rng: &mut ChaCha8Rng,
     dropout: &mut Dropout,
     device: &Device,
@@ -263,7 +297,7 @@ fn batch_loss(
     let state = model.state(&batch, Some(dropout))?; // [B, D]
     let b = rows.len();
     let targets: Vec<u32> = rows.iter().map(|r| r.next).collect();
-    Ok(match loss {
+    Ok(match o.loss {
         Loss::Bce => {
             // Only the target's and the negative's logits enter the loss: score just those two.
             let n = cfg.item_num as u32;
@@ -296,6 +330,51 @@ fn batch_loss(
             };
             (lse - pos)?.mean_all()?
         }
+        Loss::Sampled | Loss::Gbce => {
+            let n = cfg.item_num;
+            let k = o.negatives.min(n.saturating_sub(1)).max(1);
+            // k distinct items, shared by every row of the batch: one [B, D] x [D, k] product.
+            let negs: Vec<u32> = rand::seq::index::sample(rng, n, k)
+                .into_iter()
+                .map(|i| i as u32)
+                .collect();
+            let head = model.head();
+            let ids = Tensor::from_vec(negs.clone(), k, device)?;
+            let w = head.weight.index_select(&ids, 0)?; // [k, D]
+            let bias = head.bias.index_select(&ids, 0)?; // [k]
+            let neg = state.matmul(&w.t()?)?.broadcast_add(&bias)?; // [B, k]
+                                                                    // A negative that is the row's own target does not count against it.
+            let mut mask = vec![0f32; b * k];
+            for (i, &t) in targets.iter().enumerate() {
+                for (j, &c) in negs.iter().enumerate() {
+                    if c == t {
+                        mask[i * k + j] = -1e9;
+                    }
+                }
+            }
+            let neg = (neg + Tensor::from_vec(mask, (b, k), device)?)?;
+            let pos = model.score_items(&state, &Tensor::from_vec(targets, (b, 1), device)?)?;
+            if o.loss == Loss::Sampled {
+                let all = Tensor::cat(&[&pos, &neg], 1)?; // the target first
+                let max = all.max_keepdim(D::Minus1)?.detach();
+                let lse = (all
+                    .broadcast_sub(&max)?
+                    .exp()?
+                    .sum_keepdim(D::Minus1)?
+                    .log()?
+                    + max)?;
+                (lse - pos)?.mean_all()?
+            } else {
+                // gSASRec: sigma(s+)^beta with beta = alpha (t (1 - 1/alpha) + 1/alpha), alpha the
+                // sampling rate k / (n - 1); mean over the target and the k negatives.
+                let alpha = k as f64 / (n.max(2) - 1) as f64;
+                let t = o.gbce_t;
+                let beta = alpha * (t * (1.0 - 1.0 / alpha) + 1.0 / alpha);
+                let denom = (b * (k + 1)) as f64;
+                ((softplus(&pos.neg()?)?.sum_all()? * beta)? + softplus(&neg)?.sum_all()?)?
+                    .affine(1.0 / denom, 0.0)?
+            }
+        }
     })
 }
 
@@ -313,6 +392,22 @@ pub fn train(
         return Err(SrError::Invalid(
             "--batch-size and --epochs must be at least 1".into(),
         ));
+    }
+    if o.loss.samples_negatives() && o.negatives == 0 {
+        return Err(SrError::Invalid(format!(
+            "--negatives must be at least 1 for --loss {}",
+            if o.loss == Loss::Gbce {
+                "gbce"
+            } else {
+                "sampled"
+            }
+        )));
+    }
+    if !(0.0..=1.0).contains(&o.gbce_t) {
+        return Err(SrError::Invalid(format!(
+            "--gbce-t must be in [0, 1], got {}",
+            o.gbce_t
+        )));
     }
     let mut cfg = Config::new(o.model, ds.n_items(), o.hidden);
     cfg.dropout = o.dropout;
@@ -335,6 +430,15 @@ pub fn train(
         names.iter().map(|n| data[n].clone()).collect()
     };
     let mut opt = Adam::new(vars.clone(), o.lr, o.l2)?;
+    if !(0.0..1.0).contains(&o.ema) {
+        return Err(SrError::Invalid(format!(
+            "--ema must be in [0, 1), got {}",
+            o.ema
+        )));
+    }
+    let mut ema: Option<Vec<Tensor>> = (o.ema > 0.0)
+        .then(|| vars.iter().map(|v| v.as_tensor().copy()).collect())
+        .transpose()?;
     let mut shuffle_rng = seeded(o.seed, 2);
     let mut neg_rng = seeded(o.seed, 3);
     let mut dropout = Dropout::new(o.dropout, seeded(o.seed, 4));
@@ -352,17 +456,14 @@ pub fn train(
         let mut total = 0.0;
         for (i, idx) in order.chunks(o.batch_size).enumerate() {
             let rows: Vec<&Row> = idx.iter().map(|&k| &train_rows[k]).collect();
-            let loss = batch_loss(
-                &model,
-                &cfg,
-                &rows,
-                o.loss,
-                &mut neg_rng,
-                &mut dropout,
-                device,
-            )?;
+            let loss = batch_loss(&model, &cfg, &rows, o, &mut neg_rng, &mut dropout, device)?;
             let grads = loss.backward()?;
             opt.step(&grads)?;
+            if let Some(avg) = ema.as_mut() {
+                for (a, v) in avg.iter_mut().zip(&vars) {
+                    *a = ((&*a * o.ema)? + (v.as_tensor() * (1.0 - o.ema))?)?;
+                }
+            }
             let l = loss.to_scalar::<f32>()? as f64;
             if !l.is_finite() {
                 return Err(SrError::Invalid(format!(
@@ -374,6 +475,20 @@ pub fn train(
             on_batch(i + 1, l);
         }
         let seconds = start.elapsed().as_secs_f64();
+        // With an average, validate (and snapshot) it, then put the raw weights back.
+        let raw = match &ema {
+            Some(avg) => {
+                let raw = vars
+                    .iter()
+                    .map(|v| v.as_tensor().copy())
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                for (v, a) in vars.iter().zip(avg) {
+                    v.set(a)?;
+                }
+                Some(raw)
+            }
+            None => None,
+        };
         let valid = evaluate(&model, &cfg, &ds.splits.valid, &ds.candidates_valid, device)?;
         let entry = EpochLog {
             epoch,
@@ -382,7 +497,9 @@ pub fn train(
             seconds,
             examples_per_second: train_rows.len() as f64 / seconds,
         };
-        let improved = best.as_ref().is_none_or(|(_, m, _)| valid.better_than(m));
+        let improved = best
+            .as_ref()
+            .is_none_or(|(_, m, _)| valid.better_by(m, o.select));
         if improved {
             let snapshot = names
                 .iter()
@@ -394,10 +511,15 @@ pub fn train(
         } else {
             since_best += 1;
         }
+        if let Some(raw) = raw {
+            for (v, r) in vars.iter().zip(&raw) {
+                v.set(r)?;
+            }
+        }
         on_epoch_end(&entry, improved);
         log.push(entry);
         if since_best >= o.patience.max(1) && epoch < o.epochs {
-            tracing::info!("early stop after epoch {epoch}: no better valid HR@1/NDCG@5 for {since_best} epochs");
+            tracing::info!("early stop after epoch {epoch}: no better valid score ({:?}) for {since_best} epochs", o.select);
             break;
         }
     }
