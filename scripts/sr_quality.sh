@@ -1,23 +1,35 @@
 #!/usr/bin/env bash
-# Quality of llara's sequential recommenders against LLaRA's released checkpoints, on the fixed test
-# candidate sets of LastFM and MovieLens (LLaRA's splits in ../shared):
-#   each of SASRec, GRU4Rec, Caser trained by llara with seeds 1..5 -> mean ± std of HR@1 and NDCG@5,
-#   and LLaRA's released weights scored by `llara eval-sr` on the same candidates.
+# Quality of llara's sequential recommenders against LLaRA's released checkpoints and the count
+# baselines, on the fixed test candidate sets of LastFM and MovieLens (LLaRA's splits in ../shared):
+#   each of SASRec, GRU4Rec, Caser trained by llara with seeds 1..5 per recipe (VARIANTS) -> mean ± std
+#   of HR@1, expected HR@1 (over every candidate set) and NDCG@5; LLaRA's released weights and the
+#   popularity / Markov / co-occurrence baselines scored by `llara eval-sr` on the same candidates.
 # Writes runs/sr-quality/ and docs/results/sr_quality.md.
 #
-#   scripts/sr_quality.sh                  # all of it (about 15 minutes on 2 cores)
-#   EPOCHS=60 PATIENCE=15 JOBS=2 SEEDS="1 2 3 4 5" DATASETS="lastfm movielens" scripts/sr_quality.sh
+#   scripts/sr_quality.sh                  # the default recipe (about 45 minutes on 2 cores)
+#   VARIANTS="default dros" JOBS=2 SEEDS="1 2 3 4 5" DATASETS="lastfm movielens" scripts/sr_quality.sh
+#
+# Variants: default = `llara train-sr` with no flags (the recommended recipe); dros = LLaRA's own
+# recipe (one-negative BCE, dropout 0.1, selection by the fixed sets' HR@1, 60 epochs, patience 15);
+# ce, sampled, gbce = the default recipe with that loss.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED="${LLARA_SHARED:-../shared}"
 LLARA="${LLARA:-target/release/llara}"
-EPOCHS="${EPOCHS:-60}"
-PATIENCE="${PATIENCE:-15}"
 JOBS="${JOBS:-2}"
 SEEDS="${SEEDS:-1 2 3 4 5}"
 DATASETS="${DATASETS:-lastfm movielens}"
 MODELS="${MODELS:-sasrec gru4rec caser}"
+VARIANTS="${VARIANTS:-default}"
 OUT=runs/sr-quality
+flags_of() {
+  case "$1" in
+    default) echo "" ;;
+    dros) echo "--loss bce --dropout 0.1 --select hr1 --ema 0 --epochs 60 --patience 15" ;;
+    ce|sampled|gbce) echo "--loss $1" ;;
+    *) echo "unknown variant $1" >&2; exit 2 ;;
+  esac
+}
 [ -x "$LLARA" ] || cargo build --release
 mkdir -p "$OUT" docs/results
 for d in $DATASETS; do
@@ -25,20 +37,28 @@ for d in $DATASETS; do
 done
 jobs_file="$OUT/jobs.txt"
 : > "$jobs_file"
-for d in $DATASETS; do for m in $MODELS; do for s in $SEEDS; do
-  run="$OUT/runs/$d-$m-s$s"
-  [ -f "$run/metrics.json" ] && continue
-  echo "$LLARA -q train-sr --data $OUT/data/$d --model $m --seed $s --epochs $EPOCHS --patience $PATIENCE --out $run --force > $run.log 2>&1" >> "$jobs_file"
-done; done; done
-mkdir -p "$OUT/runs"
+for v in $VARIANTS; do
+  f=$(flags_of "$v")
+  mkdir -p "$OUT/$v"
+  for m in $MODELS; do for d in $DATASETS; do for s in $SEEDS; do
+    run="$OUT/$v/$d-$m-s$s"
+    [ -f "$run/metrics.json" ] && continue
+    echo "$LLARA -q train-sr --data $OUT/data/$d --model $m --seed $s $f --out $run --force > $run.log 2>&1" >> "$jobs_file"
+  done; done; done
+done
 start=$(date +%s)
 xargs -P "$JOBS" -I{} bash -c '{}' < "$jobs_file"
 echo "training took $(( $(date +%s) - start )) s" | tee "$OUT/wall.txt"
-# LLaRA's released checkpoints on the same candidate sets.
-for d in $DATASETS; do for m in $MODELS; do
-  w="$SHARED/recmodels/$d-$m.safetensors"
-  [ -f "$w" ] || continue
-  "$LLARA" -q eval-sr --model "$w" --data "$OUT/data/$d" --json > "$OUT/released-$d-$m.json"
-done; done
-python3 scripts/sr_quality_table.py "$OUT" "$EPOCHS" "$PATIENCE" > docs/results/sr_quality.md
+# LLaRA's released checkpoints and the count baselines on the same candidate sets.
+for d in $DATASETS; do
+  for m in $MODELS; do
+    w="$SHARED/recmodels/$d-$m.safetensors"
+    [ -f "$w" ] || continue
+    "$LLARA" -q eval-sr --model "$w" --data "$OUT/data/$d" --json > "$OUT/released-$d-$m.json"
+  done
+  for b in popularity markov cooccurrence; do
+    "$LLARA" -q eval-sr --model "$b" --data "$OUT/data/$d" --json > "$OUT/baseline-$d-$b.json"
+  done
+done
+python3 scripts/sr_quality_table.py "$OUT" $VARIANTS > docs/results/sr_quality.md
 cat docs/results/sr_quality.md

@@ -188,12 +188,13 @@ fn gru4rec_and_caser_train_and_every_loss() {
         assert!((0.0..=1.0).contains(&e), "{e}");
     }
     for (flags, want) in [
-        (["--loss", "gbce", "--gbce-t", "1.5"], "--gbce-t"),
-        (["--loss", "sampled", "--negatives", "0"], "--negatives"),
+        (&["--loss", "gbce", "--gbce-t", "1.5"][..], "--gbce-t"),
+        (&["--loss", "sampled", "--negatives", "0"][..], "--negatives"),
+        (&["--ema", "1"][..], "--ema"),
     ] {
         let bad = tmp.path().join("bad");
         let mut args = vec!["train-sr", "--data", s(&data), "--out", s(&bad)];
-        args.extend(flags);
+        args.extend(flags.iter().copied());
         let err = fails(&args);
         assert!(err.contains(want), "{err}");
         assert!(!tmp.path().join("bad").exists());

@@ -24,10 +24,10 @@ pub struct TrainSrArgs {
     #[arg(long, value_name = "RUN")]
     pub out: PathBuf,
     /// Maximum epochs.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 150)]
     pub epochs: usize,
     /// Stop after this many epochs without a better valid score (see --select).
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 20)]
     pub patience: usize,
     /// Embedding and hidden size.
     #[arg(long, default_value_t = 64)]
@@ -40,7 +40,9 @@ pub struct TrainSrArgs {
     pub l2: f64,
     #[arg(long, default_value_t = 256)]
     pub batch_size: usize,
-    #[arg(long, default_value_t = 0.1)]
+    /// Dropout in training (SASRec: embeddings, attention, feed-forward; GRU4Rec: inputs and
+    /// state; Caser: features). 0.6 is llara's recipe; LLaRA's is 0.1 (configs/train-sr-dros.toml).
+    #[arg(long, default_value_t = 0.6)]
     pub dropout: f64,
     /// SASRec attention heads.
     #[arg(long, default_value_t = 1)]
@@ -61,8 +63,8 @@ pub struct TrainSrArgs {
     #[arg(long, value_enum, default_value = "expected-hr1")]
     pub select: Selection,
     /// Validate, select and save an exponential moving average of the weights with this decay
-    /// per step (e.g. 0.999); 0 turns it off.
-    #[arg(long, default_value_t = 0.0)]
+    /// per step; 0 turns it off (LLaRA's recipe saves the raw weights).
+    #[arg(long, default_value_t = 0.999)]
     pub ema: f64,
     /// Seed of initialisation, shuffling, negatives and dropout.
     #[arg(long, default_value_t = 42)]
