@@ -189,7 +189,10 @@ fn gru4rec_and_caser_train_and_every_loss() {
     }
     for (flags, want) in [
         (&["--loss", "gbce", "--gbce-t", "1.5"][..], "--gbce-t"),
-        (&["--loss", "sampled", "--negatives", "0"][..], "--negatives"),
+        (
+            &["--loss", "sampled", "--negatives", "0"][..],
+            "--negatives",
+        ),
         (&["--ema", "1"][..], "--ema"),
     ] {
         let bad = tmp.path().join("bad");

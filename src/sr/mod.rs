@@ -8,6 +8,7 @@
 pub mod adam;
 pub mod baselines;
 pub mod caser;
+pub mod ema;
 pub mod gru4rec;
 pub mod nn;
 pub mod ops;

@@ -436,10 +436,9 @@ pub fn train(
             o.ema
         )));
     }
-    let mut ema: Option<Vec<Tensor>> = (o.ema > 0.0)
-        .then(|| vars.iter().map(|v| v.as_tensor().detach().copy()).collect())
+    let mut ema = (o.ema > 0.0)
+        .then(|| super::ema::Ema::new(&vars, o.ema))
         .transpose()?;
-    let mut steps = 0u64;
     let mut shuffle_rng = seeded(o.seed, 2);
     let mut neg_rng = seeded(o.seed, 3);
     let mut dropout = Dropout::new(o.dropout, seeded(o.seed, 4));
@@ -461,16 +460,7 @@ pub fn train(
             let grads = loss.backward()?;
             opt.step(&grads)?;
             if let Some(avg) = ema.as_mut() {
-                // The decay ramps up, (1 + t) / (10 + t), to `o.ema` (as TensorFlow's
-                // ExponentialMovingAverage with num_updates), so that a short run's average is not
-                // stuck near the initial weights.
-                steps += 1;
-                let t = steps as f64;
-                let d = o.ema.min((1.0 + t) / (10.0 + t));
-                for (a, v) in avg.iter_mut().zip(&vars) {
-                    // Detached: the average must not drag the autograd graph of every step along.
-                    *a = ((&*a * d)? + (v.as_tensor().detach() * (1.0 - d))?)?;
-                }
+                avg.update(&vars)?;
             }
             let l = loss.to_scalar::<f32>()? as f64;
             if !l.is_finite() {
@@ -490,7 +480,7 @@ pub fn train(
                     .iter()
                     .map(|v| v.as_tensor().copy())
                     .collect::<candle_core::Result<Vec<_>>>()?;
-                for (v, a) in vars.iter().zip(avg) {
+                for (v, a) in vars.iter().zip(avg.values()) {
                     v.set(a)?;
                 }
                 Some(raw)
