@@ -8,10 +8,12 @@
 #
 #   scripts/sr_quality.sh                  # the default recipe (about 45 minutes on 2 cores)
 #   VARIANTS="default dros" JOBS=2 SEEDS="1 2 3 4 5" DATASETS="lastfm movielens" scripts/sr_quality.sh
+#   TRAIN=0 scripts/sr_quality.sh          # only score and tabulate the runs already there
 #
 # Variants: default = `llara train-sr` with no flags (the recommended recipe); dros = LLaRA's own
 # recipe (one-negative BCE, dropout 0.1, selection by the fixed sets' HR@1, 60 epochs, patience 15);
-# ce, sampled, gbce = the default recipe with that loss.
+# ce, sampled, gbce = the default recipe with that loss; p60 = the default recipe with patience 60 (what
+# GRU4Rec needs on LastFM: MODELS=gru4rec DATASETS=lastfm VARIANTS=p60).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED="${LLARA_SHARED:-../shared}"
@@ -27,6 +29,7 @@ flags_of() {
     default) echo "" ;;
     dros) echo "--loss bce --dropout 0.1 --select hr1 --ema 0 --epochs 60 --patience 15" ;;
     ce|sampled|gbce) echo "--loss $1" ;;
+    p60) echo "--patience 60" ;;
     *) echo "unknown variant $1" >&2; exit 2 ;;
   esac
 }
@@ -46,15 +49,22 @@ for v in $VARIANTS; do
     echo "$LLARA -q train-sr --data $OUT/data/$d --model $m --seed $s $f --out $run --force > $run.log 2>&1" >> "$jobs_file"
   done; done; done
 done
-start=$(date +%s)
-xargs -P "$JOBS" -I{} bash -c '{}' < "$jobs_file"
-echo "training took $(( $(date +%s) - start )) s" | tee "$OUT/wall.txt"
-# LLaRA's released checkpoints and the count baselines on the same candidate sets.
+if [ "${TRAIN:-1}" = 1 ]; then
+  start=$(date +%s)
+  xargs -P "$JOBS" -I{} bash -c '{}' < "$jobs_file"
+  echo "training took $(( $(date +%s) - start )) s" | tee "$OUT/wall.txt"
+fi
+# LLaRA's released checkpoints and the count baselines on the same candidate sets; every model's
+# per-row ranks (scores.jsonl) for the paired comparison.
+for v in $VARIANTS; do for d in $DATASETS; do for m in $MODELS; do for s in $SEEDS; do
+  run="$OUT/$v/$d-$m-s$s"
+  [ -f "$run/metrics.json" ] && "$LLARA" -q eval-sr --model "$run" --data "$OUT/data/$d" --out "$run/eval-test" > /dev/null
+done; done; done; done
 for d in $DATASETS; do
   for m in $MODELS; do
     w="$SHARED/recmodels/$d-$m.safetensors"
     [ -f "$w" ] || continue
-    "$LLARA" -q eval-sr --model "$w" --data "$OUT/data/$d" --json > "$OUT/released-$d-$m.json"
+    "$LLARA" -q eval-sr --model "$w" --data "$OUT/data/$d" --json --out "$OUT/released-$d-$m" > "$OUT/released-$d-$m.json"
   done
   for b in popularity markov cooccurrence; do
     "$LLARA" -q eval-sr --model "$b" --data "$OUT/data/$d" --json > "$OUT/baseline-$d-$b.json"

@@ -77,3 +77,48 @@ for d in sorted({k[0] for k in rows}):
 print()
 for v, r in recipes.items():
     print(f"- **{v}**: {r}.")
+
+
+def hits(path):
+    """Per-row HR@1 hits from an `eval-sr --out` folder's scores.jsonl, or None."""
+    f = os.path.join(path, "scores.jsonl")
+    if not os.path.exists(f):
+        return None
+    return [1.0 if json.loads(l)["rank"] == 0 else 0.0 for l in open(f)]
+
+
+def paired(d, m, v, rs):
+    """Mean over users of (fraction of seeds that hit − released hit), with a 95% interval over users."""
+    rel = hits(f"{out}/released-{d}-{m}")
+    per_seed = [hits(f"{out}/{v}/{d}-{m}-s{x['seed']}/eval-test") for x in rs]
+    if rel is None or any(h is None or len(h) != len(rel) for h in per_seed):
+        return None
+    diff = [sum(h[i] for h in per_seed) / len(per_seed) - rel[i] for i in range(len(rel))]
+    mean = statistics.mean(diff)
+    half = 1.96 * statistics.stdev(diff) / len(diff) ** 0.5
+    return mean, mean - half, mean + half
+
+
+print()
+print("Against the released checkpoints and the first-order Markov baseline (5-seed means of test HR@1 on the "
+      "fixed sets; expected HR@1 in brackets where both have it):\n")
+for (d, m, v), rs in sorted(rows.items()):
+    mean = statistics.mean(x["hr1"] for x in rs)
+    emean = statistics.mean(x["ehr1"] for x in rs)
+    parts = []
+    rel = f"{out}/released-{d}-{m}.json"
+    if os.path.exists(rel):
+        r = json.load(open(rel))
+        verdict = "≥" if mean >= r["hr@1"] - 1e-9 else "<"
+        parts.append(f"{mean:.4f} {verdict} released {r['hr@1']:.4f} ({emean:.4f} vs {r.get('expected_hr@1', float('nan')):.4f})")
+    mk = f"{out}/baseline-{d}-markov.json"
+    if os.path.exists(mk):
+        b = json.load(open(mk))["hr@1"]
+        parts.append(f"{mean:.4f} {'>' if mean > b else '≤'} Markov {b:.4f}")
+    pr = paired(d, m, v, rs)
+    if pr is not None:
+        parts.append(f"paired on the same users, llara − released = {pr[0]:+.4f} [95% CI {pr[1]:+.4f}, {pr[2]:+.4f}]")
+    seed1 = [x["hr1"] for x in rs if x["seed"] == 1]
+    if seed1 and os.path.exists(rel):
+        parts.append(f"seed 1: {seed1[0]:.4f}")
+    print(f"- {d} {m} ({v}, {len(rs)} seeds): " + "; ".join(parts) + ".")

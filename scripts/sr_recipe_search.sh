@@ -49,6 +49,7 @@ bce-d5|movielens|sasrec|1 2|--loss bce $base --dropout 0.5 --epochs 150 --patien
 gru-d3|lastfm|gru4rec|1|--loss bce $base --dropout 0.3 --epochs 150 --patience 20
 gru-d5|lastfm|gru4rec|1|--loss bce $base --dropout 0.5 --epochs 150 --patience 20
 gru-d5|movielens|gru4rec|1|--loss bce $base --dropout 0.5 --epochs 150 --patience 20
+gru-default-p60|lastfm|gru4rec|2 3|--loss bce --select expected-hr1 --dropout 0.6 --ema 0.999 --epochs 150 --patience 60
 caser-d5|lastfm|caser|1|--loss bce $base --dropout 0.5 --epochs 150 --patience 20
 caser-d5|movielens|caser|1|--loss bce $base --dropout 0.5 --epochs 150 --patience 20
 LIST
