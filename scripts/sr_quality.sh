@@ -12,8 +12,8 @@
 #
 # Variants: default = `llara train-sr` with no flags (the recommended recipe); dros = LLaRA's own
 # recipe (one-negative BCE, dropout 0.1, selection by the fixed sets' HR@1, 60 epochs, patience 15);
-# ce, sampled, gbce = the default recipe with that loss; p60 = the default recipe with patience 60 (what
-# GRU4Rec needs on LastFM: MODELS=gru4rec DATASETS=lastfm VARIANTS=p60).
+# ce, sampled, gbce = the default recipe with that loss; p20 = the default recipe with patience 20 for
+# every model (GRU4Rec's default is 60: MODELS=gru4rec VARIANTS=p20 shows why).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED="${LLARA_SHARED:-../shared}"
@@ -29,7 +29,7 @@ flags_of() {
     default) echo "" ;;
     dros) echo "--loss bce --dropout 0.1 --select hr1 --ema 0 --epochs 60 --patience 15" ;;
     ce|sampled|gbce) echo "--loss $1" ;;
-    p60) echo "--patience 60" ;;
+    p20) echo "--patience 20" ;;
     *) echo "unknown variant $1" >&2; exit 2 ;;
   esac
 }

@@ -183,6 +183,11 @@ fn gru4rec_and_caser_train_and_every_loss() {
         let cfg = json(&run.join("config.json"));
         assert_eq!(cfg["model"], model);
         assert_eq!(cfg["training"]["loss"], loss);
+        // The patience default depends on the model, and the run records the value used.
+        let want = if model == "gru4rec" { 60 } else { 20 };
+        assert_eq!(cfg["training"]["patience"], want);
+        let toml = std::fs::read_to_string(run.join("config.toml")).unwrap();
+        assert!(toml.contains(&format!("patience = {want}")), "{toml}");
         // The selection metric is recorded with the valid metrics.
         let e = m["valid"]["expected_hr@1"].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&e), "{e}");

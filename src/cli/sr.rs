@@ -26,9 +26,10 @@ pub struct TrainSrArgs {
     /// Maximum epochs.
     #[arg(long, default_value_t = 150)]
     pub epochs: usize,
-    /// Stop after this many epochs without a better valid score (see --select).
-    #[arg(long, default_value_t = 20)]
-    pub patience: usize,
+    /// Stop after this many epochs without a better valid score (see --select). Default: 20, and
+    /// 60 for GRU4Rec, whose valid score can stall for 20+ epochs before it learns.
+    #[arg(long)]
+    pub patience: Option<usize>,
     /// Embedding and hidden size.
     #[arg(long, default_value_t = 64)]
     pub hidden: usize,
@@ -167,7 +168,17 @@ pub fn set_threads(n: usize) -> Result<()> {
     Ok(())
 }
 
-pub fn train_sr(a: TrainSrArgs) -> Result<()> {
+/// `--patience` when not given: 60 for GRU4Rec, 20 otherwise (docs/results/sr_quality.md).
+pub fn default_patience(model: Arch) -> usize {
+    match model {
+        Arch::Gru4rec => 60,
+        Arch::Sasrec | Arch::Caser => 20,
+    }
+}
+
+pub fn train_sr(mut a: TrainSrArgs) -> Result<()> {
+    // Resolved here so that the run's config.toml records the value used.
+    let patience = *a.patience.get_or_insert(default_patience(a.model));
     set_threads(a.threads)?;
     let device = crate::device::parse(&a.device).map_err(anyhow::Error::msg)?;
     let ds = Dataset::open(&a.data).with_context(|| format!("--data {}", a.data.display()))?;
@@ -181,7 +192,7 @@ pub fn train_sr(a: TrainSrArgs) -> Result<()> {
         l2: a.l2,
         batch_size: a.batch_size,
         epochs: a.epochs,
-        patience: a.patience,
+        patience,
         dropout: a.dropout,
         num_heads: a.num_heads,
         loss: a.loss,
