@@ -42,15 +42,8 @@ impl InplaceOp2 for FusedStep<'_> {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<()> {
-        let (CpuStorage::F32(p), CpuStorage::F32(g)) = (s1, s2) else {
-            candle_core::bail!("adam-step: f32 parameters and gradients expected");
-        };
-        let (Some((p0, p1)), Some((g0, g1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            candle_core::bail!("adam-step: contiguous parameters and gradients expected");
-        };
-        let p = &mut p[p0..p1];
-        let g = &g[g0..g1];
+        let p = super::ops::f32_slice_mut(s1, l1, "adam-step")?;
+        let g = super::ops::f32_slice(s2, l2, "adam-step")?;
         let mut guard = self.moments.lock().expect("adam moments");
         let (m, v) = &mut *guard;
         let h = self.h;
@@ -84,7 +77,7 @@ impl Adam {
         let vars = vars
             .into_iter()
             .map(|v| {
-                let moments = if v.device().is_cpu() && v.dtype() == candle_core::DType::F32 {
+                let moments = if super::ops::fused_ok(v.as_tensor()) {
                     let n = v.elem_count();
                     Moments::Host(Mutex::new((vec![0f32; n], vec![0f32; n])))
                 } else {

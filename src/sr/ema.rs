@@ -26,15 +26,10 @@ impl InplaceOp2 for Blend {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<()> {
-        let (CpuStorage::F32(a), CpuStorage::F32(p)) = (s1, s2) else {
-            candle_core::bail!("ema-blend: f32 weights expected");
-        };
-        let (Some((a0, a1)), Some((p0, p1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            candle_core::bail!("ema-blend: contiguous weights expected");
-        };
+        let a = super::ops::f32_slice_mut(s1, l1, "ema-blend")?;
+        let p = super::ops::f32_slice(s2, l2, "ema-blend")?;
         let (keep, take) = (self.decay as f32, (1.0 - self.decay) as f32);
-        for (ai, pi) in a[a0..a1].iter_mut().zip(&p[p0..p1]) {
+        for (ai, pi) in a.iter_mut().zip(p) {
             *ai = *ai * keep + pi * take;
         }
         Ok(())
@@ -69,7 +64,7 @@ impl Ema {
         let d = self.decay.min((1.0 + t) / (10.0 + t));
         for (a, v) in self.avg.iter().zip(vars) {
             let p = v.as_tensor().detach();
-            if a.as_tensor().device().is_cpu() && a.as_tensor().dtype() == candle_core::DType::F32 {
+            if super::ops::fused_ok(a.as_tensor()) {
                 a.as_tensor()
                     .inplace_op2(&p.contiguous()?, &Blend { decay: d })?;
             } else {

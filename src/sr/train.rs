@@ -284,6 +284,16 @@ fn softplus(x: &Tensor) -> candle_core::Result<Tensor> {
     x.relu()? + ((x.abs()?.neg()?.exp()? + 1.0)?.log()?)
 }
 
+/// `log Σ exp(x)` over the last dimension, kept: `[B, 1]` (shifted by the detached row maximum).
+fn logsumexp(x: &Tensor) -> candle_core::Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    x.broadcast_sub(&max)?
+        .exp()?
+        .sum_keepdim(D::Minus1)?
+        .log()?
+        + max
+}
+
 fn batch_loss(
     model: &SeqRec,
     cfg: &Config,
@@ -319,16 +329,7 @@ fn batch_loss(
         Loss::Ce => {
             let logits = model.head().forward(&state)?; // [B, N]
             let pos = logits.gather(&Tensor::from_vec(targets, (b, 1), device)?, 1)?;
-            let lse = {
-                let max = logits.max_keepdim(D::Minus1)?.detach();
-                (logits
-                    .broadcast_sub(&max)?
-                    .exp()?
-                    .sum_keepdim(D::Minus1)?
-                    .log()?
-                    + max)?
-            };
-            (lse - pos)?.mean_all()?
+            (logsumexp(&logits)? - pos)?.mean_all()?
         }
         Loss::Sampled | Loss::Gbce => {
             let n = cfg.item_num;
@@ -342,8 +343,8 @@ fn batch_loss(
             let ids = Tensor::from_vec(negs.clone(), k, device)?;
             let w = head.weight.index_select(&ids, 0)?; // [k, D]
             let bias = head.bias.index_select(&ids, 0)?; // [k]
-            let neg = state.matmul(&w.t()?)?.broadcast_add(&bias)?; // [B, k]
-                                                                    // A negative that is the row's own target does not count against it.
+                                                         // [B, k]; a negative that is the row's own target does not count against it.
+            let neg = state.matmul(&w.t()?)?.broadcast_add(&bias)?;
             let mut mask = vec![0f32; b * k];
             for (i, &t) in targets.iter().enumerate() {
                 for (j, &c) in negs.iter().enumerate() {
@@ -356,14 +357,7 @@ fn batch_loss(
             let pos = model.score_items(&state, &Tensor::from_vec(targets, (b, 1), device)?)?;
             if o.loss == Loss::Sampled {
                 let all = Tensor::cat(&[&pos, &neg], 1)?; // the target first
-                let max = all.max_keepdim(D::Minus1)?.detach();
-                let lse = (all
-                    .broadcast_sub(&max)?
-                    .exp()?
-                    .sum_keepdim(D::Minus1)?
-                    .log()?
-                    + max)?;
-                (lse - pos)?.mean_all()?
+                (logsumexp(&all)? - pos)?.mean_all()?
             } else {
                 // gSASRec: sigma(s+)^beta with beta = alpha (t (1 - 1/alpha) + 1/alpha), alpha the
                 // sampling rate k / (n - 1); mean over the target and the k negatives.
@@ -409,6 +403,12 @@ pub fn train(
             o.gbce_t
         )));
     }
+    if !(0.0..1.0).contains(&o.ema) {
+        return Err(SrError::Invalid(format!(
+            "--ema must be in [0, 1), got {}",
+            o.ema
+        )));
+    }
     let mut cfg = Config::new(o.model, ds.n_items(), o.hidden);
     cfg.dropout = o.dropout;
     cfg.num_heads = o.num_heads;
@@ -430,12 +430,6 @@ pub fn train(
         names.iter().map(|n| data[n].clone()).collect()
     };
     let mut opt = Adam::new(vars.clone(), o.lr, o.l2)?;
-    if !(0.0..1.0).contains(&o.ema) {
-        return Err(SrError::Invalid(format!(
-            "--ema must be in [0, 1), got {}",
-            o.ema
-        )));
-    }
     let mut ema = (o.ema > 0.0)
         .then(|| super::ema::Ema::new(&vars, o.ema))
         .transpose()?;
