@@ -58,7 +58,10 @@ impl StagedDir {
                 }
                 // Move the old output aside first, so that at every moment `dest` is either the old
                 // complete output or the new complete output.
-                let old = tmp_path.with_extension("old");
+                let old = old_place(&self.dest)?;
+                if old.is_dir() {
+                    fs::remove_dir_all(&old)?;
+                }
                 fs::rename(&self.dest, &old)?;
                 fs::rename(&tmp_path, &self.dest)?;
                 if old.is_dir() {
@@ -90,6 +93,35 @@ fn temp_place(dest: &Path) -> io::Result<(PathBuf, String)> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "out".into());
     Ok((parent, format!(".{name}.tmp-")))
+}
+
+/// Where [`StagedDir::commit`] moves the previous output while it renames the new one in.
+fn old_place(dest: &Path) -> io::Result<PathBuf> {
+    let (parent, prefix) = temp_place(dest)?;
+    Ok(parent.join(format!("{prefix}old")))
+}
+
+/// Cleans up after a [`StagedDir`] write of `dest` that a crash or a kill cut short: restores the
+/// previous output when the cut came between the commit's two renames, and removes abandoned
+/// temporary folders. Call it only while no other process writes `dest`.
+pub fn recover_staged(dest: &Path) -> io::Result<()> {
+    let (parent, prefix) = temp_place(dest)?;
+    let old = parent.join(format!("{prefix}old"));
+    if !dest.exists() && old.is_dir() {
+        fs::rename(&old, dest)?;
+    }
+    for entry in fs::read_dir(&parent)? {
+        let p = entry?.path();
+        let stale = p
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with(&prefix));
+        if stale && p.is_dir() {
+            fs::remove_dir_all(&p)?;
+        } else if stale {
+            fs::remove_file(&p)?;
+        }
+    }
+    Ok(())
 }
 
 /// Writes one file atomically: `write` fills a temporary sibling of `dest`, which is then renamed

@@ -5,13 +5,15 @@
 //! - [`sr`]: sequential recommenders (SASRec, GRU4Rec, Caser), their training and evaluation.
 //! - [`eval`]: ranking metrics shared by every model.
 //! - [`cli`]: the `llara` command line; [`device`]: `--device`.
-//! - [`fsutil`]: atomic output (temporary folder renamed at the end).
+//! - [`fsutil`]: atomic output (temporary folder renamed at the end); [`interrupt`]: graceful
+//!   stop on SIGINT/SIGTERM.
 
 pub mod cli;
 pub mod data;
 pub mod device;
 pub mod eval;
 pub mod fsutil;
+pub mod interrupt;
 pub mod llara;
 pub mod llm;
 pub mod sr;

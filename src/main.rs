@@ -32,6 +32,11 @@ fn main() {
         .without_time()
         .init();
     if let Err(e) = llara::cli::run(cli) {
+        if let Some(i) = e.downcast_ref::<llara::interrupt::Interrupted>() {
+            // Stopped by a signal after saving what it could: the shell's 128 + signal status.
+            eprintln!("{i}");
+            std::process::exit(i.signal.exit_code());
+        }
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }

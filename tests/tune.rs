@@ -258,6 +258,9 @@ fn tiny_opts(curriculum: Curriculum) -> TuneOptions {
         max_new_tokens: 40,
         seed: 5,
         checkpoint_layers: false,
+        checkpoint_every: None,
+        checkpoint_minutes: 0.0,
+        max_bad_steps: 0,
     }
 }
 
@@ -912,4 +915,374 @@ fn recommend_ranks_candidates_for_one_user_or_many() {
     assert_eq!(lines.len(), 2);
     assert_eq!(lines[0]["ranking"].as_array().unwrap().len(), 4);
     assert_eq!(lines[1]["ranking"].as_array().unwrap().len(), 2);
+}
+
+/// A run long enough to be interrupted: `steps` optimizer steps of one epoch (`extra` may
+/// replace a default flag; `--quiet` has no value and stays).
+fn long_args(data: &str, sr: &str, out: &str, steps: &str, extra: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = [
+        "tune",
+        "--data",
+        data,
+        "--sr",
+        sr,
+        "--llm",
+        "builtin:tiny",
+        "--out",
+        out,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "2",
+        "--lr",
+        "5e-3",
+        "--max-steps",
+        steps,
+        "--valid-samples",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--seed",
+        "11",
+        "--quiet",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    // A flag in `extra` replaces the default's (flag, value) pair.
+    for f in extra.iter().filter(|f| f.starts_with("--")) {
+        if let Some(i) = v.iter().position(|a| a == f) {
+            v.drain(i..i + 2);
+        }
+    }
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+fn spawn(args: &[String]) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_llara"))
+        .args(args)
+        .env("LLARA_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("llara starts")
+}
+
+/// Waits until `cond` holds (polling), panicking after a minute.
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let t = std::time::Instant::now();
+    while !cond() {
+        assert!(t.elapsed().as_secs() < 60, "timed out waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+fn logged_steps(run: &Path) -> usize {
+    std::fs::read_to_string(run.join("train_log.jsonl")).map_or(0, |s| s.lines().count())
+}
+
+fn checkpoint_step(run: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(run.join("checkpoint/state.json")).ok()?;
+    serde_json::from_str::<serde_json::Value>(&text).ok()?["step"].as_u64()
+}
+
+fn same_files(a: &Path, b: &Path, files: &[&str]) {
+    for f in files {
+        assert_eq!(
+            std::fs::read(a.join(f)).unwrap(),
+            std::fs::read(b.join(f)).unwrap(),
+            "{f} differs between {} and {}",
+            a.display(),
+            b.display()
+        );
+    }
+}
+
+const RESULT_FILES: [&str; 3] = [
+    "adapter/adapter_model.safetensors",
+    "projector.safetensors",
+    "checkpoint/optimizer.safetensors",
+];
+
+#[cfg(unix)]
+fn signal(child: &std::process::Child, sig: &str) {
+    let st = std::process::Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+#[cfg(unix)]
+#[test]
+fn ctrl_c_checkpoints_and_resume_matches_an_uninterrupted_run() {
+    use std::os::unix::process::ExitStatusExt;
+    let (data, sr) = fixture();
+    let tmp = tempfile::tempdir().unwrap();
+    let (d, s) = (data.to_str().unwrap(), sr.to_str().unwrap());
+    let straight = tmp.path().join("straight");
+    let cut = tmp.path().join("cut");
+    let args: Vec<String> = long_args(d, s, straight.to_str().unwrap(), "60", &[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    ok(&args);
+
+    let child = spawn(&long_args(d, s, cut.to_str().unwrap(), "60", &[]));
+    wait_for("a few steps", || logged_steps(&cut) >= 3);
+    signal(&child, "-INT");
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "{err} {:?}",
+        out.status.signal()
+    );
+    assert!(err.contains("SIGINT") && err.contains("--resume"), "{err}");
+    let at = checkpoint_step(&cut).expect("a checkpoint after the signal");
+    assert!(at > 0 && at < 60, "checkpoint at step {at}");
+    assert_eq!(
+        logged_steps(&cut) as u64,
+        at,
+        "the log ends at the checkpoint"
+    );
+    ok(&["tune", "--resume", cut.to_str().unwrap()]);
+    same_files(&straight, &cut, &RESULT_FILES);
+    assert_eq!(log_lines(&straight), log_lines(&cut));
+}
+
+#[cfg(unix)]
+#[test]
+fn sigkill_after_a_time_based_checkpoint_loses_only_the_steps_since() {
+    let (data, sr) = fixture();
+    let tmp = tempfile::tempdir().unwrap();
+    let (d, s) = (data.to_str().unwrap(), sr.to_str().unwrap());
+    let straight = tmp.path().join("straight");
+    let cut = tmp.path().join("cut");
+    let args: Vec<String> = long_args(d, s, straight.to_str().unwrap(), "60", &[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    ok(&args);
+    // A checkpoint whenever 0.6 s have passed since the last one.
+    let mut child = spawn(&long_args(
+        d,
+        s,
+        cut.to_str().unwrap(),
+        "60",
+        &["--checkpoint-minutes", "0.01"],
+    ));
+    wait_for("a time-based checkpoint", || {
+        checkpoint_step(&cut).is_some_and(|s| s > 0)
+    });
+    signal(&child, "-KILL");
+    child.wait().unwrap();
+    let at = checkpoint_step(&cut).unwrap();
+    let logged = logged_steps(&cut) as u64;
+    assert!(
+        at > 0 && at < 60 && logged >= at,
+        "checkpoint {at}, logged {logged}"
+    );
+    // The resumed run starts from the checkpoint: it redoes only the steps after it.
+    let mut resumed = spawn(&[
+        "tune".into(),
+        "--resume".into(),
+        cut.to_str().unwrap().into(),
+        "--stop-after".into(),
+        "1".into(),
+    ]);
+    assert!(resumed.wait().unwrap().success());
+    assert_eq!(checkpoint_step(&cut), Some(at + 1));
+    ok(&["tune", "--resume", cut.to_str().unwrap()]);
+    same_files(&straight, &cut, &RESULT_FILES);
+    assert_eq!(log_lines(&straight), log_lines(&cut));
+    // No temporary folder of a cut write is left behind.
+    let stray: Vec<_> = std::fs::read_dir(&cut)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(stray.is_empty(), "{stray:?}");
+}
+
+/// A copy of the fixture's recommender whose item embeddings are NaN: every hybrid step's loss
+/// is NaN, text-only steps are fine.
+fn nan_recommender(dir: &Path) -> PathBuf {
+    let (_, sr) = fixture();
+    let out = dir.join("sr-nan");
+    std::fs::create_dir_all(&out).unwrap();
+    for e in std::fs::read_dir(sr).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), out.join(e.file_name())).unwrap();
+    }
+    let path = out.join("model.safetensors");
+    let mut t = candle_core::safetensors::load(&path, &candle_core::Device::Cpu).unwrap();
+    let w = &t["item_embeddings.weight"];
+    let nan = (w.ones_like().unwrap() * f64::NAN).unwrap();
+    t.insert("item_embeddings.weight".into(), nan);
+    candle_core::safetensors::save(&t, &path).unwrap();
+    out
+}
+
+#[test]
+fn a_nan_loss_stops_the_run_and_leaves_the_last_checkpoint_and_best_untouched() {
+    let (data, _) = fixture();
+    let tmp = tempfile::tempdir().unwrap();
+    let sr = nan_recommender(tmp.path());
+    let (d, s) = (data.to_str().unwrap(), sr.to_str().unwrap());
+    let bad = tmp.path().join("bad");
+    let every = ["--checkpoint-every", "1", "--eval-every", "1"];
+    let args = long_args(d, s, bad.to_str().unwrap(), "30", &every);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let err = fails(&args);
+    // The step that diverged is the log's last line (the first hybrid step).
+    let log = common::read_jsonl(&bad.join("train_log.jsonl"));
+    let last = log.last().unwrap();
+    let step = last["step"].as_u64().unwrap();
+    assert!(
+        step > 0 && last["hybrid"] == true && last["skipped"] == true,
+        "{last}"
+    );
+    assert!(
+        err.contains(&format!("diverged at step {step}")) && err.contains("--lr"),
+        "{err}"
+    );
+    assert!(err.contains(&format!("checkpoint/ (step {step})")), "{err}");
+    // The same run stopped just before that step wrote exactly what the failed run left.
+    let good = tmp.path().join("good");
+    let stop = step.to_string();
+    let mut extra = every.to_vec();
+    extra.extend(["--stop-after", &stop]);
+    let args = long_args(d, s, good.to_str().unwrap(), "30", &extra);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    ok(&args);
+    assert_eq!(checkpoint_step(&bad), Some(step));
+    same_files(
+        &good,
+        &bad,
+        &[
+            "checkpoint/adapter/adapter_model.safetensors",
+            "checkpoint/projector.safetensors",
+            "checkpoint/optimizer.safetensors",
+            "checkpoint/state.json",
+            "best/adapter/adapter_model.safetensors",
+            "best/projector.safetensors",
+        ],
+    );
+    // With --max-bad-steps the NaN steps are skipped (no update) and counted.
+    let skip = tmp.path().join("skip");
+    let args = long_args(
+        d,
+        s,
+        skip.to_str().unwrap(),
+        "12",
+        &["--max-bad-steps", "100", "--valid-samples", "0"],
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    ok(&args);
+    let log = common::read_jsonl(&skip.join("train_log.jsonl"));
+    let hybrid = log.iter().filter(|l| l["hybrid"] == true).count();
+    let skipped = log.iter().filter(|l| l["skipped"] == true).count();
+    assert!(
+        hybrid > 0 && skipped == hybrid,
+        "{hybrid} hybrid, {skipped} skipped"
+    );
+    let m = common::json(&skip.join("metrics.json"));
+    assert_eq!(m["bad_steps"].as_u64().unwrap() as usize, skipped);
+    assert_eq!(m["finished"], true);
+}
+
+#[test]
+fn an_absurd_learning_rate_is_an_error_naming_the_step() {
+    let (data, sr) = fixture();
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let args = long_args(
+        data.to_str().unwrap(),
+        sr.to_str().unwrap(),
+        run.to_str().unwrap(),
+        "10",
+        &["--lr", "1e38"],
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let err = fails(&args);
+    assert!(
+        err.contains("diverged at step 0") && err.contains("learning rate"),
+        "{err}"
+    );
+    assert!(!run.join("best").exists() && !run.join("checkpoint").exists());
+}
+
+#[test]
+fn a_stalled_gradient_is_warned_about() {
+    let (data, sr) = fixture();
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let args = long_args(
+        data.to_str().unwrap(),
+        sr.to_str().unwrap(),
+        run.to_str().unwrap(),
+        "30",
+        &["--lr", "1e4", "--valid-samples", "0"],
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = common::llara(&args);
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("stalled"), "{err}");
+    let m = common::json(&run.join("metrics.json"));
+    assert!(m["warnings"].to_string().contains("stalled"), "{m}");
+}
+
+#[cfg(unix)]
+#[test]
+fn a_failed_checkpoint_write_names_the_path_and_keeps_the_previous_one() {
+    let (data, sr) = fixture();
+    let tmp = tempfile::tempdir().unwrap();
+    let (d, s) = (data.to_str().unwrap(), sr.to_str().unwrap());
+    let straight = tmp.path().join("straight");
+    let run = tmp.path().join("run");
+    let args = long_args(d, s, straight.to_str().unwrap(), "8", &[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    ok(&args);
+    let args = long_args(d, s, run.to_str().unwrap(), "8", &["--stop-after", "3"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    ok(&args);
+    let before = std::fs::read(run.join("checkpoint/optimizer.safetensors")).unwrap();
+    let others = std::fs::read(run.join("checkpoint/adapter/adapter_model.safetensors"))
+        .unwrap()
+        .len();
+    // Files may not grow past a size between the adapter's and the optimizer state's (a full
+    // disk, as far as the writer can tell): the next checkpoint cannot be written.
+    let limit_kib = (others + before.len()) / 2 / 1024;
+    assert!(limit_kib * 1024 > others && limit_kib * 1024 < before.len());
+    let out = std::process::Command::new("bash")
+        .args([
+            "-c",
+            &format!("ulimit -f {limit_kib}; trap '' XFSZ; exec \"$0\" \"$@\""),
+            env!("CARGO_BIN_EXE_llara"),
+            "tune",
+            "--resume",
+            run.to_str().unwrap(),
+            "--checkpoint-every",
+            "1",
+        ])
+        .env("LLARA_LOG", "warn")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && !err.contains("panicked"), "{err}");
+    assert!(
+        err.contains(&run.join("checkpoint").display().to_string())
+            && err.contains("previous checkpoint/ is unchanged"),
+        "{err}"
+    );
+    assert_eq!(checkpoint_step(&run), Some(3));
+    assert_eq!(
+        std::fs::read(run.join("checkpoint/optimizer.safetensors")).unwrap(),
+        before
+    );
+    // Once there is room again the run continues from it and ends as if nothing happened.
+    ok(&["tune", "--resume", run.to_str().unwrap()]);
+    same_files(&straight, &run, &RESULT_FILES);
 }

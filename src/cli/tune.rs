@@ -134,6 +134,18 @@ pub struct TuneArgs {
     /// Recompute each decoder layer in the backward pass (less memory, more time).
     #[arg(long)]
     pub checkpoint_layers: bool,
+    /// Also write the resumable checkpoint every N optimizer steps (it is always written at
+    /// validation points, on Ctrl-C and at the end).
+    #[arg(long, value_name = "N")]
+    pub checkpoint_every: Option<usize>,
+    /// Also write the checkpoint when M minutes of training have passed since the last one
+    /// [default: 15; 0: off].
+    #[arg(long, value_name = "M")]
+    pub checkpoint_minutes: Option<f64>,
+    /// Skip up to N optimizer steps whose loss or gradient is NaN or infinite (no update) before
+    /// stopping the run as diverged.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub max_bad_steps: usize,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
     /// cpu, cuda, cuda:N or auto.
@@ -251,6 +263,11 @@ fn options(a: &TuneArgs) -> Result<TuneOptions> {
         max_new_tokens: a.max_new_tokens,
         seed: a.seed,
         checkpoint_layers: a.checkpoint_layers,
+        checkpoint_every: a.checkpoint_every,
+        checkpoint_minutes: a
+            .checkpoint_minutes
+            .unwrap_or(tune::DEFAULT_CHECKPOINT_MINUTES),
+        max_bad_steps: a.max_bad_steps,
     })
 }
 
@@ -313,6 +330,36 @@ struct Bars {
     running: Option<f64>,
     quiet: bool,
     dump: Option<BatchDump>,
+    /// The last checkpoint's step (for what a second Ctrl-C keeps).
+    checkpoint: Option<usize>,
+    /// The stop request has been shown.
+    stopping: bool,
+}
+
+impl Bars {
+    /// Shows once that a signal arrived and what happens next.
+    fn note_stop(&mut self) {
+        let Some(sig) = crate::interrupt::requested() else {
+            return;
+        };
+        if self.stopping {
+            return;
+        }
+        self.stopping = true;
+        let kept = match self.checkpoint {
+            Some(s) => format!("the checkpoint of step {s} stays"),
+            None => "no checkpoint yet".into(),
+        };
+        let msg = format!(
+            "{}: finishing this step, then writing a checkpoint (again to exit at once; {kept})",
+            sig.name()
+        );
+        if self.quiet {
+            eprintln!("{msg}");
+        } else {
+            self.train.suspend(|| eprintln!("{msg}"));
+        }
+    }
 }
 
 /// `--dump-batches FILE`: written beside FILE and renamed when the run ends.
@@ -390,10 +437,25 @@ impl Hooks for Bars {
         if let Some(b) = &self.eval {
             b.inc(n as u64);
         }
+        self.note_stop();
+    }
+
+    fn should_stop(&mut self) -> bool {
+        self.note_stop();
+        crate::interrupt::requested().is_some()
+    }
+
+    fn on_checkpoint(&mut self, step: usize) {
+        self.checkpoint = Some(step);
+    }
+
+    fn on_warning(&mut self, msg: &str) {
+        self.train.suspend(|| tracing::warn!("{msg}"));
     }
 
     fn on_batch(&mut self, step: usize, hybrid: bool, rows: &[&crate::llara::Tokenized]) {
         use std::io::Write;
+        self.note_stop();
         let Some(d) = self.dump.as_mut().filter(|d| d.err.is_none()) else {
             return;
         };
@@ -445,6 +507,13 @@ pub fn run_tune(a: TuneArgs, quiet: bool) -> Result<()> {
         }
         if let Some(f) = &a.dump_batches {
             argv.extend(["--dump-batches".into(), f.clone().into()]);
+        }
+        // How often to checkpoint does not change the result: a resumed run may choose anew.
+        if let Some(n) = a.checkpoint_every {
+            argv.extend(["--checkpoint-every".into(), n.to_string().into()]);
+        }
+        if let Some(m) = a.checkpoint_minutes {
+            argv.extend(["--checkpoint-minutes".into(), m.to_string().into()]);
         }
         let cli = super::parse(argv)?;
         let super::Command::Tune(args) = cli.command else {
@@ -592,6 +661,8 @@ fn tune_in(a: TuneArgs, resume: bool, quiet: bool) -> Result<()> {
             .as_deref()
             .map(BatchDump::create)
             .transpose()?,
+        checkpoint: (state.step > 0).then_some(state.step),
+        stopping: false,
     };
     let llm_name = parts.llm.name();
     let setup = Setup {
@@ -602,6 +673,8 @@ fn tune_in(a: TuneArgs, resume: bool, quiet: bool) -> Result<()> {
         rec: &parts.rec,
     };
     let started = std::time::Instant::now();
+    // From here on Ctrl-C / SIGTERM stop the run at the next step boundary, with a checkpoint.
+    crate::interrupt::install().context("installing the Ctrl-C handler")?;
     let state = tune::tune(
         setup, projector, head, &opts, &run, state, &llm_name, &mut hooks,
     )?;
@@ -630,13 +703,23 @@ fn tune_in(a: TuneArgs, resume: bool, quiet: bool) -> Result<()> {
             state.step,
             out.display()
         ),
-        (_, false) => println!(
-            "stopped at step {} of {} ({:.0}% hybrid); continue with `llara tune --resume {}`",
-            state.step,
-            state.total_steps,
-            100.0 * frac,
-            out.display()
-        ),
+        (_, false) => {
+            let msg = format!(
+                "stopped at step {} of {} ({:.0}% hybrid); checkpoint written; continue with `llara tune --resume {}`",
+                state.step,
+                state.total_steps,
+                100.0 * frac,
+                out.display()
+            );
+            if let Some(signal) = crate::interrupt::requested() {
+                return Err(crate::interrupt::Interrupted {
+                    signal,
+                    message: msg,
+                }
+                .into());
+            }
+            println!("{msg}");
+        }
     }
     Ok(())
 }

@@ -46,6 +46,43 @@ pub enum TuneError {
     Llm(#[from] LlmError),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// A non-finite loss, gradient norm or weight: nothing of this step was written.
+    #[error("{}", diverged_message(*.step, *.loss, *.grad_norm, *.lr, .what, *.last_checkpoint))]
+    Diverged {
+        step: usize,
+        loss: f64,
+        grad_norm: f64,
+        lr: f64,
+        what: &'static str,
+        last_checkpoint: Option<usize>,
+    },
+    /// Writing `best/` or `checkpoint/` failed; the previous one is unchanged.
+    #[error("writing {what} {}: {source}; the previous {what} is unchanged", path.display())]
+    Save {
+        what: &'static str,
+        path: PathBuf,
+        source: Box<TuneError>,
+    },
+}
+
+fn diverged_message(
+    step: usize,
+    loss: f64,
+    grad_norm: f64,
+    lr: f64,
+    what: &str,
+    last_checkpoint: Option<usize>,
+) -> String {
+    let kept = match last_checkpoint {
+        Some(s) => format!("checkpoint/ (step {s}) and best/ are as they were"),
+        None => "no checkpoint had been written yet; best/ is as it was".into(),
+    };
+    format!(
+        "training diverged at step {step}: {what} (loss {loss}, gradient norm {grad_norm}, learning rate {lr:.3e}). \
+         The usual cause is a learning rate too high for this model: rerun with a lower --lr, or bound the \
+         update with --max-grad-norm 1 (--max-bad-steps N skips up to N such micro-batches). Nothing of this \
+         step was written: {kept}"
+    )
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TuneError + '_ {
@@ -155,7 +192,28 @@ pub struct TuneOptions {
     pub max_new_tokens: usize,
     pub seed: u64,
     pub checkpoint_layers: bool,
+    /// Also write `checkpoint/` every N optimizer steps.
+    #[serde(default)]
+    pub checkpoint_every: Option<usize>,
+    /// Also write `checkpoint/` when this many minutes of training have passed since the last one
+    /// (0: only at validation points, `checkpoint_every` and the end).
+    #[serde(default = "default_checkpoint_minutes")]
+    pub checkpoint_minutes: f64,
+    /// Optimizer steps whose loss or gradient is non-finite that are skipped (no update) before
+    /// the run stops with [`TuneError::Diverged`].
+    #[serde(default)]
+    pub max_bad_steps: usize,
 }
+
+/// The default of [`TuneOptions::checkpoint_minutes`].
+pub const DEFAULT_CHECKPOINT_MINUTES: f64 = 15.0;
+
+fn default_checkpoint_minutes() -> f64 {
+    DEFAULT_CHECKPOINT_MINUTES
+}
+
+/// Consecutive steps with a zero gradient norm after which a run warns that it has stalled.
+pub const STALL_STEPS: usize = 20;
 
 /// What one optimizer step did (a line of `train_log.jsonl`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -171,6 +229,9 @@ pub struct StepLog {
     pub grad_norm: f64,
     pub tokens: usize,
     pub tokens_per_second: f64,
+    /// The step's loss or gradient was non-finite: no update was made (`--max-bad-steps`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub skipped: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -190,6 +251,16 @@ pub struct RunState {
     pub best: Option<EvalLog>,
     pub evals: Vec<EvalLog>,
     pub finished: bool,
+    /// The checkpoint was written at a validation point before validating: a resumed run
+    /// validates first.
+    #[serde(default)]
+    pub pending_eval: bool,
+    /// Steps skipped for a non-finite loss or gradient.
+    #[serde(default)]
+    pub bad_steps: usize,
+    /// What the run warned about (a stalled gradient, skipped steps).
+    #[serde(default)]
+    pub warnings: Vec<String>,
 }
 
 /// Called as training goes (progress bars, logs).
@@ -201,6 +272,17 @@ pub trait Hooks {
     fn on_eval(&mut self, _log: &EvalLog) {}
     /// One micro-batch as the model is about to see it (for replaying the exact workload elsewhere).
     fn on_batch(&mut self, _step: usize, _hybrid: bool, _rows: &[&super::Tokenized]) {}
+    /// Asked between optimizer steps: `true` stops the run after writing a checkpoint (a
+    /// signal, a deadline). The run is then resumable where it stopped.
+    fn should_stop(&mut self) -> bool {
+        false
+    }
+    /// A checkpoint of step `step` was written.
+    fn on_checkpoint(&mut self, _step: usize) {}
+    /// Something the user should know about (a stalled gradient, a skipped step).
+    fn on_warning(&mut self, msg: &str) {
+        tracing::warn!("{msg}");
+    }
 }
 
 impl Hooks for () {}
@@ -347,6 +429,24 @@ struct Trainables {
     vars: Vec<(String, Var)>,
 }
 
+impl Trainables {
+    /// Whether every trainable weight is finite (one reduction per tensor: a NaN or an infinity
+    /// anywhere makes its sum of magnitudes non-finite).
+    fn finite(&self) -> TResult<bool> {
+        for (_, v) in &self.vars {
+            let s = v
+                .as_tensor()
+                .abs()?
+                .sum_all()?
+                .to_dtype(candle_core::DType::F64)?;
+            if !s.to_scalar::<f64>()?.is_finite() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+}
+
 fn trainables(
     model: &Llama,
     projector: Projector,
@@ -468,6 +568,23 @@ pub fn tune(
         )));
     }
     model.set_checkpointing(opts.checkpoint_layers)?;
+    if !(opts.checkpoint_minutes.is_finite() && opts.checkpoint_minutes >= 0.0) {
+        return Err(TuneError::Invalid(format!(
+            "--checkpoint-minutes {}: expected a number of minutes of at least 0 (0: no time-based checkpoints)",
+            opts.checkpoint_minutes
+        )));
+    }
+    if opts.checkpoint_every == Some(0) {
+        return Err(TuneError::Invalid(
+            "--checkpoint-every 0: expected at least 1 optimizer step".into(),
+        ));
+    }
+    if opts.lr > 0.1 {
+        hooks.on_warning(&format!(
+            "--lr {}: far above the rates LoRA trains with (1e-4 to 1e-3); expect a diverging or stalled run",
+            opts.lr
+        ));
+    }
     let rows = training_rows(ds, opts);
     if rows.is_empty() {
         return Err(TuneError::Invalid(format!(
@@ -478,6 +595,10 @@ pub fn tune(
     let (per_epoch, total) = schedule(rows.len(), opts);
     state.total_steps = total;
     let mut t = trainables(model, projector, head, opts)?;
+    // Leftovers of a write that a crash or SIGKILL cut short.
+    for dest in [run.checkpoint(), run.best(), run.dir.join("adapter")] {
+        crate::fsutil::recover_staged(&dest).map_err(io(&dest))?;
+    }
     if state.step > 0 {
         let path = run.checkpoint().join("optimizer.safetensors");
         let st = candle_core::safetensors::load(&path, &candle_core::Device::Cpu)?;
@@ -507,11 +628,32 @@ pub fn tune(
     for l in &kept {
         writeln!(log, "{l}").map_err(io(&log_path))?;
     }
+    let ctx = Ctx {
+        model: &*model,
+        kit: &kit,
+        rec,
+        opts,
+        valid: &valid,
+        answer_ranks,
+        run,
+        llm_name,
+    };
     hooks.on_start(total, state.step);
+    // The checkpoint this invocation may fall back to (the one it resumed from, then its own).
+    let mut last_checkpoint = (state.step > 0).then_some(state.step);
+    let mut last_save = std::time::Instant::now();
+    // The state on disk is the state in memory (nothing to write when stopping).
+    let mut saved = true;
+    if state.pending_eval {
+        // Stopped between writing a validation point's checkpoint and validating it.
+        let epoch = state.step.saturating_sub(1) / per_epoch;
+        ctx.validate(&t, &mut state, epoch, hooks)?;
+    }
     let mut order: Option<(usize, Vec<usize>)> = None;
     let mut done_now = 0;
+    let mut zero_grad_run = 0;
     while state.step < total {
-        if opts.stop_after.is_some_and(|s| done_now >= s) {
+        if opts.stop_after.is_some_and(|s| done_now >= s) || hooks.should_stop() {
             break;
         }
         let step = state.step;
@@ -621,22 +763,74 @@ pub fn tune(
         }
         let grad_norm = optim::clip(&mut grads, opts.max_grad_norm)?;
         let lr = optim::lr_at(step, total, opts.lr, opts.min_lr);
-        t.opt.step(&grads, lr)?;
-        state.step += 1;
-        done_now += 1;
-        state.hybrid_steps += usize::from(hard);
-        let entry = StepLog {
+        let bad = !(loss_sum.is_finite() && grad_norm.is_finite());
+        let diverged = |what: &'static str| TuneError::Diverged {
+            step,
+            loss: loss_sum,
+            grad_norm,
+            lr,
+            what,
+            last_checkpoint,
+        };
+        let mut entry = StepLog {
             step,
             epoch,
             loss: loss_sum,
             lr,
             p_hybrid: p,
             hybrid: hard,
-            hybrid_fraction: state.hybrid_steps as f64 / state.step as f64,
+            hybrid_fraction: 0.0,
             grad_norm,
             tokens,
-            tokens_per_second: tokens as f64 / started.elapsed().as_secs_f64().max(1e-9),
+            tokens_per_second: 0.0,
+            skipped: bad,
         };
+        if bad {
+            state.bad_steps += 1;
+            if state.bad_steps > opts.max_bad_steps {
+                // The step's line stays in the log (what diverged); nothing else is written.
+                entry.tokens_per_second = tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
+                let line = serde_json::to_string(&entry).expect("serialisable");
+                writeln!(log, "{line}").map_err(io(&log_path))?;
+                return Err(diverged(if loss_sum.is_finite() {
+                    "the gradient norm is not finite"
+                } else {
+                    "the loss is not finite"
+                }));
+            }
+            let msg = format!(
+                "step {step}: loss {loss_sum}, gradient norm {grad_norm}: skipped without an update ({} of --max-bad-steps {})",
+                state.bad_steps, opts.max_bad_steps
+            );
+            hooks.on_warning(&msg);
+            state.warnings.push(msg);
+        } else {
+            t.opt.step(&grads, lr)?;
+            if !t.finite()? {
+                return Err(diverged("the update made a weight non-finite"));
+            }
+        }
+        zero_grad_run = if !bad && grad_norm == 0.0 && step >= opts.projector_warmup {
+            zero_grad_run + 1
+        } else {
+            0
+        };
+        if zero_grad_run == STALL_STEPS {
+            let msg = format!(
+                "steps {}..{step}: the gradient norm is 0 and the loss flat at {loss_sum:.4}: training has stalled \
+                 (a saturated model, usually from a learning rate far too high: --lr {})",
+                step + 1 - STALL_STEPS,
+                opts.lr
+            );
+            hooks.on_warning(&msg);
+            state.warnings.push(msg);
+        }
+        state.step += 1;
+        done_now += 1;
+        saved = false;
+        state.hybrid_steps += usize::from(hard);
+        entry.hybrid_fraction = state.hybrid_steps as f64 / state.step as f64;
+        entry.tokens_per_second = tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
         writeln!(
             log,
             "{}",
@@ -649,82 +843,39 @@ pub fn tune(
             .eval_every
             .is_some_and(|n| n > 0 && state.step.is_multiple_of(n));
         let last = state.step == total;
-        if end_of_epoch || periodic || last {
-            if !valid.is_empty() {
-                hooks.on_eval_start(valid.len());
-                let eval_opts = EvalOptions {
-                    view: opts.curriculum.eval_view(),
-                    template: opts.template,
-                    batch_size: opts.eval_batch_size,
-                    max_new_tokens: opts.max_new_tokens,
-                    constrained: false,
-                };
-                let behaviour = Behaviour {
-                    rec,
-                    cand_emb: opts.cand_emb,
-                    projector: &t.projector,
-                };
-                let behaviour = eval_opts.view.uses_embeddings().then_some(&behaviour);
-                let m = match &t.head {
-                    // Head runs validate by the head's ranking (valid ratio 1).
-                    Some(hd) => {
-                        let scored =
-                            score_with_head(model, &kit, behaviour, hd, &valid, &eval_opts, |n| {
-                                hooks.on_eval_progress(n)
-                            })?;
-                        GenMetrics::of_ranks(scored.iter().map(|r| r.rank))
-                    }
-                    // Answer-ranking runs validate by that ranking.
-                    None if answer_ranks => {
-                        let scored = score_candidates(
-                            model,
-                            &kit,
-                            behaviour,
-                            &valid,
-                            &eval_opts,
-                            ScoreOptions::new(ScoreMode::Sum),
-                            |n| hooks.on_eval_progress(n),
-                        )?;
-                        GenMetrics::of_ranks(scored.iter().map(|r| r.rank))
-                    }
-                    None => GenMetrics::of(&evaluate(
-                        model,
-                        &kit,
-                        behaviour,
-                        &valid,
-                        &eval_opts,
-                        |n| hooks.on_eval_progress(n),
-                    )?),
-                };
-                let better = state.best.as_ref().is_none_or(|b| m.hr1 > b.valid.hr1);
-                let e = EvalLog {
-                    step: state.step,
-                    epoch,
-                    valid: m,
-                    best: better,
-                };
-                if better {
-                    save_weights(model, &t, &run.best(), llm_name, None)?;
-                    state.best = Some(e.clone());
-                }
-                state.evals.push(e.clone());
-                hooks.on_eval(&e);
-            }
-            save_weights(model, &t, &run.checkpoint(), llm_name, Some(&state))?;
+        let due = opts
+            .checkpoint_every
+            .is_some_and(|n| state.step.is_multiple_of(n))
+            || (opts.checkpoint_minutes > 0.0
+                && last_save.elapsed().as_secs_f64() >= 60.0 * opts.checkpoint_minutes);
+        let validate = (end_of_epoch || periodic || last) && !valid.is_empty();
+        if validate || end_of_epoch || periodic || last || due {
+            // At a validation point the checkpoint comes first: a run stopped while validating
+            // validates again when resumed.
+            state.pending_eval = validate;
+            ctx.save("checkpoint/", &t, &run.checkpoint(), Some(&state))?;
+            last_checkpoint = Some(state.step);
+            last_save = std::time::Instant::now();
+            saved = true;
+            hooks.on_checkpoint(state.step);
+        }
+        if validate && !hooks.should_stop() {
+            ctx.validate(&t, &mut state, epoch, hooks)?;
         }
     }
-    if state.step < total && done_now > 0 {
-        // Stopped early (--stop-after): make the position resumable.
-        save_weights(model, &t, &run.checkpoint(), llm_name, Some(&state))?;
+    if !saved {
+        // Stopped early (--stop-after, a signal): make the position resumable.
+        ctx.save("checkpoint/", &t, &run.checkpoint(), Some(&state))?;
+        hooks.on_checkpoint(state.step);
     }
-    if state.step == total && !state.finished {
+    if state.step == total && !state.finished && !state.pending_eval {
         // The run's result: the best validated weights (or the last ones without a valid split).
         if state.best.is_none() {
-            save_weights(model, &t, &run.best(), llm_name, None)?;
+            ctx.save("best/", &t, &run.best(), None)?;
         }
         publish_best(run)?;
         state.finished = true;
-        save_weights(model, &t, &run.checkpoint(), llm_name, Some(&state))?;
+        ctx.save("checkpoint/", &t, &run.checkpoint(), Some(&state))?;
     }
     let metrics = serde_json::json!({
         "best": state.best,
@@ -733,9 +884,114 @@ pub fn tune(
         "total_steps": total,
         "hybrid_fraction": if state.step > 0 { state.hybrid_steps as f64 / state.step as f64 } else { 0.0 },
         "finished": state.finished,
+        "bad_steps": state.bad_steps,
+        "warnings": state.warnings,
     });
     crate::fsutil::write_file_atomic(&run.dir.join("metrics.json"), |p| write_json(p, &metrics))?;
     Ok(state)
+}
+
+/// What validation and checkpoint writes need from a run.
+struct Ctx<'a> {
+    model: &'a Llama,
+    kit: &'a PromptKit<'a>,
+    rec: &'a Recommender,
+    opts: &'a TuneOptions,
+    valid: &'a [(usize, Example)],
+    answer_ranks: bool,
+    run: &'a RunDir,
+    llm_name: &'a str,
+}
+
+impl Ctx<'_> {
+    /// Writes `dest` atomically; a failure names it (the previous one is unchanged).
+    fn save(
+        &self,
+        what: &'static str,
+        t: &Trainables,
+        dest: &Path,
+        state: Option<&RunState>,
+    ) -> TResult<()> {
+        save_weights(self.model, t, dest, self.llm_name, state).map_err(|e| TuneError::Save {
+            what,
+            path: dest.to_path_buf(),
+            source: Box::new(e),
+        })
+    }
+
+    /// Validates the current weights, keeps them as `best/` when they beat the best so far, and
+    /// records the result in the checkpoint's `state.json` (whose weights are these).
+    fn validate(
+        &self,
+        t: &Trainables,
+        state: &mut RunState,
+        epoch: usize,
+        hooks: &mut dyn Hooks,
+    ) -> TResult<()> {
+        let (model, kit, opts, valid) = (self.model, self.kit, self.opts, self.valid);
+        hooks.on_eval_start(valid.len());
+        let eval_opts = EvalOptions {
+            view: opts.curriculum.eval_view(),
+            template: opts.template,
+            batch_size: opts.eval_batch_size,
+            max_new_tokens: opts.max_new_tokens,
+            constrained: false,
+        };
+        let behaviour = Behaviour {
+            rec: self.rec,
+            cand_emb: opts.cand_emb,
+            projector: &t.projector,
+        };
+        let behaviour = eval_opts.view.uses_embeddings().then_some(&behaviour);
+        let m = match &t.head {
+            // Head runs validate by the head's ranking (valid ratio 1).
+            Some(hd) => {
+                let scored = score_with_head(model, kit, behaviour, hd, valid, &eval_opts, |n| {
+                    hooks.on_eval_progress(n)
+                })?;
+                GenMetrics::of_ranks(scored.iter().map(|r| r.rank))
+            }
+            // Answer-ranking runs validate by that ranking.
+            None if self.answer_ranks => {
+                let scored = score_candidates(
+                    model,
+                    kit,
+                    behaviour,
+                    valid,
+                    &eval_opts,
+                    ScoreOptions::new(ScoreMode::Sum),
+                    |n| hooks.on_eval_progress(n),
+                )?;
+                GenMetrics::of_ranks(scored.iter().map(|r| r.rank))
+            }
+            None => GenMetrics::of(&evaluate(model, kit, behaviour, valid, &eval_opts, |n| {
+                hooks.on_eval_progress(n)
+            })?),
+        };
+        let better = state.best.as_ref().is_none_or(|b| m.hr1 > b.valid.hr1);
+        let e = EvalLog {
+            step: state.step,
+            epoch,
+            valid: m,
+            best: better,
+        };
+        if better {
+            self.save("best/", t, &self.run.best(), None)?;
+            state.best = Some(e.clone());
+        }
+        state.evals.push(e.clone());
+        state.pending_eval = false;
+        let p = self.run.checkpoint().join("state.json");
+        crate::fsutil::write_file_atomic(&p, |p| write_json(p, &*state)).map_err(|e| {
+            TuneError::Save {
+                what: "checkpoint/",
+                path: p.clone(),
+                source: Box::new(e),
+            }
+        })?;
+        hooks.on_eval(&e);
+        Ok(())
+    }
 }
 
 /// Adds a micro-batch's gradients of the trainable `vars` to `grads`.
