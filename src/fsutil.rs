@@ -138,3 +138,34 @@ pub fn write_file_atomic<E: From<io::Error>>(
     tmp.persist(dest).map_err(|e| e.error)?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cut_commit_is_recovered_and_stale_temporaries_removed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dest = tmp.path().join("checkpoint");
+        let s = StagedDir::new(&dest, true).unwrap();
+        fs::write(s.path().join("f"), "one").unwrap();
+        s.commit().unwrap();
+        // A kill between the commit's two renames: the old output is aside, a new one staged.
+        let s = StagedDir::new(&dest, true).unwrap();
+        fs::write(s.path().join("f"), "two").unwrap();
+        let staged = s.path().to_path_buf();
+        std::mem::forget(s);
+        fs::rename(&dest, old_place(&dest).unwrap()).unwrap();
+        recover_staged(&dest).unwrap();
+        assert_eq!(fs::read_to_string(dest.join("f")).unwrap(), "one");
+        assert!(!staged.exists());
+        let names: Vec<_> = fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("checkpoint")]);
+        // An intact output is left alone.
+        recover_staged(&dest).unwrap();
+        assert_eq!(fs::read_to_string(dest.join("f")).unwrap(), "one");
+    }
+}

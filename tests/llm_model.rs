@@ -487,3 +487,29 @@ fn fresh_adapters_start_as_the_identity() {
     let r = vec![rows()[0].clone()];
     assert_eq!(all_logits(&base, &r, &[6]), all_logits(&fresh, &r, &[6]));
 }
+
+#[test]
+fn device_auto_says_what_it_chose_and_why() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_llara"))
+        .args(["llm", "info", "--llm", "builtin:tiny", "--device", "auto"])
+        .env("LLARA_LOG", "info")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line = err
+        .lines()
+        .find(|l| l.contains("--device auto:"))
+        .unwrap_or_else(|| panic!("no device line in {err}"));
+    if candle_core::utils::cuda_is_available() {
+        assert!(
+            line.contains("cuda:0") || line.contains("did not start"),
+            "{line}"
+        );
+    } else {
+        assert!(
+            line.contains("cpu (this llara was built without CUDA"),
+            "{line}"
+        );
+    }
+}

@@ -405,3 +405,59 @@ fn quickstart_runs_end_to_end() {
     assert!(h >= 0.8 * r, "hybrid {h} vs SASRec {r}");
     assert!(h > t + 0.1, "hybrid {h} vs text-only {t}");
 }
+
+#[cfg(unix)]
+#[test]
+fn ctrl_c_stops_train_sr_and_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = small_synth(tmp.path());
+    let out = tmp.path().join("sr");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_llara"))
+        .args(["train-sr", "--data", s(&data), "--out", s(&out)])
+        .args([
+            "--epochs",
+            "100000",
+            "--patience",
+            "100000",
+            "--hidden",
+            "8",
+        ])
+        .env("LLARA_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until training is under way (the first epoch's line), then interrupt.
+    let mut err = child.stderr.take().unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("epoch   1") {
+        use std::io::Read;
+        let n = err.read(&mut buf).unwrap();
+        assert!(
+            n > 0,
+            "train-sr ended early: {}",
+            String::from_utf8_lossy(&seen)
+        );
+        seen.extend_from_slice(&buf[..n]);
+    }
+    let st = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut err, &mut rest).unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{rest}");
+    assert!(
+        rest.contains("SIGINT") && rest.contains("nothing was written"),
+        "{rest}"
+    );
+    let left: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("sr"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}

@@ -1286,3 +1286,98 @@ fn a_failed_checkpoint_write_names_the_path_and_keeps_the_previous_one() {
     ok(&["tune", "--resume", run.to_str().unwrap()]);
     same_files(&straight, &run, &RESULT_FILES);
 }
+
+/// Stops the run right after the checkpoint of step `at` (before that step's validation).
+struct StopAfterCheckpoint {
+    at: usize,
+    hit: bool,
+}
+
+impl tune::Hooks for StopAfterCheckpoint {
+    fn on_checkpoint(&mut self, step: usize) {
+        self.hit |= step == self.at;
+    }
+    fn should_stop(&mut self) -> bool {
+        self.hit
+    }
+}
+
+#[test]
+fn a_run_stopped_before_validating_validates_first_when_resumed() {
+    let (data, sr) = fixture();
+    let ds = Dataset::open(data).unwrap();
+    let rec = recommender(sr);
+    let d_sr = rec.item_embeddings.dim(1).unwrap();
+    let templates = short_templates();
+    let opts = TuneOptions {
+        epochs: 2,
+        valid_samples: Some(2),
+        ..tiny_opts(Curriculum::Linear)
+    };
+    let (per_epoch, total) = tune::schedule(tune::training_rows(&ds, &opts).len(), &opts);
+    assert!(total > per_epoch, "two epochs");
+    let run_to = |dir: &Path, state: RunState, hooks: &mut dyn tune::Hooks| {
+        let mut l = llm::load("builtin:tiny", &LlmOptions::cpu()).unwrap();
+        let run = RunDir {
+            dir: dir.to_path_buf(),
+        };
+        let projector = if state.step == 0 {
+            llm::lora::add_adapters(&mut l.model, &opts.lora, opts.seed).unwrap();
+            Projector::new(
+                d_sr,
+                64,
+                opts.seed,
+                candle_core::DType::F32,
+                &candle_core::Device::Cpu,
+            )
+            .unwrap()
+        } else {
+            tune::load_weights(&mut l.model, &run.checkpoint(), d_sr, None)
+                .unwrap()
+                .0
+        };
+        let setup = Setup {
+            model: &mut l.model,
+            tok: &l.tokenizer,
+            templates: &templates,
+            ds: &ds,
+            rec: &rec,
+        };
+        tune::tune(
+            setup,
+            projector,
+            None,
+            &opts,
+            &run,
+            state,
+            "builtin:tiny",
+            hooks,
+        )
+        .unwrap()
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let straight = tmp.path().join("straight");
+    let done = run_to(&straight, RunState::default(), &mut ());
+    assert!(done.finished && done.evals.len() == 2);
+    // Stopped at the end of epoch 1, after its checkpoint, before its validation.
+    let cut = tmp.path().join("cut");
+    let mut hooks = StopAfterCheckpoint {
+        at: per_epoch,
+        hit: false,
+    };
+    let stopped = run_to(&cut, RunState::default(), &mut hooks);
+    assert_eq!(stopped.step, per_epoch);
+    assert!(stopped.pending_eval && stopped.evals.is_empty() && !stopped.finished);
+    let on_disk = tune::read_state(&RunDir { dir: cut.clone() }).unwrap();
+    assert!(on_disk.pending_eval && on_disk.step == per_epoch);
+    let resumed = run_to(&cut, on_disk, &mut ());
+    assert!(resumed.finished && !resumed.pending_eval);
+    let steps = |s: &RunState| s.evals.iter().map(|e| e.step).collect::<Vec<_>>();
+    assert_eq!(steps(&resumed), steps(&done));
+    assert_eq!(
+        serde_json::to_value(&resumed.evals).unwrap(),
+        serde_json::to_value(&done.evals).unwrap()
+    );
+    same_files(&straight, &cut, &RESULT_FILES);
+    same_files(&straight, &cut, &["best/adapter/adapter_model.safetensors"]);
+}

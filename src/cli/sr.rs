@@ -217,6 +217,8 @@ pub fn train_sr(mut a: TrainSrArgs) -> Result<()> {
     let running = std::cell::Cell::new(0.0f64);
     let lr = a.lr;
     let start_all = std::time::Instant::now();
+    // Ctrl-C / SIGTERM stop after the current batch; nothing is written (runs take minutes).
+    crate::interrupt::install().context("installing the Ctrl-C handler")?;
     let trained = train(
         &ds,
         &opts,
@@ -238,6 +240,10 @@ pub fn train_sr(mut a: TrainSrArgs) -> Result<()> {
             let ex = (done * batch_size) as f64 / started.get().elapsed().as_secs_f64().max(1e-9);
             bar.set_position(done as u64);
             bar.set_message(format!("loss {avg:.4}  lr {lr:.0e}  {ex:.0} ex/s"));
+            match crate::interrupt::requested() {
+                Some(_) => std::ops::ControlFlow::Break(()),
+                None => std::ops::ControlFlow::Continue(()),
+            }
         },
         |e: &EpochLog, improved| {
             bar.suspend(|| {
@@ -254,8 +260,22 @@ pub fn train_sr(mut a: TrainSrArgs) -> Result<()> {
                 )
             });
         },
-    )?;
+    );
     bar.finish_and_clear();
+    let trained = match trained {
+        Err(crate::sr::SrError::Stopped { epoch, step }) => {
+            let signal = crate::interrupt::requested().expect("only a signal stops training");
+            return Err(crate::interrupt::Interrupted {
+                signal,
+                message: format!(
+                    "stopped at epoch {epoch}, batch {step}; nothing was written to {} (rerun the command)",
+                    a.out.display()
+                ),
+            }
+            .into());
+        }
+        other => other?,
+    };
     let train_seconds = start_all.elapsed().as_secs_f64();
 
     let dir = staged.path();

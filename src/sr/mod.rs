@@ -32,6 +32,9 @@ pub enum SrError {
     Invalid(String),
     #[error(transparent)]
     Data(#[from] crate::data::DataError),
+    /// The caller asked training to stop (a signal).
+    #[error("stopped at epoch {epoch}, step {step}")]
+    Stopped { epoch: usize, step: usize },
 }
 
 pub type Result<T> = std::result::Result<T, SrError>;

@@ -372,14 +372,15 @@ fn batch_loss(
     })
 }
 
-/// Trains on `ds.splits.train`, selects on valid, reports test. `on_batch(done, total, loss)` is
-/// called after every step (for progress bars).
+/// Trains on `ds.splits.train`, selects on valid, reports test. `on_batch(done, loss)` is called
+/// after every step (for progress bars); returning `Break` stops training with
+/// [`SrError::Stopped`].
 pub fn train(
     ds: &Dataset,
     o: &TrainOptions,
     device: &Device,
     mut on_epoch_start: impl FnMut(usize, usize),
-    mut on_batch: impl FnMut(usize, f64),
+    mut on_batch: impl FnMut(usize, f64) -> std::ops::ControlFlow<()>,
     mut on_epoch_end: impl FnMut(&EpochLog, bool),
 ) -> Result<Trained> {
     if o.batch_size == 0 || o.epochs == 0 {
@@ -464,7 +465,9 @@ pub fn train(
                 )));
             }
             total += l;
-            on_batch(i + 1, l);
+            if on_batch(i + 1, l).is_break() {
+                return Err(SrError::Stopped { epoch, step: i + 1 });
+            }
         }
         let seconds = start.elapsed().as_secs_f64();
         // With an average, validate (and snapshot) it, then put the raw weights back.
