@@ -106,7 +106,7 @@ fn old_place(dest: &Path) -> io::Result<PathBuf> {
 /// temporary folders. Call it only while no other process writes `dest`.
 pub fn recover_staged(dest: &Path) -> io::Result<()> {
     let (parent, prefix) = temp_place(dest)?;
-    let old = parent.join(format!("{prefix}old"));
+    let old = old_place(dest)?;
     if !dest.exists() && old.is_dir() {
         fs::rename(&old, dest)?;
     }

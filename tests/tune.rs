@@ -961,6 +961,23 @@ fn long_args(data: &str, sr: &str, out: &str, steps: &str, extra: &[&str]) -> Ve
     v
 }
 
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// The uninterrupted 60-step run the interruption tests compare against, built once per binary.
+fn straight_60() -> &'static Path {
+    static S: OnceLock<PathBuf> = OnceLock::new();
+    S.get_or_init(|| {
+        let (data, sr) = fixture();
+        let dir = std::env::temp_dir().join(format!("llara-tune-straight-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (d, s) = (data.to_str().unwrap(), sr.to_str().unwrap());
+        ok(&strs(&long_args(d, s, dir.to_str().unwrap(), "60", &[])));
+        dir
+    })
+}
+
 fn spawn(args: &[String]) -> std::process::Child {
     std::process::Command::new(env!("CARGO_BIN_EXE_llara"))
         .args(args)
@@ -1023,11 +1040,8 @@ fn ctrl_c_checkpoints_and_resume_matches_an_uninterrupted_run() {
     let (data, sr) = fixture();
     let tmp = tempfile::tempdir().unwrap();
     let (d, s) = (data.to_str().unwrap(), sr.to_str().unwrap());
-    let straight = tmp.path().join("straight");
+    let straight = straight_60();
     let cut = tmp.path().join("cut");
-    let args: Vec<String> = long_args(d, s, straight.to_str().unwrap(), "60", &[]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    ok(&args);
 
     let child = spawn(&long_args(d, s, cut.to_str().unwrap(), "60", &[]));
     wait_for("a few steps", || logged_steps(&cut) >= 3);
@@ -1049,8 +1063,8 @@ fn ctrl_c_checkpoints_and_resume_matches_an_uninterrupted_run() {
         "the log ends at the checkpoint"
     );
     ok(&["tune", "--resume", cut.to_str().unwrap()]);
-    same_files(&straight, &cut, &RESULT_FILES);
-    assert_eq!(log_lines(&straight), log_lines(&cut));
+    same_files(straight, &cut, &RESULT_FILES);
+    assert_eq!(log_lines(straight), log_lines(&cut));
 }
 
 #[cfg(unix)]
@@ -1059,11 +1073,8 @@ fn sigkill_after_a_time_based_checkpoint_loses_only_the_steps_since() {
     let (data, sr) = fixture();
     let tmp = tempfile::tempdir().unwrap();
     let (d, s) = (data.to_str().unwrap(), sr.to_str().unwrap());
-    let straight = tmp.path().join("straight");
+    let straight = straight_60();
     let cut = tmp.path().join("cut");
-    let args: Vec<String> = long_args(d, s, straight.to_str().unwrap(), "60", &[]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    ok(&args);
     // A checkpoint whenever 0.6 s have passed since the last one.
     let mut child = spawn(&long_args(
         d,
@@ -1094,8 +1105,8 @@ fn sigkill_after_a_time_based_checkpoint_loses_only_the_steps_since() {
     assert!(resumed.wait().unwrap().success());
     assert_eq!(checkpoint_step(&cut), Some(at + 1));
     ok(&["tune", "--resume", cut.to_str().unwrap()]);
-    same_files(&straight, &cut, &RESULT_FILES);
-    assert_eq!(log_lines(&straight), log_lines(&cut));
+    same_files(straight, &cut, &RESULT_FILES);
+    assert_eq!(log_lines(straight), log_lines(&cut));
     // No temporary folder of a cut write is left behind.
     let stray: Vec<_> = std::fs::read_dir(&cut)
         .unwrap()
@@ -1133,7 +1144,7 @@ fn a_nan_loss_stops_the_run_and_leaves_the_last_checkpoint_and_best_untouched() 
     let bad = tmp.path().join("bad");
     let every = ["--checkpoint-every", "1", "--eval-every", "1"];
     let args = long_args(d, s, bad.to_str().unwrap(), "30", &every);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let args = strs(&args);
     let err = fails(&args);
     // The step that diverged is the log's last line (the first hybrid step).
     let log = common::read_jsonl(&bad.join("train_log.jsonl"));
@@ -1154,7 +1165,7 @@ fn a_nan_loss_stops_the_run_and_leaves_the_last_checkpoint_and_best_untouched() 
     let mut extra = every.to_vec();
     extra.extend(["--stop-after", &stop]);
     let args = long_args(d, s, good.to_str().unwrap(), "30", &extra);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let args = strs(&args);
     ok(&args);
     assert_eq!(checkpoint_step(&bad), Some(step));
     same_files(
@@ -1178,7 +1189,7 @@ fn a_nan_loss_stops_the_run_and_leaves_the_last_checkpoint_and_best_untouched() 
         "12",
         &["--max-bad-steps", "100", "--valid-samples", "0"],
     );
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let args = strs(&args);
     ok(&args);
     let log = common::read_jsonl(&skip.join("train_log.jsonl"));
     let hybrid = log.iter().filter(|l| l["hybrid"] == true).count();
@@ -1204,7 +1215,7 @@ fn an_absurd_learning_rate_is_an_error_naming_the_step() {
         "10",
         &["--lr", "1e38"],
     );
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let args = strs(&args);
     let err = fails(&args);
     assert!(
         err.contains("diverged at step 0") && err.contains("learning rate"),
@@ -1225,7 +1236,7 @@ fn a_stalled_gradient_is_warned_about() {
         "30",
         &["--lr", "1e4", "--valid-samples", "0"],
     );
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let args = strs(&args);
     let out = common::llara(&args);
     assert!(out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
@@ -1243,10 +1254,10 @@ fn a_failed_checkpoint_write_names_the_path_and_keeps_the_previous_one() {
     let straight = tmp.path().join("straight");
     let run = tmp.path().join("run");
     let args = long_args(d, s, straight.to_str().unwrap(), "8", &[]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let args = strs(&args);
     ok(&args);
     let args = long_args(d, s, run.to_str().unwrap(), "8", &["--stop-after", "3"]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let args = strs(&args);
     ok(&args);
     let before = std::fs::read(run.join("checkpoint/optimizer.safetensors")).unwrap();
     let others = std::fs::read(run.join("checkpoint/adapter/adapter_model.safetensors"))

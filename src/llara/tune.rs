@@ -790,8 +790,7 @@ pub fn tune(
             if state.bad_steps > opts.max_bad_steps {
                 // The step's line stays in the log (what diverged); nothing else is written.
                 entry.tokens_per_second = tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
-                let line = serde_json::to_string(&entry).expect("serialisable");
-                writeln!(log, "{line}").map_err(io(&log_path))?;
+                log_step(&mut log, &log_path, &entry)?;
                 return Err(diverged(if loss_sum.is_finite() {
                     "the gradient norm is not finite"
                 } else {
@@ -831,12 +830,7 @@ pub fn tune(
         state.hybrid_steps += usize::from(hard);
         entry.hybrid_fraction = state.hybrid_steps as f64 / state.step as f64;
         entry.tokens_per_second = tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
-        writeln!(
-            log,
-            "{}",
-            serde_json::to_string(&entry).expect("serialisable")
-        )
-        .map_err(io(&log_path))?;
+        log_step(&mut log, &log_path, &entry)?;
         hooks.on_step(&entry);
         let end_of_epoch = state.step.is_multiple_of(per_epoch);
         let periodic = opts
@@ -849,7 +843,7 @@ pub fn tune(
             || (opts.checkpoint_minutes > 0.0
                 && last_save.elapsed().as_secs_f64() >= 60.0 * opts.checkpoint_minutes);
         let validate = (end_of_epoch || periodic || last) && !valid.is_empty();
-        if validate || end_of_epoch || periodic || last || due {
+        if end_of_epoch || periodic || last || due {
             // At a validation point the checkpoint comes first: a run stopped while validating
             // validates again when resumed.
             state.pending_eval = validate;
@@ -891,6 +885,21 @@ pub fn tune(
     Ok(state)
 }
 
+/// Appends one step's line to `train_log.jsonl`.
+fn log_step(log: &mut std::fs::File, path: &Path, entry: &StepLog) -> TResult<()> {
+    let line = serde_json::to_string(entry).expect("serialisable");
+    writeln!(log, "{line}").map_err(io(path))
+}
+
+/// Wraps a failed write of `what` at `path` (the previous one is unchanged).
+fn saving<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(TuneError) -> TuneError + 'a {
+    move |e| TuneError::Save {
+        what,
+        path: path.to_path_buf(),
+        source: Box::new(e),
+    }
+}
+
 /// What validation and checkpoint writes need from a run.
 struct Ctx<'a> {
     model: &'a Llama,
@@ -912,11 +921,7 @@ impl Ctx<'_> {
         dest: &Path,
         state: Option<&RunState>,
     ) -> TResult<()> {
-        save_weights(self.model, t, dest, self.llm_name, state).map_err(|e| TuneError::Save {
-            what,
-            path: dest.to_path_buf(),
-            source: Box::new(e),
-        })
+        save_weights(self.model, t, dest, self.llm_name, state).map_err(saving(what, dest))
     }
 
     /// Validates the current weights, keeps them as `best/` when they beat the best so far, and
@@ -982,13 +987,8 @@ impl Ctx<'_> {
         state.evals.push(e.clone());
         state.pending_eval = false;
         let p = self.run.checkpoint().join("state.json");
-        crate::fsutil::write_file_atomic(&p, |p| write_json(p, &*state)).map_err(|e| {
-            TuneError::Save {
-                what: "checkpoint/",
-                path: p.clone(),
-                source: Box::new(e),
-            }
-        })?;
+        crate::fsutil::write_file_atomic(&p, |p| write_json(p, &*state))
+            .map_err(saving("checkpoint/", &p))?;
         hooks.on_eval(&e);
         Ok(())
     }
