@@ -14,6 +14,7 @@ pub mod device;
 pub mod eval;
 pub mod fsutil;
 pub mod interrupt;
+pub mod kernels;
 pub mod llara;
 pub mod llm;
 pub mod sr;

@@ -61,7 +61,7 @@ fn loss_with_dropout(m: &Llama, inject: &Var, p: f64) -> Tensor {
     let x = m
         .embed(&rows, Some((&[2, t + 1], inject.as_tensor())))
         .unwrap();
-    let mut d = llara::sr::nn::Dropout::new(p, rand_chacha::ChaCha8Rng::seed_from_u64(9));
+    let mut d = llara::kernels::dropout::Dropout::new(p, rand_chacha::ChaCha8Rng::seed_from_u64(9));
     let h = m
         .forward(&x, Step::padded(&[6, 4], t), (p > 0.0).then_some(&mut d))
         .unwrap();

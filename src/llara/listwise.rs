@@ -10,9 +10,9 @@
 
 use super::prompts::AnswerFormat;
 use super::{embed_batch, Behaviour, Example, PromptKit, Tokenized};
+use crate::kernels::dropout::Dropout;
 use crate::llm::llama::Step;
 use crate::llm::Llama;
-use crate::sr::nn::Dropout;
 use candle_core::{Result, Tensor, D};
 
 /// A prompt and the answer tokens of each of its candidates (in candidate order).

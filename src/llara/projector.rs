@@ -40,16 +40,9 @@ pub fn take_var(
     Var::from_tensor(&x.to_dtype(dt)?)
 }
 
-/// `x Wᵀ + b`: the deterministic fused kernel for f32 on the CPU, candle's ops elsewhere.
+/// `x Wᵀ + b` (the shared deterministic kernel: [`crate::kernels::nn::affine`]).
 fn affine(x: &Tensor, w: &Var, b: &Var) -> Result<Tensor> {
-    if crate::llm::ops::fused(&[x, w.as_tensor(), b.as_tensor()]) && x.rank() == 2 {
-        return x.contiguous()?.apply_op3(
-            w.as_tensor(),
-            b.as_tensor(),
-            crate::llm::kernels::Affine,
-        );
-    }
-    x.matmul(&w.as_tensor().t()?)?.broadcast_add(b.as_tensor())
+    crate::kernels::nn::affine(x, w.as_tensor(), b.as_tensor())
 }
 
 pub struct Projector {

@@ -19,9 +19,9 @@ use super::{
 };
 use crate::data::{Dataset, Row};
 use crate::fsutil::StagedDir;
+use crate::kernels::dropout::Dropout;
 use crate::llm::lora::{self, LoraConfig};
 use crate::llm::{Llama, LlmError, LlmTokenizer, Step};
-use crate::sr::nn::Dropout;
 use candle_core::{Tensor, Var};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};

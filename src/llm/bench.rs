@@ -74,8 +74,10 @@ pub fn run(model: &mut Llama, tok: &LlmTokenizer, cfg: &BenchConfig) -> Result<B
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
     let v = model.cfg.vocab_size as u32;
     let (b, t, a) = (cfg.batch, cfg.seq_len, cfg.answer_len.min(cfg.seq_len - 1));
-    let mut dropout =
-        crate::sr::nn::Dropout::new(cfg.lora.dropout, ChaCha8Rng::seed_from_u64(cfg.seed + 1));
+    let mut dropout = crate::kernels::dropout::Dropout::new(
+        cfg.lora.dropout,
+        ChaCha8Rng::seed_from_u64(cfg.seed + 1),
+    );
     let mut losses = vec![];
     let mut timed = 0.0;
     for step in 0..cfg.warmup + cfg.steps {

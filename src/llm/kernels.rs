@@ -1,285 +1,14 @@
-//! Fused CPU (f32) kernels with hand-written backward passes, built on `gemm`. Each op keeps only
+//! The decoder's fused CPU (f32) kernels with hand-written backward passes, built on the shared
+//! GEMM of [`crate::kernels::gemm`]. Each op keeps only
 //! what its backward needs (a LoRA projection saves its input, not five intermediates; attention
 //! recomputes its probabilities instead of keeping `[B, heads, T, T]` scores and probabilities).
 //! [`super::ops`] chooses between these and differentiable compositions.
 
-use crate::sr::ops::{exp_in_place, f32_slice};
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor,
-};
+use crate::kernels::gemm::{mm, mm_new};
+use crate::kernels::simd::{exp_in_place, masked_softmax_row};
+use crate::kernels::slice::{cpu_tensor as tensor, f32_slice, par_blocks, with, with_all, BLOCK};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use std::sync::Arc;
-
-/// `c[m, n] = (acc ? c : 0) + alpha · op(a) · op(b)` for row-major contiguous slices; `op(a)` is
-/// `a [m, k]`, or `a [k, m]` transposed when `ta`; likewise `op(b)` is `b [k, n]` or `b [n, k]`ᵀ.
-#[allow(clippy::too_many_arguments)]
-pub fn mm(
-    c: &mut [f32],
-    a: &[f32],
-    b: &[f32],
-    m: usize,
-    n: usize,
-    k: usize,
-    ta: bool,
-    tb: bool,
-    acc: bool,
-    alpha: f32,
-) {
-    assert!(
-        c.len() >= m * n && a.len() >= m * k && b.len() >= k * n,
-        "mm: slice too short"
-    );
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !acc {
-            c[..m * n].fill(0.0);
-        }
-        return;
-    }
-    if m <= 4 && !ta && tb {
-        // A few rows times a row-major matrix (generation): row dot products stream `b` once,
-        // where gemm would pack it first.
-        return small_m(c, a, b, m, n, k, acc, alpha);
-    }
-    // SAFETY: `c` holds at least m·n elements (asserted above).
-    unsafe { gemm_blocks(c.as_mut_ptr(), a, b, m, n, k, ta, tb, acc, alpha) }
-}
-
-/// A new row-major `[m, n]` = `alpha · op(a) · op(b)` (see [`mm`]), which the GEMM writes without
-/// the buffer being zero-filled first.
-#[allow(clippy::too_many_arguments)]
-pub fn mm_new(
-    a: &[f32],
-    b: &[f32],
-    m: usize,
-    n: usize,
-    k: usize,
-    ta: bool,
-    tb: bool,
-    alpha: f32,
-) -> Vec<f32> {
-    if m == 0 || n == 0 || k == 0 || (m <= 4 && !ta && tb) {
-        let mut c = vec![0f32; m * n];
-        mm(&mut c, a, b, m, n, k, ta, tb, false, alpha);
-        return c;
-    }
-    assert!(
-        a.len() >= m * k && b.len() >= k * n,
-        "mm_new: slice too short"
-    );
-    let mut c = Vec::with_capacity(m * n);
-    // SAFETY: the buffer has capacity m·n; with `acc` false the GEMM writes every element of the
-    // m·n result and reads none, so all of them are initialized before `set_len`.
-    unsafe {
-        gemm_blocks(c.as_mut_ptr(), a, b, m, n, k, ta, tb, false, alpha);
-        c.set_len(m * n);
-    }
-    c
-}
-
-/// The GEMM behind [`mm`] and [`mm_new`].
-///
-/// # Safety
-/// `c` must be valid for writes (and, with `acc`, reads) of `m·n` elements; `a` and `b` must
-/// hold `m·k` and `k·n`; `m`, `n`, `k` > 0.
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm_blocks(
-    c: *mut f32,
-    a: &[f32],
-    b: &[f32],
-    m: usize,
-    n: usize,
-    k: usize,
-    ta: bool,
-    tb: bool,
-    acc: bool,
-    alpha: f32,
-) {
-    let threads = candle_core::utils::get_num_threads();
-    let (a_cs, a_rs) = if ta { (m as isize, 1) } else { (1, k as isize) };
-    let (b_cs, b_rs) = if tb { (k as isize, 1) } else { (1, n as isize) };
-    // gemm's own multi-threading does not give the same bits from run to run; split `c` into one
-    // block per thread instead, each a single-threaded gemm (deterministic for a given thread
-    // count). Each block packs the operand it shares with the others, so the split runs along
-    // the longer side of `c`: rows (tokens) when there are more of them than columns, else
-    // columns (a weight's outputs), so that a short prompt's GEMMs do not pack every weight once
-    // per thread.
-    let parallel = threads > 1 && m * n * k >= 64 * 64 * 64;
-    let by_cols = parallel && n > m && m >= 8 && n >= 32 * threads;
-    let blocks = if by_cols || (parallel && m >= 2 * threads) {
-        threads
-    } else {
-        1
-    };
-    let (a_ptr, b_ptr, c_ptr) = (a.as_ptr() as usize, b.as_ptr() as usize, c as usize);
-    // One gemm over rows i0..i0+mb and columns j0..j0+nb of c.
-    let block = |i0: usize, mb: usize, j0: usize, nb: usize| {
-        // SAFETY: blocks write disjoint rows (or columns) of c; the operand pointers are offset
-        // to row i0 of op(a) and column j0 of op(b) (element offsets that depend on whether each
-        // is stored transposed); the caller guarantees the sizes, and the strides address exactly
-        // those row-major layouts.
-        unsafe {
-            let a_off = if ta { i0 } else { i0 * k };
-            let b_off = if tb { j0 * k } else { j0 };
-            gemm::gemm(
-                mb,
-                nb,
-                k,
-                (c_ptr as *mut f32).add(i0 * n + j0),
-                1,
-                n as isize,
-                acc,
-                (a_ptr as *const f32).add(a_off),
-                a_cs,
-                a_rs,
-                (b_ptr as *const f32).add(b_off),
-                b_cs,
-                b_rs,
-                1.0,
-                alpha,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            )
-        }
-    };
-    let run = |bi: usize| {
-        if by_cols {
-            // Column blocks in multiples of 16 (one AVX-512 vector of f32).
-            let cols = n.div_ceil(blocks).div_ceil(16) * 16;
-            let j0 = bi * cols;
-            if j0 < n {
-                block(0, m, j0, cols.min(n - j0));
-            }
-        } else {
-            let rows = m.div_ceil(blocks);
-            let i0 = bi * rows;
-            if i0 < m {
-                block(i0, rows.min(m - i0), 0, n);
-            }
-        }
-    };
-    if blocks == 1 {
-        run(0);
-    } else {
-        use rayon::prelude::*;
-        (0..blocks).into_par_iter().for_each(run);
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn small_m(
-    c: &mut [f32],
-    a: &[f32],
-    b: &[f32],
-    m: usize,
-    n: usize,
-    k: usize,
-    acc: bool,
-    alpha: f32,
-) {
-    use rayon::prelude::*;
-    let rows = |j0: usize, out: &mut [f32]| {
-        // out[i * len + jj] for rows i of a and columns j0 + jj.
-        let len = out.len() / m;
-        for jj in 0..len {
-            let brow = &b[(j0 + jj) * k..][..k];
-            for i in 0..m {
-                out[i * len + jj] = alpha * dot(&a[i * k..][..k], brow);
-            }
-        }
-    };
-    let threads = candle_core::utils::get_num_threads();
-    let chunk = n.div_ceil(threads.max(1)).max(1);
-    let mut parts: Vec<Vec<f32>> = (0..n.div_ceil(chunk))
-        .map(|p| vec![0f32; m * chunk.min(n - p * chunk)])
-        .collect();
-    if n * k >= 1 << 16 && threads > 1 {
-        parts
-            .par_iter_mut()
-            .enumerate()
-            .for_each(|(p, out)| rows(p * chunk, out));
-    } else {
-        parts
-            .iter_mut()
-            .enumerate()
-            .for_each(|(p, out)| rows(p * chunk, out));
-    }
-    for (p, out) in parts.iter().enumerate() {
-        let len = out.len() / m;
-        for i in 0..m {
-            let dst = &mut c[i * n + p * chunk..][..len];
-            let src = &out[i * len..][..len];
-            if acc {
-                dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
-            } else {
-                dst.copy_from_slice(src);
-            }
-        }
-    }
-}
-
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..16 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
-/// Runs `f` on the f32 contents of a CPU tensor (made contiguous first).
-fn with<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    with_all(&[t], |s| f(s[0]))
-}
-
-/// Runs `f` on the f32 contents of several CPU tensors at once (each made contiguous first),
-/// without copying them.
-fn with_all<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Result<R> {
-    let ts = ts
-        .iter()
-        .map(|t| t.contiguous())
-        .collect::<Result<Vec<_>>>()?;
-    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
-    let mut slices = Vec::with_capacity(guards.len());
-    for (st, l) in &guards {
-        let Storage::Cpu(cs) = &**st else {
-            candle_core::bail!("fused kernel: CPU tensor expected");
-        };
-        slices.push(f32_slice(cs, l, "fused kernel")?);
-    }
-    Ok(f(&slices))
-}
-
-/// Element-wise work on blocks of this many values runs in parallel (the blocks do not depend on
-/// the thread count, so neither do the results).
-const BLOCK: usize = 1 << 14;
-
-/// Fills `out` block by block in parallel: `f(offset, block)`.
-fn par_blocks(out: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync + Send) {
-    use rayon::prelude::*;
-    if out.len() <= BLOCK {
-        return f(0, out);
-    }
-    out.par_chunks_mut(BLOCK)
-        .enumerate()
-        .for_each(|(c, blk)| f(c * BLOCK, blk));
-}
-
-fn tensor(v: Vec<f32>, shape: &Shape) -> Result<Tensor> {
-    Tensor::from_vec(v, shape, &candle_core::Device::Cpu)
-}
 
 // ---------------------------------------------------------------------------------------------
 
@@ -449,7 +178,8 @@ pub struct Attention {
     pub scale: f32,
 }
 
-struct AttnDims {
+/// Sizes of one grouped-query attention call.
+struct GqaDims {
     b: usize,
     nh: usize,
     nkv: usize,
@@ -458,7 +188,7 @@ struct AttnDims {
     d: usize,
 }
 
-impl AttnDims {
+impl GqaDims {
     fn rep(&self) -> usize {
         self.nh / self.nkv
     }
@@ -466,38 +196,20 @@ impl AttnDims {
 
 impl Attention {
     /// Probabilities `[rep·T, K]` of batch row `bi` for the query group `qg` and keys `kg`.
-    fn probs(&self, dm: &AttnDims, bi: usize, qg: &[f32], kg: &[f32]) -> Vec<f32> {
+    fn probs(&self, dm: &GqaDims, bi: usize, qg: &[f32], kg: &[f32]) -> Vec<f32> {
         let (rt, k) = (dm.rep() * dm.t, dm.k);
         let mut p = mm_new(qg, kg, rt, k, dm.d, false, true, self.scale);
         let allowed = &self.allowed[bi * rt * k..(bi + 1) * rt * k];
         for (row, al) in p.chunks_exact_mut(k).zip(allowed.chunks_exact(k)) {
-            let mut max = f32::NEG_INFINITY;
-            for (v, &a) in row.iter().zip(al) {
-                if a != 0 && *v > max {
-                    max = *v;
-                }
-            }
-            row.iter_mut().for_each(|v| *v -= max);
-            exp_in_place(row);
-            let mut sum = 0f32;
-            for (v, &a) in row.iter_mut().zip(al) {
-                if a == 0 {
-                    *v = 0.0;
-                }
-                sum += *v;
-            }
-            if sum > 0.0 {
-                let inv = 1.0 / sum;
-                row.iter_mut().for_each(|v| *v *= inv);
-            }
+            masked_softmax_row(row, |j| al[j] != 0);
         }
         p
     }
 
-    fn dims(q: &Shape, k: &Shape) -> Result<AttnDims> {
+    fn dims(q: &Shape, k: &Shape) -> Result<GqaDims> {
         let (b, nh, t, d) = q.dims4()?;
         let (_, nkv, kl, _) = k.dims4()?;
-        Ok(AttnDims {
+        Ok(GqaDims {
             b,
             nh,
             nkv,
@@ -509,7 +221,7 @@ impl Attention {
 }
 
 /// Copies rows `[rep·T, d]` of a group between the head-stacked layout and `[T, heads·d]`.
-fn scatter_group(out: &mut [f32], og: &[f32], dm: &AttnDims, bi: usize, g: usize) {
+fn scatter_group(out: &mut [f32], og: &[f32], dm: &GqaDims, bi: usize, g: usize) {
     let (t, d, nh) = (dm.t, dm.d, dm.nh);
     for r in 0..dm.rep() {
         let h = g * dm.rep() + r;
@@ -520,7 +232,7 @@ fn scatter_group(out: &mut [f32], og: &[f32], dm: &AttnDims, bi: usize, g: usize
     }
 }
 
-fn gather_group(src: &[f32], dm: &AttnDims, bi: usize, g: usize) -> Vec<f32> {
+fn gather_group(src: &[f32], dm: &GqaDims, bi: usize, g: usize) -> Vec<f32> {
     let (t, d, nh) = (dm.t, dm.d, dm.nh);
     let mut out = Vec::with_capacity(dm.rep() * t * d);
     for r in 0..dm.rep() {
@@ -694,104 +406,5 @@ impl CustomOp2 for SwiGlu {
             (dg, du)
         })?;
         Ok((Some(tensor(dg, g.shape())?), Some(tensor(du, u.shape())?)))
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-
-/// A trainable `y = x Wᵀ + b` over `x [M, in]`, `W [out, in]`, `b [out]` with the deterministic
-/// row-blocked matmuls above (candle's own matmul is multi-threaded by gemm, whose bits vary from
-/// run to run).
-pub struct Affine;
-
-impl CustomOp3 for Affine {
-    fn name(&self) -> &'static str {
-        "affine"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (x, w, b) = (
-            f32_slice(s1, l1, "affine")?,
-            f32_slice(s2, l2, "affine")?,
-            f32_slice(s3, l3, "affine")?,
-        );
-        let (m, i) = l1.shape().dims2()?;
-        let o = b.len();
-        let mut y = vec![0f32; m * o];
-        for row in y.chunks_exact_mut(o) {
-            row.copy_from_slice(b);
-        }
-        mm(&mut y, x, w, m, o, i, false, true, true, 1.0);
-        Ok((CpuStorage::F32(y), Shape::from((m, o))))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        b: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (m, i) = x.dims2()?;
-        let o = b.elem_count();
-        let (dx, dw, db) = with_all(&[x, w, grad], |s| {
-            let (xv, wv, gv) = (s[0], s[1], s[2]);
-            let dx = mm_new(gv, wv, m, i, o, false, false, 1.0);
-            let dw = mm_new(gv, xv, o, i, m, true, false, 1.0);
-            let mut db = vec![0f32; o];
-            for row in gv.chunks_exact(o) {
-                db.iter_mut().zip(row).for_each(|(d, g)| *d += g);
-            }
-            (dx, dw, db)
-        })?;
-        Ok((
-            Some(tensor(dx, x.shape())?),
-            Some(tensor(dw, w.shape())?),
-            Some(tensor(db, b.shape())?),
-        ))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn gemm_into_a_fresh_buffer_matches_a_naive_product() {
-        for &(m, n, k) in &[
-            (3, 5, 7),
-            (70, 65, 66),
-            (130, 9, 80),
-            (40, 200, 70),
-            (9, 333, 100),
-        ] {
-            let a: Vec<f32> = (0..m * k)
-                .map(|i| ((i * 7 % 13) as f32 - 6.0) / 7.0)
-                .collect();
-            let b: Vec<f32> = (0..k * n)
-                .map(|i| ((i * 5 % 11) as f32 - 5.0) / 5.0)
-                .collect();
-            for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
-                let at = |i: usize, l: usize| if ta { a[l * m + i] } else { a[i * k + l] };
-                let bt = |l: usize, j: usize| if tb { b[j * k + l] } else { b[l * n + j] };
-                let c = mm_new(&a, &b, m, n, k, ta, tb, 0.5);
-                assert_eq!(c.len(), m * n);
-                for i in 0..m {
-                    for j in 0..n {
-                        let want: f32 = 0.5 * (0..k).map(|l| at(i, l) * bt(l, j)).sum::<f32>();
-                        assert!((c[i * n + j] - want).abs() < 1e-3, "{m}x{n}x{k} {ta} {tb}");
-                    }
-                }
-            }
-        }
     }
 }

@@ -6,7 +6,7 @@
 use super::config::Config;
 use super::lora::{Lora, LoraConfig, Target};
 use super::ops::{self, AttnMask, RopeTable};
-use crate::sr::nn::Dropout;
+use crate::kernels::dropout::Dropout;
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, Var, D};
 use std::sync::{Arc, Mutex, OnceLock};

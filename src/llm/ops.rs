@@ -5,16 +5,13 @@
 //! frozen weights; the fused ops here return only what training needs.
 
 use super::kernels;
-use crate::sr::nn::{matmul_t, Dropout};
-use crate::sr::ops::{dot, f32_slice, host_vec};
+use crate::kernels::dropout::Dropout;
+use crate::kernels::fused;
+use crate::kernels::nn::matmul_t;
+use crate::kernels::simd::dot;
+use crate::kernels::slice::{f32_slice, host_vec};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 use std::sync::Arc;
-
-/// Whether the fused CPU kernels apply to every tensor in `ts`.
-pub fn fused(ts: &[&Tensor]) -> bool {
-    ts.iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
-}
 
 // ---------------------------------------------------------------------------------------------
 // Projections: frozen `W` (no gradient), optional LoRA.
@@ -371,77 +368,9 @@ impl AttnMask {
     }
 }
 
-struct MaskedSoftmax {
-    mask: AttnMask,
-    scale: f32,
-}
-
-impl CustomOp1 for MaskedSoftmax {
-    fn name(&self) -> &'static str {
-        "masked-softmax"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s, l, "masked-softmax")?;
-        let (b, g, q, k) = l.shape().dims4()?;
-        let mut out = vec![0f32; x.len()];
-        for bi in 0..b {
-            for gi in 0..g {
-                for qi in 0..q {
-                    let off = ((bi * g + gi) * q + qi) * k;
-                    let allowed = &self.mask.allowed[(bi * q + qi) * k..][..k];
-                    let row = &x[off..off + k];
-                    let o = &mut out[off..off + k];
-                    let mut max = f32::NEG_INFINITY;
-                    for j in 0..k {
-                        if allowed[j] != 0 {
-                            max = max.max(row[j] * self.scale);
-                        }
-                    }
-                    let mut sum = 0f32;
-                    for j in 0..k {
-                        if allowed[j] != 0 {
-                            let e = (row[j] * self.scale - max).exp();
-                            o[j] = e;
-                            sum += e;
-                        }
-                    }
-                    if sum > 0.0 {
-                        let inv = 1.0 / sum;
-                        o.iter_mut().for_each(|v| *v *= inv);
-                    }
-                }
-            }
-        }
-        Ok((CpuStorage::F32(out), l.shape().clone()))
-    }
-
-    fn bwd(&self, x: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let (p, g) = (host_vec(res)?, host_vec(grad)?);
-        let k = self.mask.k;
-        let mut dx = vec![0f32; p.len()];
-        for ((pr, gr), dr) in p
-            .chunks_exact(k)
-            .zip(g.chunks_exact(k))
-            .zip(dx.chunks_exact_mut(k))
-        {
-            let s = dot(pr, gr);
-            for j in 0..k {
-                dr[j] = self.scale * pr[j] * (gr[j] - s);
-            }
-        }
-        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
-    }
-}
-
-/// `softmax(scores · scale + mask)` over the last dimension of `[B, G, Q, K]`.
-pub fn masked_softmax(scores: &Tensor, mask: &AttnMask, scale: f64) -> Result<Tensor> {
-    if fused(&[scores]) {
-        return scores.contiguous()?.apply_op1(MaskedSoftmax {
-            mask: mask.clone(),
-            scale: scale as f32,
-        });
-    }
+/// `softmax(scores · scale + mask)` over the last dimension of `[B, G, Q, K]`, composed (the
+/// composed attention's; the fused attention kernel computes its own probabilities).
+fn masked_softmax(scores: &Tensor, mask: &AttnMask, scale: f64) -> Result<Tensor> {
     let m = mask.additive(scores.dtype(), scores.device())?;
     let s = (scores * scale)?.broadcast_add(&m)?;
     candle_nn::ops::softmax(&s, D::Minus1)
@@ -533,7 +462,7 @@ mod tests {
     }
 
     #[test]
-    fn fused_softmax_and_frozen_linear_match_composed() {
+    fn fused_frozen_linear_matches_composed() {
         let (b, g, q, k) = (2, 3, 4, 4);
         let allowed: Vec<u8> = (0..b * q * k)
             .map(|i| {
@@ -551,13 +480,7 @@ mod tests {
         let w = var(5 * k, &[5, k], 0.4).as_tensor().detach();
         let c = coef(&[b, g, q, 5]);
         let run = |fused_path: bool| {
-            let p = if fused_path {
-                masked_softmax(&x, &mask, 0.5).unwrap()
-            } else {
-                let m = mask.additive(DType::F32, &Device::Cpu).unwrap();
-                let s = (x.as_tensor() * 0.5).unwrap().broadcast_add(&m).unwrap();
-                candle_nn::ops::softmax(&s, D::Minus1).unwrap()
-            };
+            let p = masked_softmax(&x, &mask, 0.5).unwrap();
             let y = if fused_path {
                 // The pre-transposed weight gives the same product as the plain one.
                 let wt = w.t().unwrap().contiguous().unwrap();

@@ -42,8 +42,8 @@ impl InplaceOp2 for FusedStep<'_> {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<()> {
-        let p = super::ops::f32_slice_mut(s1, l1, "adam-step")?;
-        let g = super::ops::f32_slice(s2, l2, "adam-step")?;
+        let p = crate::kernels::slice::f32_slice_mut(s1, l1, "adam-step")?;
+        let g = crate::kernels::slice::f32_slice(s2, l2, "adam-step")?;
         let mut guard = self.moments.lock().expect("adam moments");
         let (m, v) = &mut *guard;
         let h = self.h;
@@ -77,7 +77,7 @@ impl Adam {
         let vars = vars
             .into_iter()
             .map(|v| {
-                let moments = if super::ops::fused_ok(v.as_tensor()) {
+                let moments = if crate::kernels::fused(&[v.as_tensor()]) {
                     let n = v.elem_count();
                     Moments::Host(Mutex::new((vec![0f32; n], vec![0f32; n])))
                 } else {

@@ -2,8 +2,10 @@
 //! 2, 3, 4 (ReLU, max-pool over time) + one vertical convolution over the positions → concatenate →
 //! dropout → linear head.
 
-use super::nn::{embed, matmul_t, maybe_dropout, Dropout, Linear};
+use super::nn::Linear;
 use super::{Batch, Config};
+use crate::kernels::dropout::{maybe_dropout, Dropout};
+use crate::kernels::nn::{embed, matmul_t};
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 

@@ -26,8 +26,8 @@ impl InplaceOp2 for Blend {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<()> {
-        let a = super::ops::f32_slice_mut(s1, l1, "ema-blend")?;
-        let p = super::ops::f32_slice(s2, l2, "ema-blend")?;
+        let a = crate::kernels::slice::f32_slice_mut(s1, l1, "ema-blend")?;
+        let p = crate::kernels::slice::f32_slice(s2, l2, "ema-blend")?;
         let (keep, take) = (self.decay as f32, (1.0 - self.decay) as f32);
         for (ai, pi) in a.iter_mut().zip(p) {
             *ai = *ai * keep + pi * take;
@@ -64,7 +64,7 @@ impl Ema {
         let d = self.decay.min((1.0 + t) / (10.0 + t));
         for (a, v) in self.avg.iter().zip(vars) {
             let p = v.as_tensor().detach();
-            if super::ops::fused_ok(a.as_tensor()) {
+            if crate::kernels::fused(&[a.as_tensor()]) {
                 a.as_tensor()
                     .inplace_op2(&p.contiguous()?, &Blend { decay: d })?;
             } else {

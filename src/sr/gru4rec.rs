@@ -4,8 +4,10 @@
 //! In training, dropout applies to the input embeddings and to the final state (LLaRA's code has
 //! none; `--dropout 0` reproduces it). Inference is unchanged either way.
 
-use super::nn::{embed, matmul_t, maybe_dropout, Dropout, Linear};
+use super::nn::Linear;
 use super::{Batch, Config};
+use crate::kernels::dropout::{maybe_dropout, Dropout};
+use crate::kernels::nn::{add_trailing, embed, matmul_t};
 use candle_core::{DType, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
@@ -37,7 +39,7 @@ impl GRU4Rec {
     /// The GRU's hidden state after each history's last item: `[B, H]`. `dropout` is `Some` in
     /// training mode.
     pub fn state(&self, batch: &Batch, mut dropout: Option<&mut Dropout>) -> Result<Tensor> {
-        let state = if super::ops::fused_ok(&self.item_embeddings) {
+        let state = if crate::kernels::fused(&[&self.item_embeddings]) {
             self.state_fused(batch, &mut dropout)?
         } else {
             self.state_composed(batch, &mut dropout)?
@@ -54,7 +56,7 @@ impl GRU4Rec {
     ) -> Result<Tensor> {
         let emb = embed(&self.item_embeddings, &batch.seq.narrow(1, 0, steps)?)?;
         let emb = maybe_dropout(&emb, dropout)?;
-        super::ops::add_trailing(&matmul_t(&emb, &self.weight_ih)?, &self.bias_ih)
+        add_trailing(&matmul_t(&emb, &self.weight_ih)?, &self.bias_ih)
     }
 
     /// The whole recurrence as one fused op; rows past their length keep their state.

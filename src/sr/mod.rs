@@ -16,6 +16,7 @@ pub mod sasrec;
 pub mod train;
 
 use crate::data::Row;
+use crate::kernels::dropout::Dropout;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
@@ -242,7 +243,7 @@ impl SeqRec {
     }
 
     /// The features the head scores: `[B, D]`. `dropout` is `Some` in training mode.
-    pub fn state(&self, batch: &Batch, dropout: Option<&mut nn::Dropout>) -> Result<Tensor> {
+    pub fn state(&self, batch: &Batch, dropout: Option<&mut Dropout>) -> Result<Tensor> {
         Ok(match self {
             SeqRec::Sasrec(m) => m.state(batch, dropout)?,
             SeqRec::Gru4rec(m) => m.state(batch, dropout)?,
@@ -260,7 +261,7 @@ impl SeqRec {
     }
 
     /// Scores `[B, item_num]`. `dropout` is `Some` in training mode.
-    pub fn forward(&self, batch: &Batch, dropout: Option<&mut nn::Dropout>) -> Result<Tensor> {
+    pub fn forward(&self, batch: &Batch, dropout: Option<&mut Dropout>) -> Result<Tensor> {
         Ok(self.head().forward(&self.state(batch, dropout)?)?)
     }
 

@@ -2,8 +2,10 @@
 //! self-attention block whose queries are the layer-normalised sequence and keys/values the raw one,
 //! a point-wise feed-forward block, and a linear head on the state at position `len - 1`.
 
-use super::nn::{embed, maybe_dropout, Dropout, LayerNorm, Linear};
+use super::nn::{LayerNorm, Linear};
 use super::{Batch, Config};
+use crate::kernels::dropout::{maybe_dropout, Dropout};
+use crate::kernels::nn::{add_trailing, embed, row_sums};
 use candle_core::{Result, Tensor, D};
 use candle_nn::VarBuilder;
 
@@ -47,8 +49,8 @@ impl MultiHeadAttention {
         let v_lin = self.linear_v.forward(keys)?;
         // Key masking (keys whose features sum to zero: the zeroed padding), causality, and query
         // masking after the softmax, as in the original: masked scores become -2^32+1.
-        let key_sums = super::ops::row_sums(keys)?; // [B·Tk]
-        let qmask: Vec<f32> = super::ops::row_sums(queries)?
+        let key_sums = row_sums(keys)?; // [B·Tk]
+        let qmask: Vec<f32> = row_sums(queries)?
             .iter()
             .map(|&s| f32::from(u8::from(s != 0.0)))
             .collect();
@@ -59,7 +61,7 @@ impl MultiHeadAttention {
                 *a = f32::from(u8::from(key_sums[bi * tk + j] != 0.0));
             }
         }
-        if super::ops::fused_ok(queries) {
+        if crate::kernels::fused(&[queries]) {
             let drop = dropout.as_mut().map(|d| d.mask_values(b * nh * tq * tk));
             let op = super::ops::MaskedAttention {
                 heads: nh,
@@ -148,7 +150,7 @@ impl SASRec {
     /// `[B, T, H]`.
     fn sequence(&self, batch: &Batch, dropout: &mut Option<&mut Dropout>) -> Result<Tensor> {
         let emb = embed(&self.item_embeddings, &batch.seq)?;
-        let emb = super::ops::add_trailing(&emb, &self.positional_embeddings)?;
+        let emb = add_trailing(&emb, &self.positional_embeddings)?;
         maybe_dropout(&emb, dropout)?.broadcast_mul(&batch.mask)
     }
 

@@ -5,10 +5,10 @@
 //! negatives, dropout) comes from ChaCha8 streams derived from the seed.
 
 use super::adam::Adam;
-use super::nn::Dropout;
 use super::{Arch, Batch, Config, Result, SeqRec, SrError};
 use crate::data::{Dataset, Row};
 use crate::eval::metrics::{full_rank_of, rank_of, RankAccumulator, RankMetrics, Selection};
+use crate::kernels::dropout::Dropout;
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::{VarBuilder, VarMap};
 use rand::seq::SliceRandom;

@@ -1,0 +1,135 @@
+//! Seeded inverted dropout: masks drawn from ChaCha streams derived from the run's seed, so that
+//! training is reproducible (the same seed and size give the same mask on any thread count).
+
+use candle_core::{Result, Tensor};
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+
+/// Inverted dropout with masks drawn from a seeded stream.
+#[derive(Clone)]
+pub struct Dropout {
+    pub p: f64,
+    rng: ChaCha8Rng,
+}
+
+impl Dropout {
+    pub fn new(p: f64, rng: ChaCha8Rng) -> Self {
+        Self { p, rng }
+    }
+
+    /// `n` multipliers: `1 / (1 - p)` with probability `1 - p`, else 0.
+    pub fn mask_values(&mut self, n: usize) -> Vec<f32> {
+        let keep = self.keep_flags(n);
+        self.values(&keep)
+    }
+
+    /// The multipliers of keep flags: `1 / (1 - p)` where kept, else 0.
+    fn values(&self, keep: &[u8]) -> Vec<f32> {
+        let scale = self.scale();
+        keep.iter()
+            .map(|&k| if k != 0 { scale } else { 0.0 })
+            .collect()
+    }
+
+    /// One 32-bit draw below this keeps its element (probability `1 - p`).
+    fn threshold(&self) -> u32 {
+        ((1.0 - self.p) * 4_294_967_296.0).min(4_294_967_295.0) as u32
+    }
+
+    /// `n` keep flags (1 with probability `1 - p`): the same draws as [`Dropout::mask_values`].
+    pub fn keep_flags(&mut self, n: usize) -> Vec<u8> {
+        // Compare 32-bit draws with a threshold: one draw per element.
+        let threshold = self.threshold();
+        (0..n)
+            .map(|_| u8::from(self.rng.random::<u32>() < threshold))
+            .collect()
+    }
+
+    /// `n` keep flags like [`Dropout::keep_flags`], drawn in parallel: one draw from this stream
+    /// seeds a generator whose independent ChaCha streams each fill one fixed-size block, so the
+    /// flags depend on the seed and `n`, never on the thread count.
+    pub fn keep_flags_parallel(&mut self, n: usize) -> Vec<u8> {
+        use rand::SeedableRng;
+        use rayon::prelude::*;
+        const BLOCK: usize = 1 << 15;
+        let seed = self.rng.random::<u64>();
+        let threshold = self.threshold();
+        let mut keep = vec![0u8; n];
+        keep.par_chunks_mut(BLOCK).enumerate().for_each(|(i, blk)| {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            rng.set_stream(i as u64);
+            blk.iter_mut()
+                .for_each(|k| *k = u8::from(rng.random::<u32>() < threshold));
+        });
+        keep
+    }
+
+    /// A dropout with the same rate and its own stream, seeded by one draw from this one.
+    pub fn fork(&mut self) -> Dropout {
+        use rand::SeedableRng;
+        Dropout::new(self.p, ChaCha8Rng::seed_from_u64(self.rng.random::<u64>()))
+    }
+
+    /// The multiplier of kept elements, `1 / (1 - p)`.
+    pub fn scale(&self) -> f32 {
+        (1.0 / (1.0 - self.p)) as f32
+    }
+
+    pub fn apply(&mut self, x: &Tensor) -> Result<Tensor> {
+        if self.p <= 0.0 {
+            return Ok(x.clone());
+        }
+        let keep = self.keep_flags(x.elem_count());
+        self.mask(x, &keep)
+    }
+
+    /// [`Dropout::apply`] with the draws of [`Dropout::keep_flags_parallel`] (the LLM's LoRA
+    /// inputs: the composed path draws the same mask as the fused kernel).
+    pub fn apply_parallel(&mut self, x: &Tensor) -> Result<Tensor> {
+        if self.p <= 0.0 {
+            return Ok(x.clone());
+        }
+        let keep = self.keep_flags_parallel(x.elem_count());
+        self.mask(x, &keep)
+    }
+
+    fn mask(&self, x: &Tensor, keep: &[u8]) -> Result<Tensor> {
+        let mask =
+            Tensor::from_vec(self.values(keep), x.shape(), x.device())?.to_dtype(x.dtype())?;
+        x.mul(&mask)
+    }
+}
+
+/// Applies dropout when training (`Some`), the identity otherwise.
+pub fn maybe_dropout(x: &Tensor, d: &mut Option<&mut Dropout>) -> Result<Tensor> {
+    match d {
+        Some(d) => d.apply(x),
+        None => Ok(x.clone()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    fn flags(threads: usize, seed: u64, n: usize) -> Vec<u8> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| Dropout::new(0.1, ChaCha8Rng::seed_from_u64(seed)).keep_flags_parallel(n))
+    }
+
+    #[test]
+    fn parallel_keep_flags_depend_on_the_seed_not_the_threads() {
+        let n = 100_003; // several blocks and a partial one
+        let one = flags(1, 7, n);
+        assert_eq!(one, flags(3, 7, n));
+        assert_ne!(one, flags(1, 8, n));
+        let kept = one.iter().filter(|&&k| k == 1).count() as f64 / n as f64;
+        assert!((kept - 0.9).abs() < 0.01, "kept fraction {kept}");
+        // Blocks draw from different streams, not copies of one.
+        assert_ne!(one[..1 << 15], one[1 << 15..2 << 15]);
+    }
+}
