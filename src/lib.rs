@@ -4,11 +4,10 @@
 //! - [`data`]: dataset folders (items, chronological histories, splits, fixed candidate sets).
 //! - [`sr`]: sequential recommenders (SASRec, GRU4Rec, Caser), their training and evaluation.
 //! - [`eval`]: ranking metrics shared by every model.
-//! - [`cli`]: the `llara` command line; [`device`]: `--device`.
+//! - [`device`]: `--device`; the `llara` command line is the binary's (`src/main.rs`, `src/cli/`).
 //! - [`fsutil`]: atomic output (temporary folder renamed at the end); [`interrupt`]: graceful
 //!   stop on SIGINT/SIGTERM.
 
-pub mod cli;
 pub mod data;
 pub mod device;
 pub mod eval;

@@ -1,6 +1,8 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod cli;
+
 use tracing_subscriber::EnvFilter;
 
 /// mimalloc's `purge_delay` option (`mi_option_purge_delay` in mimalloc.h).
@@ -15,12 +17,16 @@ fn main() {
         unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     }
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    let cli = match llara::cli::parse(args) {
+    let cli = match cli::parse(args) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::exit(2);
-        }
+        Err(e) => match e.downcast::<clap::Error>() {
+            // --help, --version, or a bad flag: clap prints it and picks the status.
+            Ok(ce) => ce.exit(),
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                std::process::exit(2);
+            }
+        },
     };
     let default = if cli.quiet { "warn" } else { "info" };
     tracing_subscriber::fmt()
@@ -31,7 +37,7 @@ fn main() {
         .with_target(false)
         .without_time()
         .init();
-    if let Err(e) = llara::cli::run(cli) {
+    if let Err(e) = cli::run(cli) {
         if let Some(i) = e.downcast_ref::<llara::interrupt::Interrupted>() {
             // Stopped by a signal after saving what it could: the shell's 128 + signal status.
             eprintln!("{i}");

@@ -171,7 +171,10 @@ fn fused_matches_composed(p: f64) {
         out
     };
     let (a, b) = (run(DType::F32), run(DType::F64));
+    assert_eq!(a.len(), b.len());
+    assert!(!a.is_empty());
     for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x.len(), y.len());
         let scale = y.iter().fold(0f64, |s, v| s.max(v.abs())).max(1e-3);
         for (p, q) in x.iter().zip(y) {
             assert!((p - q).abs() <= 2e-4 * scale, "{p} vs {q} (scale {scale})");
@@ -396,7 +399,10 @@ fn activation_checkpointing_gives_the_same_loss_and_gradients() {
         out
     };
     let (a, b) = (run(false), run(true));
+    assert_eq!(a.len(), b.len());
+    assert!(!a.is_empty());
     for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x.len(), y.len());
         for (p, q) in x.iter().zip(y) {
             assert!((p - q).abs() <= 1e-6 * (1.0 + q.abs()), "{p} vs {q}");
         }

@@ -1,12 +1,12 @@
 //! `llara data …`: prepare, synth, stats.
 
-use crate::data::sources::{self, interactions, synth::SynthOptions};
-use crate::data::split::SplitMethod;
-use crate::data::{
-    folder, stats, Dataset, PrepareOptions, DEFAULT_CANDIDATES, DEFAULT_MIN_HISTORY,
-};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
+use llara::data::sources::{self, interactions, synth::SynthOptions};
+use llara::data::split::SplitMethod;
+use llara::data::{
+    folder, stats, Dataset, PrepareOptions, DEFAULT_CANDIDATES, DEFAULT_MIN_HISTORY,
+};
 use serde::Serialize;
 use std::path::PathBuf;
 
@@ -75,7 +75,7 @@ pub struct PrepareArgs {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub items: Option<PathBuf>,
     /// How to split users' sequences (--from interactions).
-    #[arg(long, value_enum, default_value = "user-time")]
+    #[arg(long, value_parser = super::named::<SplitMethod>(), default_value = "user-time")]
     pub split: SplitMethod,
     /// Keep interactions rated at least this (movielens-100k: 3; interactions: no filter).
     #[arg(long)]
@@ -168,7 +168,7 @@ fn config_toml<T: Serialize>(command: &str, args: &T) -> Result<String> {
     ))
 }
 
-fn write_prepared(prepared: &crate::data::Prepared, w: &WriteArgs, config: &str) -> Result<()> {
+fn write_prepared(prepared: &llara::data::Prepared, w: &WriteArgs, config: &str) -> Result<()> {
     let opts = PrepareOptions {
         min_history: w.min_history,
         candidates: w.candidates,
@@ -280,7 +280,7 @@ fn synth(a: SynthArgs) -> Result<()> {
         follow: a.follow,
         seed: a.write.seed,
     };
-    let prepared = crate::data::sources::synth::generate(&o)?;
+    let prepared = llara::data::sources::synth::generate(&o)?;
     let config = config_toml("data synth", &a)?;
     write_prepared(&prepared, &a.write, &config)
 }

@@ -1,11 +1,11 @@
 //! `llara llm info|generate|logits`: quick checks that a backbone (and an adapter) works, and
 //! all-position logits for comparison with other implementations.
 
-use crate::llm::generate::{generate, GenOptions};
-use crate::llm::{self, LlmOptions, Loaded, Step};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use clap::{Args, Subcommand};
+use llara::llm::generate::{generate, GenOptions};
+use llara::llm::{self, LlmOptions, Loaded, Step};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -36,31 +36,14 @@ pub struct BackboneArgs {
     /// Fold the adapter into the base weights before running (faster inference).
     #[arg(long)]
     pub merge: bool,
-    /// cpu, cuda, cuda:N or auto.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    /// Dtype of the frozen weights: f32, bf16 or f16 (default f32 on CPU, bf16 on CUDA).
-    #[arg(long)]
-    pub dtype: Option<String>,
-    /// CPU threads for tensor ops.
-    #[arg(long, default_value_t = 2)]
-    pub threads: usize,
-}
-
-pub fn parse_dtype(s: &str) -> Result<DType> {
-    Ok(match s.to_ascii_lowercase().as_str() {
-        "f32" | "float32" => DType::F32,
-        "bf16" | "bfloat16" => DType::BF16,
-        "f16" | "float16" => DType::F16,
-        other => bail!("--dtype {other}: expected f32, bf16 or f16"),
-    })
+    #[command(flatten)]
+    pub dev: super::DeviceArgs,
 }
 
 impl BackboneArgs {
     pub fn load(&self) -> Result<Loaded> {
-        super::sr::set_threads(self.threads)?;
-        let device = crate::device::parse(&self.device).map_err(anyhow::Error::msg)?;
-        let dtype = self.dtype.as_deref().map(parse_dtype).transpose()?;
+        let device = self.dev.start(2)?;
+        let dtype = self.dev.dtype()?;
         let opts = LlmOptions {
             device,
             dtype,
@@ -283,7 +266,7 @@ fn logits(a: LogitsArgs) -> Result<()> {
     )?;
     let tensors: HashMap<String, Tensor> =
         [("ids".to_string(), ids_t), ("logits".to_string(), logits)].into();
-    crate::fsutil::write_file_atomic(&a.out, |tmp| -> Result<()> {
+    llara::fsutil::write_file_atomic(&a.out, |tmp| -> Result<()> {
         Ok(candle_core::safetensors::save(&tensors, tmp)?)
     })
     .with_context(|| format!("--out {}", a.out.display()))?;

@@ -2,10 +2,13 @@
 
 pub mod config;
 pub mod data;
+pub mod eval;
 pub mod llm;
+pub mod progress;
 pub mod quickstart;
 pub mod recommend;
 pub mod report;
+pub mod rundir;
 pub mod sr;
 pub mod tune;
 
@@ -46,7 +49,7 @@ pub enum Command {
     /// LLaRA curriculum prompt tuning: LoRA + projector on a backbone, with a frozen recommender.
     Tune(Box<tune::TuneArgs>),
     /// Generation-based evaluation of a tune run (ValidRatio, HitRatio@1).
-    Eval(tune::EvalArgs),
+    Eval(eval::EvalArgs),
     /// Rank candidates for one user (or many: JSON lines on stdin) with a tuned run.
     Recommend(recommend::RecommendArgs),
     /// One table of every metric for recommender and LLaRA runs on the same candidate sets.
@@ -56,13 +59,121 @@ pub enum Command {
     Llm(llm::LlmCommand),
 }
 
-/// Parses `args` (the program name first), applying `--config`.
+/// Where and how models run: `--device`, `--dtype`, `--threads`, flattened into every command that
+/// runs a model.
+#[derive(clap::Args, Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct DeviceArgs {
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Frozen weights' dtype: f32, bf16 or f16 (default f32 on CPU, bf16 on CUDA). The
+    /// recommenders (train-sr, eval-sr) run in f32 only.
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// CPU threads for tensor ops [default: 2; train-sr and eval-sr: 1, their models are small].
+    #[arg(long)]
+    #[serde(skip)]
+    pub threads: Option<usize>,
+}
+
+impl DeviceArgs {
+    /// Sizes the CPU thread pools (`--threads`, else `default`) before the first tensor op and
+    /// returns the device.
+    pub fn start(&self, default_threads: usize) -> Result<candle_core::Device> {
+        set_threads(self.threads.unwrap_or(default_threads))?;
+        llara::device::parse(&self.device).map_err(anyhow::Error::msg)
+    }
+
+    /// `--dtype`, parsed.
+    pub fn dtype(&self) -> Result<Option<candle_core::DType>> {
+        self.dtype.as_deref().map(parse_dtype).transpose()
+    }
+
+    /// Refuses a `--dtype` other than f32 (the recommenders' commands).
+    pub fn f32_only(&self) -> Result<()> {
+        match self.dtype()? {
+            None | Some(candle_core::DType::F32) => Ok(()),
+            Some(_) => anyhow::bail!(
+                "--dtype {}: the recommenders run in f32 only",
+                self.dtype.as_deref().unwrap_or_default()
+            ),
+        }
+    }
+}
+
+pub fn parse_dtype(s: &str) -> Result<candle_core::DType> {
+    use candle_core::DType;
+    Ok(match s.to_ascii_lowercase().as_str() {
+        "f32" | "float32" => DType::F32,
+        "bf16" | "bfloat16" => DType::BF16,
+        "f16" | "float16" => DType::F16,
+        other => anyhow::bail!("--dtype {other}: expected f32, bf16 or f16"),
+    })
+}
+
+/// Sets the size of candle's CPU thread pools; must run before the first tensor op.
+fn set_threads(n: usize) -> Result<()> {
+    if n == 0 {
+        anyhow::bail!("--threads must be at least 1");
+    }
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+    // candle 0.11 runs its element-wise ops on a second pool of spinning threads beside rayon's;
+    // on a machine with as many cores as rayon threads they compete with the fused kernels and
+    // the GEMMs (a LLaRA training step on 2 cores ran 10% slower with it), so those ops run on
+    // the calling thread unless CANDLE_NUM_THREADS says otherwise.
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+    Ok(())
+}
+
+/// A library enum with a fixed set of names (`ALL`, `name`), parsed from a flag with its names
+/// listed in `--help` and in the error for an unknown one.
+pub trait Named: Copy + Send + Sync + 'static {
+    fn all() -> &'static [Self];
+    fn name(self) -> &'static str;
+}
+
+/// clap's parser for a [`Named`] enum.
+pub fn named<T: Named>() -> impl clap::builder::TypedValueParser<Value = T> {
+    use clap::builder::TypedValueParser as _;
+    clap::builder::PossibleValuesParser::new(T::all().iter().map(|v| v.name())).map(|s| {
+        *T::all()
+            .iter()
+            .find(|v| v.name() == s)
+            .expect("PossibleValuesParser accepts only these names")
+    })
+}
+
+macro_rules! named {
+    ($($t:ty),*) => {$(
+        impl Named for $t {
+            fn all() -> &'static [Self] {
+                &<$t>::ALL
+            }
+            fn name(self) -> &'static str {
+                <$t>::name(self)
+            }
+        }
+    )*};
+}
+named!(
+    llara::sr::Arch,
+    llara::sr::train::Loss,
+    llara::data::split::SplitMethod,
+    llara::eval::metrics::Selection
+);
+
+/// Parses `args` (the program name first), applying `--config`. `--help`, `--version` and bad
+/// flags come back as a [`clap::Error`] inside the error.
 pub fn parse(args: Vec<OsString>) -> Result<Cli> {
     let cmd = config::command_with_config(Cli::command(), &args)?;
-    let matches = match cmd.try_get_matches_from(args) {
-        Ok(m) => m,
-        Err(e) => e.exit(),
-    };
+    // A clap error (including --help and --version) is returned as is, for the binary to print
+    // and exit with clap's status.
+    let matches = cmd.try_get_matches_from(args)?;
     Ok(Cli::from_arg_matches(&matches)?)
 }
 
@@ -74,7 +185,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::EvalSr(a) => sr::eval_sr(a),
         Command::Llm(cmd) => llm::run(cmd),
         Command::Tune(a) => tune::run_tune(*a, cli.quiet),
-        Command::Eval(a) => tune::run_eval(a, cli.quiet),
+        Command::Eval(a) => eval::run_eval(a, cli.quiet),
         Command::Recommend(a) => recommend::run(a),
         Command::Report(a) => report::run(a),
     }

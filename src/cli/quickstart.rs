@@ -187,7 +187,7 @@ pub fn run(a: QuickstartArgs) -> Result<()> {
         hr1(text.join("eval-test-score/metrics.json")),
         hr1(sasrec.join("metrics.json")),
     );
-    let k = crate::data::Dataset::open(&data)
+    let k = llara::data::Dataset::open(&data)
         .map(|d| d.meta.candidates)
         .unwrap_or(20);
     if let (Some(h), Some(t), Some(s)) = (h, t, s) {

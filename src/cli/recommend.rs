@@ -1,12 +1,12 @@
 //! `llara recommend`: ask a tuned run about one user (or many, as JSON lines on stdin).
 
-use super::tune::open_run;
-use crate::llara::evaluate::{
-    score_candidates, score_with_head, EvalOptions, ScoreMode, ScoreOptions,
-};
-use crate::llara::Example;
+use super::eval::open_run;
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use llara::llara::evaluate::{
+    score_candidates, score_with_head, EvalOptions, ScoreMode, ScoreOptions,
+};
+use llara::llara::Example;
 use rand::{Rng, SeedableRng};
 use serde::Deserialize;
 use std::io::BufRead;
@@ -40,12 +40,8 @@ pub struct RecommendArgs {
     /// Print JSON (one object per user) instead of a table.
     #[arg(long)]
     pub json: bool,
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    #[arg(long)]
-    pub dtype: Option<String>,
-    #[arg(long, default_value_t = 2)]
-    pub threads: usize,
+    #[command(flatten)]
+    pub dev: super::DeviceArgs,
 }
 
 #[derive(Deserialize)]
@@ -91,14 +87,8 @@ fn value_str(v: &serde_json::Value) -> String {
 }
 
 pub fn run(a: RecommendArgs) -> Result<()> {
-    super::sr::set_threads(a.threads)?;
-    let or = open_run(
-        &a.run,
-        a.data.as_deref(),
-        None,
-        &a.device,
-        a.dtype.as_deref(),
-    )?;
+    a.dev.start(2)?;
+    let or = open_run(&a.run, a.data.as_deref(), None, &a.dev)?;
     let (parts, view) = (&or.parts, or.view);
     let titles = &parts.ds.titles;
     let queries: Vec<(Vec<String>, Vec<String>, String)> = if a.history.is_empty() {

@@ -1,8 +1,13 @@
 //! `llara report RUN...`: one table of every metric on the same fixed candidate sets, for
 //! recommender runs (`train-sr`) and LLaRA runs (`tune`, with their `eval` results).
 
+use super::rundir::{
+    read_json, GenReport, RunInfo, ScoreReport, SrEvalReport, SrRunConfig, SrRunMetrics,
+};
+use super::tune::TuneArgs;
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use llara::eval::metrics::RankMetrics;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
@@ -45,82 +50,94 @@ struct Line {
     train_seconds: Option<f64>,
 }
 
-fn read_json(path: &Path) -> Result<Value> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))
-}
-
 fn f(v: &Value, k: &str) -> Option<f64> {
     v.get(k).and_then(Value::as_f64)
 }
 
-fn sr_lines(run: &Path, split: &str) -> Result<Vec<Line>> {
-    let cfg = read_json(&run.join("config.json"))?;
-    let m = read_json(&run.join("metrics.json"))?;
-    let metrics = if split == "valid" {
-        m.get("valid").cloned().unwrap_or(Value::Null)
-    } else {
-        m.clone()
-    };
-    let t = &cfg["training"];
-    Ok(vec![Line {
+/// A line with a [`RankMetrics`]' numbers (a recommender's, or candidate scoring).
+fn ranked(base: Line, m: &RankMetrics) -> Line {
+    Line {
+        hr1: Some(m.hr1),
+        hr5: Some(m.hr5),
+        hr10: Some(m.hr10),
+        ndcg5: Some(m.ndcg5),
+        ndcg10: Some(m.ndcg10),
+        mrr: Some(m.mrr),
+        // Every candidate gets a score: no answer is invalid.
+        valid_ratio: Some(1.0),
+        rows: Some(m.rows as u64),
+        ..base
+    }
+}
+
+fn empty_line(run: &Path) -> Line {
+    Line {
         run: run.display().to_string(),
-        model: cfg["model"].as_str().unwrap_or("?").to_string(),
-        dataset: cfg["dataset"]["name"].as_str().unwrap_or("?").to_string(),
+        model: String::new(),
+        dataset: String::new(),
+        method: String::new(),
+        config: String::new(),
+        seed: String::new(),
+        hr1: None,
+        hr5: None,
+        hr10: None,
+        ndcg5: None,
+        ndcg10: None,
+        mrr: None,
+        valid_ratio: None,
+        rows: None,
+        train_seconds: None,
+    }
+}
+
+fn sr_lines(run: &Path, split: &str) -> Result<Vec<Line>> {
+    let cfg: SrRunConfig = read_json(&run.join("config.json"))?;
+    let m: SrRunMetrics = read_json(&run.join("metrics.json"))?;
+    let metrics = if split == "valid" { &m.valid } else { &m.test };
+    let t = &cfg.training;
+    let base = Line {
+        model: cfg.model.model.name().to_string(),
+        dataset: cfg.dataset.name.clone(),
         method: "recommender scores".into(),
         config: format!(
             "hidden {}, lr {}, best epoch {}",
-            t["hidden"], t["lr"], m["best_epoch"]
+            cfg.model.hidden_size, t.lr, m.best_epoch
         ),
-        seed: t["seed"].to_string(),
-        hr1: f(&metrics, "hr@1"),
-        hr5: f(&metrics, "hr@5"),
-        hr10: f(&metrics, "hr@10"),
-        ndcg5: f(&metrics, "ndcg@5"),
-        ndcg10: f(&metrics, "ndcg@10"),
-        mrr: f(&metrics, "mrr"),
-        valid_ratio: Some(1.0),
-        rows: metrics.get("rows").and_then(Value::as_u64),
-        train_seconds: f(&m, "train_seconds"),
-    }])
+        seed: t.seed.to_string(),
+        train_seconds: Some(m.train_seconds),
+        ..empty_line(run)
+    };
+    Ok(vec![ranked(base, metrics)])
 }
 
 /// An `llara eval-sr --out DIR` folder (a recommender file or a count baseline on one split).
 fn eval_sr_lines(run: &Path, split: &str) -> Result<Vec<Line>> {
-    let m = read_json(&run.join("metrics.json"))?;
-    if m["split"].as_str() != Some(split) {
+    let m: SrEvalReport = read_json(&run.join("metrics.json"))?;
+    if m.split != split {
         bail!(
             "{}: scored on the {} split, not {split}",
             run.display(),
-            m["split"].as_str().unwrap_or("?")
+            m.split
         );
     }
-    Ok(vec![Line {
-        run: run.display().to_string(),
-        model: m["model"].as_str().unwrap_or("?").to_string(),
-        dataset: m["dataset"].as_str().unwrap_or("?").to_string(),
+    let base = Line {
+        model: m.model.clone(),
+        dataset: m.dataset.clone(),
         method: "recommender scores".into(),
-        config: m["source"].as_str().unwrap_or("?").to_string(),
+        config: m.source.clone(),
         seed: "-".into(),
-        hr1: f(&m, "hr@1"),
-        hr5: f(&m, "hr@5"),
-        hr10: f(&m, "hr@10"),
-        ndcg5: f(&m, "ndcg@5"),
-        ndcg10: f(&m, "ndcg@10"),
-        mrr: f(&m, "mrr"),
-        valid_ratio: Some(1.0),
-        rows: m.get("rows").and_then(Value::as_u64),
-        train_seconds: None,
-    }])
+        ..empty_line(run)
+    };
+    Ok(vec![ranked(base, &m.metrics)])
 }
 
 fn llara_lines(run: &Path, split: &str) -> Result<Vec<Line>> {
-    let info = read_json(&run.join("run.json"))?;
-    let toml: toml::Table = std::fs::read_to_string(run.join("tune.toml"))
-        .ok()
-        .and_then(|t| toml::from_str(&t).ok())
-        .unwrap_or_default();
+    let info: RunInfo = read_json(&run.join("run.json"))?;
+    let toml_path = run.join("tune.toml");
+    let t: TuneArgs = match std::fs::read_to_string(&toml_path) {
+        Ok(text) => toml::from_str(&text).with_context(|| toml_path.display().to_string())?,
+        Err(_) => TuneArgs::default(),
+    };
     // Training time: the sum of the logged steps (tokens / tokens per second).
     let train_seconds = std::fs::read_to_string(run.join("train_log.jsonl"))
         .ok()
@@ -133,33 +150,25 @@ fn llara_lines(run: &Path, split: &str) -> Result<Vec<Line>> {
                 })
                 .sum::<f64>()
         });
-    let get = |k: &str| {
-        toml.get(k)
-            .map(|v| v.to_string().trim_matches('"').to_string())
-            .unwrap_or("?".into())
-    };
-    let objective = get("objective");
-    let letters = if get("answer") == "letter" {
+    let objective = t.objective.as_str();
+    let letters = if t.answer == "letter" {
         ", letter answers"
     } else {
         ""
     };
-    let head = if (objective == "listwise" || objective == "both") && get("ranker") == "answer" {
+    let listwise = objective == "listwise" || objective == "both";
+    let head = if listwise && t.ranker == "answer" {
         format!(", {objective} loss over the answers{letters}")
-    } else if objective == "listwise" || objective == "both" {
+    } else if listwise {
         format!(
             ", {objective} loss, head{}{}{}",
-            if toml.get("head_prior").and_then(toml::Value::as_bool) == Some(true) {
+            if t.head_prior {
                 " + recommender prior"
             } else {
                 ""
             },
-            if toml.get("user_token").and_then(toml::Value::as_bool) == Some(true) {
-                ", [UserEmb]"
-            } else {
-                ""
-            },
-            if get("cand_emb") == "output" {
+            if t.user_token { ", [UserEmb]" } else { "" },
+            if t.cand_emb == "output" {
                 ", s_fc candidates"
             } else {
                 ""
@@ -170,46 +179,36 @@ fn llara_lines(run: &Path, split: &str) -> Result<Vec<Line>> {
     };
     let config = format!(
         "{} ({}), curriculum {}{head}, lr {}, epochs {}, batch {}×{}{}",
-        Path::new(info["llm"].as_str().unwrap_or("?"))
+        Path::new(&info.llm)
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default(),
-        info["sr_arch"].as_str().unwrap_or("?"),
-        get("curriculum"),
-        get("lr"),
-        get("epochs"),
-        get("batch_size"),
-        get("grad_accum"),
-        toml.get("max_train_samples")
+        info.sr_arch,
+        t.curriculum,
+        t.lr,
+        t.epochs,
+        t.batch_size,
+        t.grad_accum,
+        t.max_train_samples
             .map(|v| format!(", {v} train rows"))
             .unwrap_or_default()
     );
-    let data_dir = Path::new(info["data"].as_str().unwrap_or("?"));
-    let dataset = read_json(&data_dir.join("meta.json"))
+    let dataset = llara::data::Dataset::open(&info.data)
         .ok()
-        .and_then(|m| m["name"].as_str().map(String::from))
+        .map(|d| d.meta.name)
         .or_else(|| {
-            data_dir
+            info.data
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
         })
         .unwrap_or_default();
     let base = Line {
-        run: run.display().to_string(),
-        model: format!("LLaRA {}", get("curriculum")),
+        model: format!("LLaRA {}", t.curriculum),
         dataset,
-        method: String::new(),
         config,
-        seed: get("seed"),
-        hr1: None,
-        hr5: None,
-        hr10: None,
-        ndcg5: None,
-        ndcg10: None,
-        mrr: None,
-        valid_ratio: None,
-        rows: None,
+        seed: t.seed.to_string(),
         train_seconds,
+        ..empty_line(run)
     };
     let mut out = vec![];
     for (dir, method) in [
@@ -223,34 +222,30 @@ fn llara_lines(run: &Path, split: &str) -> Result<Vec<Line>> {
         if !generated.is_file() {
             continue;
         }
-        let m = read_json(&generated)?;
+        let m: GenReport = read_json(&generated)?;
         out.push(Line {
             method: method.into(),
-            hr1: f(&m, "hr@1"),
-            valid_ratio: f(&m, "valid_ratio"),
-            rows: m.get("rows").and_then(Value::as_u64),
+            hr1: Some(m.metrics.hr1),
+            valid_ratio: Some(m.metrics.valid_ratio),
+            rows: Some(m.metrics.rows as u64),
             ..base.clone()
         });
     }
     let scored = run.join(format!("eval-{split}-score/metrics.json"));
     if scored.is_file() {
-        let m = read_json(&scored)?;
-        out.push(Line {
-            method: if m["scorer"].as_str() == Some("head") {
-                "scoring (head)".to_string()
-            } else {
-                format!("scoring ({})", m["score"].as_str().unwrap_or("sum"))
+        let m: ScoreReport = read_json(&scored)?;
+        let method = if m.scorer == "head" {
+            "scoring (head)".to_string()
+        } else {
+            format!("scoring ({})", m.score)
+        };
+        out.push(ranked(
+            Line {
+                method,
+                ..base.clone()
             },
-            hr1: f(&m, "hr@1"),
-            hr5: f(&m, "hr@5"),
-            hr10: f(&m, "hr@10"),
-            ndcg5: f(&m, "ndcg@5"),
-            ndcg10: f(&m, "ndcg@10"),
-            mrr: f(&m, "mrr"),
-            valid_ratio: Some(1.0),
-            rows: m.get("rows").and_then(Value::as_u64),
-            ..base.clone()
-        });
+            &m.metrics,
+        ));
     }
     if out.is_empty() {
         out.push(Line {
@@ -323,7 +318,7 @@ pub fn run(a: ReportArgs) -> Result<()> {
     let md = markdown(&lines, &a.split);
     print!("{md}");
     if let Some(out) = &a.out {
-        let staged = crate::fsutil::StagedDir::new(out, true)
+        let staged = llara::fsutil::StagedDir::new(out, true)
             .with_context(|| format!("--out {}", out.display()))?;
         std::fs::write(staged.path().join("report.md"), &md)?;
         let mut w = csv::Writer::from_path(staged.path().join("report.csv"))?;

@@ -1,13 +1,14 @@
 //! `llara train-sr` and `llara eval-sr`.
 
-use crate::data::Dataset;
-use crate::eval::metrics::{RankMetrics, Selection};
-use crate::fsutil::StagedDir;
-use crate::sr::train::{train, EpochLog, Loss, TrainOptions};
-use crate::sr::{load_model, Arch};
+use super::rundir::{write_json, DatasetRef, SrEvalReport, SrRunConfig, SrRunMetrics};
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
+use llara::data::Dataset;
+use llara::eval::metrics::{RankMetrics, Selection};
+use llara::fsutil::StagedDir;
+use llara::sr::train::{train, EpochLog, Loss, TrainOptions};
+use llara::sr::{load_model, Arch};
 use serde::Serialize;
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -18,7 +19,7 @@ pub struct TrainSrArgs {
     #[arg(long, value_name = "DIR")]
     pub data: PathBuf,
     /// Architecture.
-    #[arg(long, value_enum, default_value = "sasrec")]
+    #[arg(long, value_parser = super::named::<Arch>(), default_value = "sasrec")]
     pub model: Arch,
     /// Output run folder (written to a temporary folder and renamed at the end).
     #[arg(long, value_name = "RUN")]
@@ -51,7 +52,7 @@ pub struct TrainSrArgs {
     /// bce: target vs one sampled negative (LLaRA's recipe); ce: full softmax cross-entropy;
     /// sampled: softmax over the target and --negatives sampled items; gbce: gSASRec's calibrated
     /// BCE over the target and --negatives sampled items.
-    #[arg(long, value_enum, default_value = "bce")]
+    #[arg(long, value_parser = super::named::<Loss>(), default_value = "bce")]
     pub loss: Loss,
     /// Negatives per step for --loss sampled and gbce (shared by the batch).
     #[arg(long, default_value_t = 256)]
@@ -61,7 +62,7 @@ pub struct TrainSrArgs {
     pub gbce_t: f64,
     /// What picks the best epoch on valid: expected-hr1 (HR@1 averaged over every possible
     /// candidate set, exact from full-catalogue ranks) or hr1 (the fixed sets' HR@1, LLaRA's rule).
-    #[arg(long, value_enum, default_value = "expected-hr1")]
+    #[arg(long, value_parser = super::named::<Selection>(), default_value = "expected-hr1")]
     pub select: Selection,
     /// Validate, select and save an exponential moving average of the weights with this decay
     /// per step; 0 turns it off (LLaRA's recipe saves the raw weights).
@@ -70,13 +71,9 @@ pub struct TrainSrArgs {
     /// Seed of initialisation, shuffling, negatives and dropout.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// cpu, cuda, cuda:N or auto.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    /// CPU threads for tensor ops (these models are small: one thread is fastest on 2 cores).
-    #[arg(long, default_value_t = 1)]
-    #[serde(skip)]
-    pub threads: usize,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub dev: super::DeviceArgs,
     /// Replace the output folder if it exists.
     #[arg(long)]
     #[serde(skip)]
@@ -109,63 +106,14 @@ pub struct EvalSrArgs {
     /// Print one JSON object (keys as in metrics.json).
     #[arg(long)]
     pub json: bool,
-    /// cpu, cuda, cuda:N or auto.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    /// CPU threads for tensor ops.
-    #[arg(long, default_value_t = 1)]
-    pub threads: usize,
-}
-
-#[derive(Serialize)]
-struct RunConfig<'a> {
-    #[serde(flatten)]
-    model: &'a crate::sr::Config,
-    training: &'a TrainOptions,
-    dataset: DatasetRef,
-}
-
-#[derive(Serialize)]
-struct DatasetRef {
-    dir: String,
-    name: String,
-    content_hash: String,
-    seed: u64,
-}
-
-#[derive(Serialize)]
-struct MetricsFile<'a> {
-    #[serde(flatten)]
-    test: &'a RankMetrics,
-    split: &'static str,
-    valid: &'a RankMetrics,
-    best_epoch: usize,
-    epochs_run: usize,
-    train_seconds: f64,
+    #[command(flatten)]
+    pub dev: super::DeviceArgs,
 }
 
 fn style() -> ProgressStyle {
     ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} batches  {msg}  ETA {eta}")
         .expect("valid template")
         .progress_chars("=> ")
-}
-
-/// Sets the size of candle's CPU thread pools; must run before the first tensor op.
-pub fn set_threads(n: usize) -> Result<()> {
-    if n == 0 {
-        bail!("--threads must be at least 1");
-    }
-    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-    }
-    // candle 0.11 runs its element-wise ops on a second pool of spinning threads beside rayon's;
-    // on a machine with as many cores as rayon threads they compete with the fused kernels and
-    // the GEMMs (a LLaRA training step on 2 cores ran 10% slower with it), so those ops run on
-    // the calling thread unless CANDLE_NUM_THREADS says otherwise.
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        std::env::set_var("CANDLE_NUM_THREADS", "1");
-    }
-    Ok(())
 }
 
 /// `--patience` when not given: 60 for GRU4Rec, 20 otherwise (docs/results/sr_quality.md).
@@ -179,8 +127,8 @@ pub fn default_patience(model: Arch) -> usize {
 pub fn train_sr(mut a: TrainSrArgs) -> Result<()> {
     // Resolved here so that the run's config.toml records the value used.
     let patience = *a.patience.get_or_insert(default_patience(a.model));
-    set_threads(a.threads)?;
-    let device = crate::device::parse(&a.device).map_err(anyhow::Error::msg)?;
+    a.dev.f32_only()?;
+    let device = a.dev.start(1)?;
     let ds = Dataset::open(&a.data).with_context(|| format!("--data {}", a.data.display()))?;
     // Fail before training if the output cannot be written.
     let staged =
@@ -218,7 +166,7 @@ pub fn train_sr(mut a: TrainSrArgs) -> Result<()> {
     let lr = a.lr;
     let start_all = std::time::Instant::now();
     // Ctrl-C / SIGTERM stop after the current batch; nothing is written (runs take minutes).
-    crate::interrupt::install().context("installing the Ctrl-C handler")?;
+    llara::interrupt::install().context("installing the Ctrl-C handler")?;
     let trained = train(
         &ds,
         &opts,
@@ -240,7 +188,7 @@ pub fn train_sr(mut a: TrainSrArgs) -> Result<()> {
             let ex = (done * batch_size) as f64 / started.get().elapsed().as_secs_f64().max(1e-9);
             bar.set_position(done as u64);
             bar.set_message(format!("loss {avg:.4}  lr {lr:.0e}  {ex:.0} ex/s"));
-            match crate::interrupt::requested() {
+            match llara::interrupt::requested() {
                 Some(_) => std::ops::ControlFlow::Break(()),
                 None => std::ops::ControlFlow::Continue(()),
             }
@@ -263,9 +211,9 @@ pub fn train_sr(mut a: TrainSrArgs) -> Result<()> {
     );
     bar.finish_and_clear();
     let trained = match trained {
-        Err(crate::sr::SrError::Stopped { epoch, step }) => {
-            let signal = crate::interrupt::requested().expect("only a signal stops training");
-            return Err(crate::interrupt::Interrupted {
+        Err(llara::sr::SrError::Stopped { epoch, step }) => {
+            let signal = llara::interrupt::requested().expect("only a signal stops training");
+            return Err(llara::interrupt::Interrupted {
                 signal,
                 message: format!(
                     "stopped at epoch {epoch}, batch {step}; nothing was written to {} (rerun the command)",
@@ -283,9 +231,9 @@ pub fn train_sr(mut a: TrainSrArgs) -> Result<()> {
         .varmap
         .save(dir.join("model.safetensors"))
         .context("writing model.safetensors")?;
-    let run_config = RunConfig {
-        model: &trained.config,
-        training: &opts,
+    let run_config = SrRunConfig {
+        model: trained.config.clone(),
+        training: opts.clone(),
         dataset: DatasetRef {
             dir: a.data.display().to_string(),
             name: ds.meta.name.clone(),
@@ -293,22 +241,16 @@ pub fn train_sr(mut a: TrainSrArgs) -> Result<()> {
             seed: ds.meta.seed,
         },
     };
-    std::fs::write(
-        dir.join("config.json"),
-        serde_json::to_string_pretty(&run_config)? + "\n",
-    )?;
-    let metrics = MetricsFile {
-        test: &trained.test,
-        split: "test",
-        valid: &trained.valid,
+    write_json(&dir.join("config.json"), &run_config)?;
+    let metrics = SrRunMetrics {
+        test: trained.test,
+        split: "test".into(),
+        valid: trained.valid,
         best_epoch: trained.best_epoch,
         epochs_run: trained.log.len(),
         train_seconds,
     };
-    std::fs::write(
-        dir.join("metrics.json"),
-        serde_json::to_string_pretty(&metrics)? + "\n",
-    )?;
+    write_json(&dir.join("metrics.json"), &metrics)?;
     let mut log = std::fs::File::create(dir.join("train_log.jsonl"))?;
     for e in &trained.log {
         writeln!(log, "{}", serde_json::to_string(e)?)?;
@@ -339,21 +281,21 @@ pub fn train_sr(mut a: TrainSrArgs) -> Result<()> {
 }
 
 pub fn eval_sr(a: EvalSrArgs) -> Result<()> {
-    set_threads(a.threads)?;
-    let device = crate::device::parse(&a.device).map_err(anyhow::Error::msg)?;
+    a.dev.f32_only()?;
+    let device = a.dev.start(1)?;
     let ds = Dataset::open(&a.data).with_context(|| format!("--data {}", a.data.display()))?;
     let (name, rows, cands) = match a.split {
         SplitName::Valid => ("valid", &ds.splits.valid, &ds.candidates_valid),
         SplitName::Test => ("test", &ds.splits.test, &ds.candidates_test),
     };
     let baseline = (!a.model.exists())
-        .then(|| a.model.to_str().and_then(crate::sr::baselines::Kind::parse))
+        .then(|| a.model.to_str().and_then(llara::sr::baselines::Kind::parse))
         .flatten();
     // Each row's candidate scores (in candidate order), and for a trained model every item's
     // score (the full-catalogue metrics).
     type Scored = (String, Vec<Vec<f32>>, Option<Vec<Vec<f32>>>);
     let (label, scores, all): Scored = if let Some(kind) = baseline {
-        let b = crate::sr::baselines::Baseline::fit(kind, &ds.splits.train, ds.n_items());
+        let b = llara::sr::baselines::Baseline::fit(kind, &ds.splits.train, ds.n_items());
         let s = rows
             .iter()
             .zip(cands)
@@ -376,7 +318,7 @@ pub fn eval_sr(a: EvalSrArgs) -> Result<()> {
                 ds.n_items()
             );
         }
-        let all = crate::sr::train::score_rows(&model, &cfg, rows, &device)?;
+        let all = llara::sr::train::score_rows(&model, &cfg, rows, &device)?;
         let s = all
             .iter()
             .zip(cands)
@@ -384,15 +326,15 @@ pub fn eval_sr(a: EvalSrArgs) -> Result<()> {
             .collect();
         (cfg.model.name().to_string(), s, Some(all))
     };
-    let mut acc = crate::eval::metrics::RankAccumulator::default();
+    let mut acc = llara::eval::metrics::RankAccumulator::default();
     let mut lines = vec![];
     for (i, ((r, c), s)) in rows.iter().zip(cands).zip(&scores).enumerate() {
         let ti = c.iter().position(|&x| x == r.next).unwrap_or(0);
-        let rank = crate::eval::metrics::rank_among(s, ti);
+        let rank = llara::eval::metrics::rank_among(s, ti);
         acc.push(rank);
         if let Some(all) = &all {
             acc.push_full(
-                crate::eval::metrics::full_rank_of(&all[i], &r.history, r.next),
+                llara::eval::metrics::full_rank_of(&all[i], &r.history, r.next),
                 c.len(),
             );
         }
@@ -402,7 +344,7 @@ pub fn eval_sr(a: EvalSrArgs) -> Result<()> {
     }
     let m = acc.finish();
     if let Some(out) = &a.out {
-        let staged = crate::fsutil::StagedDir::new(out, true)
+        let staged = llara::fsutil::StagedDir::new(out, true)
             .with_context(|| format!("--out {}", out.display()))?;
         let mut text = String::new();
         for l in &lines {
@@ -410,20 +352,14 @@ pub fn eval_sr(a: EvalSrArgs) -> Result<()> {
             text.push('\n');
         }
         std::fs::write(staged.path().join("scores.jsonl"), text)?;
-        let mut report = serde_json::to_value(m)?;
-        let o = report.as_object_mut().expect("object");
-        o.insert("split".into(), serde_json::json!(name));
-        o.insert("model".into(), serde_json::json!(label));
-        o.insert(
-            "source".into(),
-            serde_json::json!(a.model.display().to_string()),
-        );
-        o.insert("rows".into(), serde_json::json!(rows.len()));
-        o.insert("dataset".into(), serde_json::json!(ds.meta.name));
-        std::fs::write(
-            staged.path().join("metrics.json"),
-            serde_json::to_string_pretty(&report)? + "\n",
-        )?;
+        let report = SrEvalReport {
+            split: name.to_string(),
+            model: label.to_string(),
+            source: a.model.display().to_string(),
+            dataset: ds.meta.name.clone(),
+            metrics: m,
+        };
+        write_json(&staged.path().join("metrics.json"), &report)?;
         staged
             .commit()
             .with_context(|| format!("--out {}", out.display()))?;

@@ -1,26 +1,25 @@
-//! `llara tune` (curriculum prompt tuning) and `llara eval` (generation-based HR@1).
+//! `llara tune`: flags ↔ `tune.toml`, the options they make, loading a run's parts, and the run itself.
 
-use crate::data::Dataset;
-use crate::eval::metrics::{RankAccumulator, RankMetrics};
-use crate::llara::evaluate::{
-    score_candidates, score_with_head, EvalOptions, GenMetrics, ScoreMode, ScoreOptions,
-};
-use crate::llara::head::{Head, HeadConfig};
-use crate::llara::projector::Projector;
-use crate::llara::prompts::{AnswerFormat, Templates};
-use crate::llara::tune::{
-    self, EvalLog, Hooks, Objective, Ranker, RunDir, RunState, Setup, StepLog, TuneOptions,
-};
-use crate::llara::{Behaviour, CandEmb, Curriculum, PromptKit, Recommender};
-use crate::llm::{self, LlmOptions, LoraConfig, Target};
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
+use llara::data::Dataset;
+use llara::llara::head::{Head, HeadConfig};
+use llara::llara::projector::Projector;
+use llara::llara::prompts::{AnswerFormat, Templates};
+use llara::llara::tune::{self, Objective, Ranker, RunDir, RunState, Setup, TuneOptions};
+use llara::llara::{CandEmb, Curriculum, Recommender};
+use llara::llm::{self, LlmOptions, LoraConfig, Target};
 use serde::{Deserialize, Serialize};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-#[derive(Args, Debug, Clone, Serialize)]
+use super::progress::Bars;
+use super::rundir::{sha256_file, RunInfo};
+
+/// `llara tune`'s flags, also the schema of the run's `tune.toml` (written from them, read back by
+/// `--resume` and `llara report`).
+#[derive(Args, Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct TuneArgs {
     /// Dataset folder (from `llara data`).
     #[arg(long, value_name = "DIR")]
@@ -148,16 +147,9 @@ pub struct TuneArgs {
     pub max_bad_steps: usize,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// cpu, cuda, cuda:N or auto.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    /// Frozen weights' dtype: f32, bf16 or f16 (default f32 on CPU, bf16 on CUDA).
-    #[arg(long)]
-    pub dtype: Option<String>,
-    /// CPU threads for tensor ops.
-    #[arg(long, default_value_t = 2)]
-    #[serde(skip)]
-    pub threads: usize,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub dev: super::DeviceArgs,
     /// Replace an existing output folder.
     #[arg(long)]
     #[serde(skip)]
@@ -172,41 +164,6 @@ pub struct TuneArgs {
     #[arg(long, value_name = "RUN", conflicts_with_all = ["data", "sr", "llm", "out"])]
     #[serde(skip)]
     pub resume: Option<PathBuf>,
-}
-
-/// `run.json`: what a run was built from.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RunInfo {
-    pub llm: String,
-    pub llm_source: serde_json::Value,
-    pub sr: PathBuf,
-    pub sr_sha256: String,
-    pub sr_arch: String,
-    pub sr_hidden: usize,
-    pub data: PathBuf,
-    pub data_content_hash: String,
-    pub n_items: usize,
-    pub prompts: String,
-    pub curriculum: String,
-    pub eval_view: String,
-    #[serde(default)]
-    pub objective: Objective,
-    #[serde(default)]
-    pub head: Option<HeadConfig>,
-    #[serde(default)]
-    pub user_token: bool,
-    #[serde(default)]
-    pub cand_emb: CandEmb,
-    #[serde(default)]
-    pub ranker: Ranker,
-    #[serde(default)]
-    pub answer: AnswerFormat,
-}
-
-pub(super) fn sha256_file(path: &Path) -> Result<String> {
-    use sha2::{Digest, Sha256};
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(format!("{:x}", Sha256::digest(&bytes)))
 }
 
 fn options(a: &TuneArgs) -> Result<TuneOptions> {
@@ -285,16 +242,15 @@ pub(super) fn load_parts(
     sr: &Path,
     spec: &str,
     revision: Option<String>,
-    device: &str,
-    dtype: Option<&str>,
+    dev: &super::DeviceArgs,
     prompts: Option<&Path>,
 ) -> Result<Loaded> {
-    let device = crate::device::parse(device).map_err(anyhow::Error::msg)?;
+    let device = llara::device::parse(&dev.device).map_err(anyhow::Error::msg)?;
     let ds = Dataset::open(data).with_context(|| format!("--data {}", data.display()))?;
     let (sr_weights, _) =
-        crate::sr::resolve_model_path(sr).with_context(|| format!("--sr {}", sr.display()))?;
+        llara::sr::resolve_model_path(sr).with_context(|| format!("--sr {}", sr.display()))?;
     let (model, sr_cfg) =
-        crate::sr::load_model(sr, &device).with_context(|| format!("--sr {}", sr.display()))?;
+        llara::sr::load_model(sr, &device).with_context(|| format!("--sr {}", sr.display()))?;
     if sr_cfg.item_num != ds.n_items() {
         bail!(
             "--sr {}: the recommender scores {} items but the dataset {} has {} (train it on this dataset)",
@@ -307,7 +263,7 @@ pub(super) fn load_parts(
     let rec = Recommender::new(model, sr_cfg)?;
     let opts = LlmOptions {
         device,
-        dtype: dtype.map(super::llm::parse_dtype).transpose()?,
+        dtype: dev.dtype()?,
         revision,
     };
     let llm = llm::load(spec, &opts).with_context(|| format!("--llm {spec}"))?;
@@ -324,172 +280,6 @@ pub(super) fn load_parts(
     })
 }
 
-struct Bars {
-    train: ProgressBar,
-    eval: Option<ProgressBar>,
-    running: Option<f64>,
-    quiet: bool,
-    dump: Option<BatchDump>,
-    /// The last checkpoint's step (for what a second Ctrl-C keeps).
-    checkpoint: Option<usize>,
-    /// The stop request has been shown.
-    stopping: bool,
-}
-
-impl Bars {
-    /// Shows once that a signal arrived and what happens next.
-    fn note_stop(&mut self) {
-        let Some(sig) = crate::interrupt::requested() else {
-            return;
-        };
-        if self.stopping {
-            return;
-        }
-        self.stopping = true;
-        let kept = match self.checkpoint {
-            Some(s) => format!("the checkpoint of step {s} stays"),
-            None => "no checkpoint yet".into(),
-        };
-        let msg = format!(
-            "{}: finishing this step, then writing a checkpoint (again to exit at once; {kept})",
-            sig.name()
-        );
-        if self.quiet {
-            eprintln!("{msg}");
-        } else {
-            self.train.suspend(|| eprintln!("{msg}"));
-        }
-    }
-}
-
-/// `--dump-batches FILE`: written beside FILE and renamed when the run ends.
-struct BatchDump {
-    dest: PathBuf,
-    tmp: PathBuf,
-    w: std::io::BufWriter<std::fs::File>,
-    err: Option<std::io::Error>,
-}
-
-impl BatchDump {
-    fn create(dest: &Path) -> Result<Self> {
-        let mut name = dest.file_name().unwrap_or_default().to_os_string();
-        name.push(".partial");
-        let tmp = dest.with_file_name(name);
-        let f = std::fs::File::create(&tmp)
-            .with_context(|| format!("--dump-batches {}", dest.display()))?;
-        Ok(BatchDump {
-            dest: dest.to_path_buf(),
-            tmp,
-            w: std::io::BufWriter::new(f),
-            err: None,
-        })
-    }
-
-    fn finish(mut self) -> Result<()> {
-        use std::io::Write;
-        if let Some(e) = self.err.take() {
-            return Err(e).with_context(|| format!("--dump-batches {}", self.dest.display()));
-        }
-        self.w
-            .flush()
-            .and_then(|_| std::fs::rename(&self.tmp, &self.dest))
-            .with_context(|| format!("--dump-batches {}", self.dest.display()))
-    }
-}
-
-impl Hooks for Bars {
-    fn on_start(&mut self, total: usize, done: usize) {
-        self.train.set_length(total as u64);
-        self.train.set_position(done as u64);
-        self.train.reset_eta();
-    }
-
-    fn on_step(&mut self, l: &StepLog) {
-        let avg = match self.running {
-            None => l.loss,
-            Some(r) => 0.95 * r + 0.05 * l.loss,
-        };
-        self.running = Some(avg);
-        self.train.set_position(l.step as u64 + 1);
-        self.train.set_message(format!(
-            "epoch {}  loss {avg:.4}  lr {:.2e}  p {:.2} ({})  {:.0} tok/s",
-            l.epoch + 1,
-            l.lr,
-            l.p_hybrid,
-            if l.hybrid { "hybrid" } else { "text" },
-            l.tokens_per_second
-        ));
-    }
-
-    fn on_eval_start(&mut self, rows: usize) {
-        let b = ProgressBar::new(rows as u64).with_style(
-            ProgressStyle::with_template("  validating [{bar:30}] {pos}/{len} rows  ETA {eta}")
-                .expect("valid template")
-                .progress_chars("=> "),
-        );
-        if self.quiet {
-            b.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-        }
-        self.eval = Some(b);
-    }
-
-    fn on_eval_progress(&mut self, n: usize) {
-        if let Some(b) = &self.eval {
-            b.inc(n as u64);
-        }
-        self.note_stop();
-    }
-
-    fn should_stop(&mut self) -> bool {
-        self.note_stop();
-        crate::interrupt::requested().is_some()
-    }
-
-    fn on_checkpoint(&mut self, step: usize) {
-        self.checkpoint = Some(step);
-    }
-
-    fn on_warning(&mut self, msg: &str) {
-        self.train.suspend(|| tracing::warn!("{msg}"));
-    }
-
-    fn on_batch(&mut self, step: usize, hybrid: bool, rows: &[&crate::llara::Tokenized]) {
-        use std::io::Write;
-        self.note_stop();
-        let Some(d) = self.dump.as_mut().filter(|d| d.err.is_none()) else {
-            return;
-        };
-        let rows: Vec<_> = rows
-            .iter()
-            .map(|r| {
-                serde_json::json!({
-                    "ids": r.ids, "answer_start": r.answer_start, "slot_items": r.slot_items,
-                })
-            })
-            .collect();
-        let line = serde_json::json!({"step": step, "hybrid": hybrid, "rows": rows});
-        if let Err(e) = writeln!(d.w, "{line}") {
-            d.err = Some(e);
-        }
-    }
-
-    fn on_eval(&mut self, e: &EvalLog) {
-        if let Some(b) = self.eval.take() {
-            b.finish_and_clear();
-        }
-        self.train.suspend(|| {
-            tracing::info!(
-                "step {:>5}  valid HR@1 {:.4}  valid ratio {:.4}  ({} rows){}",
-                e.step,
-                e.valid.hr1,
-                e.valid.valid_ratio,
-                e.valid.rows,
-                if e.best { "  *" } else { "" }
-            )
-        });
-    }
-}
-
 pub fn run_tune(a: TuneArgs, quiet: bool) -> Result<()> {
     if let Some(run) = &a.resume {
         let cfg = run.join("tune.toml");
@@ -501,7 +291,9 @@ pub fn run_tune(a: TuneArgs, quiet: bool) -> Result<()> {
         }
         let mut argv: Vec<OsString> =
             vec!["llara".into(), "tune".into(), "--config".into(), cfg.into()];
-        argv.extend(["--threads".into(), a.threads.to_string().into()]);
+        if let Some(n) = a.dev.threads {
+            argv.extend(["--threads".into(), n.to_string().into()]);
+        }
         if let Some(s) = a.stop_after {
             argv.extend(["--stop-after".into(), s.to_string().into()]);
         }
@@ -525,7 +317,7 @@ pub fn run_tune(a: TuneArgs, quiet: bool) -> Result<()> {
 }
 
 fn tune_in(a: TuneArgs, resume: bool, quiet: bool) -> Result<()> {
-    super::sr::set_threads(a.threads)?;
+    a.dev.start(2)?;
     let opts = options(&a)?;
     let (data, sr, spec, out) = match (&a.data, &a.sr, &a.llm, &a.out) {
         (Some(d), Some(s), Some(l), Some(o)) => (d.clone(), s.clone(), l.clone(), o.clone()),
@@ -547,8 +339,7 @@ fn tune_in(a: TuneArgs, resume: bool, quiet: bool) -> Result<()> {
         &sr,
         &spec,
         a.revision.clone(),
-        &a.device,
-        a.dtype.as_deref(),
+        &a.dev,
         a.prompts.as_deref(),
     )?;
     let sr_hash = sha256_file(&parts.sr_weights)?;
@@ -606,10 +397,10 @@ fn tune_in(a: TuneArgs, resume: bool, quiet: bool) -> Result<()> {
     } else {
         std::fs::create_dir_all(&out).with_context(|| format!("--out {}", out.display()))?;
         let toml = toml::to_string(&a).context("serializing the run's options")?;
-        crate::fsutil::write_file_atomic(&out.join("tune.toml"), |p| {
+        llara::fsutil::write_file_atomic(&out.join("tune.toml"), |p| {
             std::fs::write(p, format!("# The exact options of this run: `llara tune --config tune.toml` reruns it, `llara tune --resume RUN` continues it.\n{toml}"))
         })?;
-        crate::fsutil::write_file_atomic(&out.join("run.json"), |p| {
+        llara::fsutil::write_file_atomic(&out.join("run.json"), |p| {
             std::fs::write(p, serde_json::to_string_pretty(&info)? + "\n")
         })?;
         llm::lora::add_adapters(&mut parts.llm.model, &opts.lora, opts.seed)?;
@@ -643,27 +434,11 @@ fn tune_in(a: TuneArgs, resume: bool, quiet: bool) -> Result<()> {
         opts.curriculum.name(),
         opts.seed
     );
-    let bar = ProgressBar::new(0).with_style(
-        ProgressStyle::with_template("[{bar:30}] {pos}/{len} steps  {msg}  ETA {eta}")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
-    if quiet {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
-    let mut hooks = Bars {
-        train: bar,
-        eval: None,
-        running: None,
+    let mut hooks = Bars::new(
         quiet,
-        dump: a
-            .dump_batches
-            .as_deref()
-            .map(BatchDump::create)
-            .transpose()?,
-        checkpoint: (state.step > 0).then_some(state.step),
-        stopping: false,
-    };
+        a.dump_batches.as_deref(),
+        (state.step > 0).then_some(state.step),
+    )?;
     let llm_name = parts.llm.name();
     let setup = Setup {
         model: &mut parts.llm.model,
@@ -674,14 +449,11 @@ fn tune_in(a: TuneArgs, resume: bool, quiet: bool) -> Result<()> {
     };
     let started = std::time::Instant::now();
     // From here on Ctrl-C / SIGTERM stop the run at the next step boundary, with a checkpoint.
-    crate::interrupt::install().context("installing the Ctrl-C handler")?;
+    llara::interrupt::install().context("installing the Ctrl-C handler")?;
     let state = tune::tune(
         setup, projector, head, &opts, &run, state, &llm_name, &mut hooks,
     )?;
-    hooks.train.finish_and_clear();
-    if let Some(d) = hooks.dump.take() {
-        d.finish()?;
-    }
+    hooks.finish()?;
     let frac = if state.step > 0 {
         state.hybrid_steps as f64 / state.step as f64
     } else {
@@ -711,8 +483,8 @@ fn tune_in(a: TuneArgs, resume: bool, quiet: bool) -> Result<()> {
                 100.0 * frac,
                 out.display()
             );
-            if let Some(signal) = crate::interrupt::requested() {
-                return Err(crate::interrupt::Interrupted {
+            if let Some(signal) = llara::interrupt::requested() {
+                return Err(llara::interrupt::Interrupted {
                     signal,
                     message: msg,
                 }
@@ -722,331 +494,4 @@ fn tune_in(a: TuneArgs, resume: bool, quiet: bool) -> Result<()> {
         }
     }
     Ok(())
-}
-
-#[derive(Args, Debug, Clone)]
-pub struct EvalArgs {
-    /// A tune run folder.
-    #[arg(long, value_name = "RUN")]
-    pub run: PathBuf,
-    /// Dataset folder (default: the run's).
-    #[arg(long, value_name = "DIR")]
-    pub data: Option<PathBuf>,
-    #[arg(long, default_value = "test", value_parser = ["valid", "test"])]
-    pub split: String,
-    /// The headline metric: hr@1 (both modes); hr@5, hr@10, ndcg@5, ndcg@10, mrr (--mode score).
-    #[arg(long, default_value = "hr@1", value_parser = ["hr@1", "hr@5", "hr@10", "ndcg@5", "ndcg@10", "mrr"])]
-    pub metric: String,
-    /// generate: greedy answers judged by LLaRA's substring rule (ValidRatio, HitRatio@1); score: rank
-    /// the candidates by the log-likelihood of their answers (HR@k, NDCG@k, MRR).
-    #[arg(long, default_value = "generate", value_parser = ["generate", "score"])]
-    pub mode: String,
-    /// With --mode score: sum or mean (length-normalised) of the answer tokens' log-probabilities.
-    #[arg(long, default_value = "sum", value_parser = ["sum", "mean"])]
-    pub score: String,
-    /// With --mode score: run the whole prompt again for every candidate instead of sharing its KV
-    /// cache (the slow reference, for benchmarks).
-    #[arg(long)]
-    pub no_prompt_cache: bool,
-    /// With --mode score: head (the run's scoring head, the default when it has one) or answer
-    /// (answer log-likelihoods, the default otherwise).
-    #[arg(long, default_value = "auto", value_parser = ["auto", "head", "answer"])]
-    pub scorer: String,
-    /// Prompt template (fixed for reproducible scores).
-    #[arg(long, default_value_t = 0)]
-    pub template: usize,
-    /// Evaluate only the first N rows.
-    #[arg(long)]
-    pub limit: Option<usize>,
-    /// Rows per forward pass: prompts generated together, or (--mode score) prompts whose KV
-    /// caches are filled together before their candidates are scored.
-    #[arg(long, default_value_t = 8)]
-    pub batch_size: usize,
-    /// With --mode generate: decode only the candidates' titles (greedy over a token trie of the
-    /// row's candidate answers), so every answer names exactly one candidate.
-    #[arg(long)]
-    pub constrained: bool,
-    /// Longest generated answer, in tokens (--mode generate).
-    #[arg(long, default_value_t = 64)]
-    pub max_new_tokens: usize,
-    /// Backbone override (default: the run's --llm).
-    #[arg(long, value_name = "SPEC")]
-    pub llm: Option<String>,
-    /// Where predictions.jsonl (scores.jsonl) and metrics.json go (default RUN/eval-<split>,
-    /// RUN/eval-<split>-constrained, or RUN/eval-<split>-score).
-    #[arg(long, value_name = "DIR")]
-    pub out: Option<PathBuf>,
-    /// Print the metrics as one JSON object.
-    #[arg(long)]
-    pub json: bool,
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    #[arg(long)]
-    pub dtype: Option<String>,
-    #[arg(long, default_value_t = 2)]
-    pub threads: usize,
-}
-
-pub fn run_eval(a: EvalArgs, quiet: bool) -> Result<()> {
-    if a.batch_size == 0 {
-        bail!("--batch-size 0: expected at least 1 row per batch");
-    }
-    super::sr::set_threads(a.threads)?;
-    let or = open_run(
-        &a.run,
-        a.data.as_deref(),
-        a.llm.as_deref(),
-        &a.device,
-        a.dtype.as_deref(),
-    )?;
-    let (parts, view) = (&or.parts, or.view);
-    let mut rows = tune::split_rows(&parts.ds, &a.split, a.template, None, 0);
-    if let Some(n) = a.limit {
-        rows.truncate(n);
-    }
-    let kit = or.kit();
-    let eopts = EvalOptions {
-        view,
-        template: a.template,
-        batch_size: a.batch_size,
-        max_new_tokens: a.max_new_tokens,
-        constrained: a.constrained,
-    };
-    let bar = ProgressBar::new(rows.len() as u64).with_style(
-        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} rows  ETA {eta}")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
-    bar.set_prefix(a.split.clone());
-    if quiet || a.json {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
-    let behaviour = or.behaviour();
-    let behaviour = behaviour.as_ref();
-    let started = std::time::Instant::now();
-    if a.mode == "score" {
-        let mode = ScoreMode::parse(&a.score).map_err(anyhow::Error::msg)?;
-        let so = ScoreOptions {
-            shared_prompt: !a.no_prompt_cache,
-            ..ScoreOptions::new(mode)
-        };
-        let use_head = or.head.is_some() && a.scorer != "answer";
-        if a.scorer == "head" && or.head.is_none() {
-            bail!(
-                "--scorer head: {} has no scoring head (tune with --objective listwise or both)",
-                a.run.display()
-            );
-        }
-        let scored = match &or.head {
-            Some(hd) if use_head => {
-                score_with_head(&parts.llm.model, &kit, behaviour, hd, &rows, &eopts, |n| {
-                    bar.inc(n as u64)
-                })?
-            }
-            _ => score_candidates(&parts.llm.model, &kit, behaviour, &rows, &eopts, so, |n| {
-                bar.inc(n as u64)
-            })?,
-        };
-        bar.finish_and_clear();
-        let mut acc = RankAccumulator::default();
-        for r in &scored {
-            acc.push(r.rank);
-        }
-        let m = acc.finish();
-        let out = a
-            .out
-            .clone()
-            .unwrap_or(a.run.join(format!("eval-{}-score", a.split)));
-        let mut report = serde_json::to_value(m)?;
-        let o = report.as_object_mut().expect("object");
-        for (k, v) in [
-            ("split", serde_json::json!(a.split)),
-            ("mode", serde_json::json!("score")),
-            ("score", serde_json::json!(a.score)),
-            (
-                "scorer",
-                serde_json::json!(if use_head { "head" } else { "answer" }),
-            ),
-            ("template", serde_json::json!(a.template)),
-            ("view", serde_json::json!(view.name())),
-            ("valid_ratio", serde_json::json!(1.0)),
-            (
-                "seconds",
-                serde_json::json!(started.elapsed().as_secs_f64()),
-            ),
-        ] {
-            o.insert(k.into(), v);
-        }
-        write_eval(&out, "scores.jsonl", &scored, &report)?;
-        if a.json {
-            println!("{}", serde_json::to_string(&report)?);
-        } else {
-            print!("{}", RankMetrics::table(&[(a.split.as_str(), &m)]));
-            println!(
-                "{}: {:.4}; scores: {}",
-                a.metric,
-                report[a.metric.as_str()].as_f64().unwrap_or(f64::NAN),
-                out.join("scores.jsonl").display()
-            );
-        }
-        return Ok(());
-    }
-    if a.metric != "hr@1" {
-        bail!(
-            "--metric {}: generation gives hr@1 only (use --mode score for ranking metrics)",
-            a.metric
-        );
-    }
-    let (preds, m) = tune::evaluate_split(&parts.llm.model, &kit, behaviour, &rows, &eopts, |n| {
-        bar.inc(n as u64)
-    })?;
-    bar.finish_and_clear();
-    let out = a.out.clone().unwrap_or(a.run.join(if a.constrained {
-        format!("eval-{}-constrained", a.split)
-    } else {
-        format!("eval-{}", a.split)
-    }));
-    let report = serde_json::json!({
-        "split": a.split, "mode": "generate", "constrained": a.constrained, "template": a.template, "view": view.name(),
-        "valid_ratio": m.valid_ratio, "hr@1": m.hr1, "hr@1_of_valid": m.hr1_of_valid, "rows": m.rows,
-        "seconds": started.elapsed().as_secs_f64(),
-    });
-    write_eval(&out, "predictions.jsonl", &preds, &report)?;
-    if a.json {
-        println!("{}", serde_json::to_string(&report)?);
-    } else {
-        print_metrics(&a.split, &m);
-        println!("predictions: {}", out.join("predictions.jsonl").display());
-    }
-    Ok(())
-}
-
-/// Writes `lines` (one JSON object each) and `metrics.json` into `out`, atomically.
-fn write_eval<T: Serialize>(
-    out: &Path,
-    name: &str,
-    lines: &[T],
-    report: &serde_json::Value,
-) -> Result<()> {
-    let staged = crate::fsutil::StagedDir::new(out, true)
-        .with_context(|| format!("--out {}", out.display()))?;
-    let mut text = String::new();
-    for p in lines {
-        text.push_str(&serde_json::to_string(p)?);
-        text.push('\n');
-    }
-    std::fs::write(staged.path().join(name), text)?;
-    std::fs::write(
-        staged.path().join("metrics.json"),
-        serde_json::to_string_pretty(report)? + "\n",
-    )?;
-    staged
-        .commit()
-        .with_context(|| format!("--out {}", out.display()))?;
-    Ok(())
-}
-
-fn print_metrics(split: &str, m: &GenMetrics) {
-    println!("split   rows   valid_ratio   hr@1     hr@1_of_valid");
-    println!(
-        "{split:<7} {:<6} {:<13.4} {:<8.4} {:.4}",
-        m.rows, m.valid_ratio, m.hr1, m.hr1_of_valid
-    );
-}
-
-/// A trained run ready to answer: its dataset, recommender, backbone with the run's adapter,
-/// projector, scoring head (when it has one), and the prompt kind it is evaluated with.
-pub(super) struct OpenRun {
-    pub(super) parts: Loaded,
-    pub(super) projector: Projector,
-    pub(super) head: Option<Head>,
-    pub(super) view: crate::llara::prompts::ItemView,
-    pub(super) info: RunInfo,
-}
-
-impl OpenRun {
-    pub(super) fn kit(&self) -> PromptKit<'_> {
-        PromptKit {
-            tok: &self.parts.llm.tokenizer,
-            templates: &self.parts.templates,
-            titles: &self.parts.ds.titles,
-            user_token: self.info.user_token,
-            answer: self.info.answer,
-        }
-    }
-
-    /// The behaviour tokens' source, for runs whose evaluation prompt carries them.
-    pub(super) fn behaviour(&self) -> Option<Behaviour<'_>> {
-        self.view.uses_embeddings().then_some(Behaviour {
-            rec: &self.parts.rec,
-            cand_emb: self.info.cand_emb,
-            projector: &self.projector,
-        })
-    }
-}
-
-pub(super) fn open_run(
-    run: &Path,
-    data: Option<&Path>,
-    llm_spec: Option<&str>,
-    device: &str,
-    dtype: Option<&str>,
-) -> Result<OpenRun> {
-    let info_path = run.join("run.json");
-    let info: RunInfo = serde_json::from_str(
-        &std::fs::read_to_string(&info_path)
-            .with_context(|| format!("--run {}: not a tune run (run.json)", run.display()))?,
-    )
-    .with_context(|| info_path.display().to_string())?;
-    let toml_path = run.join("tune.toml");
-    let prompts: Option<PathBuf> = std::fs::read_to_string(&toml_path)
-        .ok()
-        .and_then(|t| toml::from_str::<toml::Table>(&t).ok())
-        .and_then(|t| t.get("prompts").and_then(|v| v.as_str()).map(PathBuf::from));
-    let data = data.map(Path::to_path_buf).unwrap_or(info.data.clone());
-    let spec = llm_spec.map(String::from).unwrap_or(info.llm.clone());
-    let mut parts = load_parts(
-        &data,
-        &info.sr,
-        &spec,
-        None,
-        device,
-        dtype,
-        prompts.as_deref(),
-    )?;
-    if sha256_file(&parts.sr_weights)? != info.sr_sha256 {
-        bail!(
-            "{}: the recommender changed since the run was trained",
-            info.sr.display()
-        );
-    }
-    let weights = if run.join("adapter").is_dir() && run.join("projector.safetensors").is_file() {
-        run.to_path_buf()
-    } else if run.join("best/adapter").is_dir() {
-        run.join("best")
-    } else {
-        bail!(
-            "--run {}: no trained weights yet (adapter/ or best/)",
-            run.display()
-        );
-    };
-    let (projector, head) = tune::load_weights(
-        &mut parts.llm.model,
-        &weights,
-        parts.rec.cfg.hidden_size,
-        info.head,
-    )?;
-    // Inference only from here: fold the adapters into the base weights (W + s·BA), so generation
-    // and scoring run plain linears instead of base + two rank-r products per projection.
-    crate::llm::lora::merge(&mut parts.llm.model)?;
-    let view = Curriculum::parse(&info.curriculum)
-        .map_err(anyhow::Error::msg)?
-        .eval_view();
-    Ok(OpenRun {
-        parts,
-        projector,
-        head,
-        view,
-        info,
-    })
 }

@@ -17,7 +17,7 @@ pub struct Interaction {
 }
 
 /// How users' sequences become train/valid/test rows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum SplitMethod {
     /// LLaRA's: users ranked by the time of their first interaction (ties by user id), the first 80%
@@ -30,6 +30,8 @@ pub enum SplitMethod {
 }
 
 impl SplitMethod {
+    pub const ALL: [SplitMethod; 2] = [SplitMethod::UserTime, SplitMethod::LeaveLastOut];
+
     pub fn name(self) -> &'static str {
         match self {
             SplitMethod::UserTime => "user-time",

@@ -185,7 +185,7 @@ pub struct RankMetrics {
 }
 
 /// What picks the best epoch on the valid split.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Selection {
     /// HR@1 on the fixed valid candidate sets, ties broken by NDCG@5 (LLaRA's rule).
@@ -194,6 +194,18 @@ pub enum Selection {
     /// full-catalogue rank), ties broken by full-catalogue NDCG@10: no candidate-sampling noise.
     #[default]
     ExpectedHr1,
+}
+
+impl Selection {
+    pub const ALL: [Selection; 2] = [Selection::Hr1, Selection::ExpectedHr1];
+
+    /// The name flags and config files use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Selection::Hr1 => "hr1",
+            Selection::ExpectedHr1 => "expected-hr1",
+        }
+    }
 }
 
 impl RankMetrics {

@@ -436,7 +436,7 @@ fn score_without_cache(
         let (x, lens) = embed_batch(model, &refs, |t| t.ids.len(), behaviour)?;
         let t = x.dim(1)?;
         let h = model.forward(&x, Step::padded(&lens, t), None)?;
-        let (pos, targets) = super::tune::answer_targets(&refs, t);
+        let (pos, targets) = super::batch::answer_targets(&refs, t);
         let lp = logprobs_at(model, &h, &pos, &targets)?;
         let mut k = 0;
         for w in group {
@@ -632,4 +632,18 @@ fn ranked(row: usize, ex: &Example, scores: Vec<f32>) -> RowScores {
         scores,
         rank,
     }
+}
+
+/// Generation-based evaluation of a model (used by `llara eval`).
+pub fn evaluate_split(
+    model: &Llama,
+    kit: &PromptKit,
+    behaviour: Option<&Behaviour>,
+    rows: &[(usize, Example)],
+    opts: &EvalOptions,
+    progress: impl FnMut(usize),
+) -> Result<(Vec<Prediction>, GenMetrics)> {
+    let preds = evaluate(model, kit, behaviour, rows, opts, progress)?;
+    let m = GenMetrics::of(&preds);
+    Ok((preds, m))
 }

@@ -1,6 +1,7 @@
 //! LLaRA itself: hybrid prompts, the recommender → LLM projector, curriculum prompt tuning and
 //! generation-based evaluation, on top of [`crate::llm`] and [`crate::sr`].
 
+pub mod batch;
 pub mod evaluate;
 pub mod head;
 pub mod listwise;

@@ -6,9 +6,9 @@
 //! negatives, dropout) or the epoch (row order), so a resumed run needs only the step counter,
 //! the trainable tensors and the optimizer moments.
 
+use super::batch::{answer_targets, split_rows};
 use super::evaluate::{
-    evaluate, score_candidates, score_with_head, EvalOptions, GenMetrics, Prediction, ScoreMode,
-    ScoreOptions,
+    evaluate, score_candidates, score_with_head, EvalOptions, GenMetrics, ScoreMode, ScoreOptions,
 };
 use super::head::{self, Head, HeadConfig};
 use super::optim::{self, AdamW};
@@ -368,58 +368,6 @@ pub fn draw_step(
     let p = c.p_hard(step, total, epoch);
     let hard = rng.random::<f64>() < p;
     (p, hard, rng)
-}
-
-/// The loss positions of a right-padded batch (row length `t`): position `p − 1` predicts answer
-/// token `p`, for the answer tokens only (prompt and padding never count).
-pub fn answer_targets(rows: &[&super::Tokenized], t: usize) -> (Vec<usize>, Vec<u32>) {
-    let mut pos = vec![];
-    let mut targets = vec![];
-    for (b, tk) in rows.iter().enumerate() {
-        for p in tk.answer_start..tk.ids.len() {
-            pos.push(b * t + p - 1);
-            targets.push(tk.ids[p]);
-        }
-    }
-    (pos, targets)
-}
-
-/// The fixed rows of `split` with their candidate sets: all, or a subset of `samples` rows drawn
-/// from `seed`.
-pub fn split_rows(
-    ds: &Dataset,
-    split: &str,
-    template: usize,
-    samples: Option<usize>,
-    seed: u64,
-) -> Vec<(usize, Example)> {
-    let (rows, cands) = match split {
-        "test" => (&ds.splits.test, &ds.candidates_test),
-        _ => (&ds.splits.valid, &ds.candidates_valid),
-    };
-    let mut idx: Vec<usize> = (0..rows.len()).collect();
-    if let Some(n) = samples.filter(|&n| n < rows.len()) {
-        idx.shuffle(&mut ChaCha8Rng::seed_from_u64(stream_seed(
-            seed,
-            "valid-subset",
-            0,
-        )));
-        idx.truncate(n);
-        idx.sort_unstable();
-    }
-    idx.into_iter()
-        .map(|i| {
-            (
-                i,
-                Example {
-                    history: rows[i].history.clone(),
-                    candidates: cands[i].clone(),
-                    target: rows[i].next,
-                    template,
-                },
-            )
-        })
-        .collect()
 }
 
 struct Trainables {
@@ -1094,18 +1042,4 @@ pub fn read_state(run: &RunDir) -> TResult<RunState> {
     let p = run.checkpoint().join("state.json");
     let text = std::fs::read_to_string(&p).map_err(io(&p))?;
     serde_json::from_str(&text).map_err(|e| TuneError::Invalid(format!("{}: {e}", p.display())))
-}
-
-/// Generation-based evaluation of a model (used by `llara eval`).
-pub fn evaluate_split(
-    model: &Llama,
-    kit: &PromptKit,
-    behaviour: Option<&Behaviour>,
-    rows: &[(usize, Example)],
-    opts: &EvalOptions,
-    progress: impl FnMut(usize),
-) -> TResult<(Vec<Prediction>, GenMetrics)> {
-    let preds = evaluate(model, kit, behaviour, rows, opts, progress)?;
-    let m = GenMetrics::of(&preds);
-    Ok((preds, m))
 }

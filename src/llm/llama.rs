@@ -3,8 +3,8 @@
 //! returns the final hidden states and computes logits only where asked. Tensor names follow the
 //! Hugging Face checkpoint (`model.layers.0.self_attn.q_proj.weight`, …).
 
+use super::adapter::{Lora, LoraConfig, Target};
 use super::config::Config;
-use super::lora::{Lora, LoraConfig, Target};
 use super::ops::{self, AttnMask, RopeTable};
 use crate::kernels::dropout::Dropout;
 use candle_core::backprop::GradStore;
@@ -490,10 +490,6 @@ impl Llama {
             None
         };
         Ok(())
-    }
-
-    pub fn checkpointing(&self) -> bool {
-        self.checkpoint.is_some()
     }
 
     /// `loss.backward()` plus the adapter gradients of checkpointed layers.

@@ -2,6 +2,7 @@
 //! the tokenizer (with LLaRA's added tokens); LoRA adapters in PEFT's layout; input-embedding
 //! injection; masked batched forward; generation with a KV cache.
 
+pub mod adapter;
 pub mod bench;
 pub mod config;
 pub mod generate;
@@ -13,10 +14,10 @@ pub mod lora;
 pub mod ops;
 pub mod tokenizer;
 
+pub use adapter::{LoraConfig, Target};
 pub use config::Config;
 pub use llama::{Llama, Step};
 pub use load::{load, LlmOptions, Loaded, Source};
-pub use lora::{LoraConfig, Target};
 pub use tokenizer::{LlmTokenizer, ADDED_TOKENS};
 
 use std::path::{Path, PathBuf};

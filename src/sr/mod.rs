@@ -41,7 +41,7 @@ pub enum SrError {
 pub type Result<T> = std::result::Result<T, SrError>;
 
 /// The architecture.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Arch {
     Sasrec,
@@ -50,6 +50,8 @@ pub enum Arch {
 }
 
 impl Arch {
+    pub const ALL: [Arch; 3] = [Arch::Sasrec, Arch::Gru4rec, Arch::Caser];
+
     pub fn name(self) -> &'static str {
         match self {
             Arch::Sasrec => "sasrec",

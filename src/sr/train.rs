@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 /// The training objective.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Loss {
     /// Binary cross-entropy: the target against one uniformly sampled negative (LLaRA's recipe).
@@ -34,6 +34,20 @@ pub enum Loss {
     /// `negatives` sampled items, the target's probability raised to the power β that undoes the
     /// overconfidence negative sampling causes (`gbce_t` = 1: fully calibrated; 0: plain BCE).
     Gbce,
+}
+
+impl Loss {
+    pub const ALL: [Loss; 4] = [Loss::Bce, Loss::Ce, Loss::Sampled, Loss::Gbce];
+
+    /// The name flags and config files use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Loss::Bce => "bce",
+            Loss::Ce => "ce",
+            Loss::Sampled => "sampled",
+            Loss::Gbce => "gbce",
+        }
+    }
 }
 
 impl Loss {
