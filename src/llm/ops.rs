@@ -153,13 +153,26 @@ impl CustomOp2 for RmsNormOp {
     }
 }
 
+/// RMSNorm over the last dimension: the fused kernel for f32 on the CPU; candle's own kernel (one
+/// pass on any device, f32 statistics) when nothing needs a gradient (generation, scoring, frozen
+/// layers); the differentiable composition otherwise.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     if fused(&[x, w]) {
         x.contiguous()?
             .apply_op2(&w.contiguous()?, RmsNormOp { eps: eps as f32 })
+    } else if no_grad_half_or_f32(&[x, w]) && w.rank() == 1 {
+        candle_nn::ops::rms_norm(&x.contiguous()?, &w.contiguous()?, eps as f32)
     } else {
         rms_norm_composed(x, w, eps)
     }
+}
+
+/// Whether `ts` share one dtype that candle's fused inference kernels take (f32, bf16, f16) and
+/// none of them is part of an autograd graph.
+fn no_grad_half_or_f32(ts: &[&Tensor]) -> bool {
+    let dt = ts[0].dtype();
+    matches!(dt, DType::F32 | DType::BF16 | DType::F16)
+        && ts.iter().all(|t| t.dtype() == dt && !t.track_op())
 }
 
 pub fn rms_norm_composed(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
@@ -408,6 +421,41 @@ mod tests {
         let n: usize = shape.iter().product();
         let v: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).cos()).collect();
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn inference_rms_norm_in_bf16_matches_the_composition() {
+        // Nothing tracks a gradient: candle's kernel (the path of bf16 and CUDA generation).
+        let x = Tensor::from_vec(
+            (0..96)
+                .map(|i| ((i * 7 % 19) as f32 - 9.0) / 4.0)
+                .collect::<Vec<_>>(),
+            (2, 3, 16),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let w = Tensor::from_vec(
+            (0..16).map(|i| 0.5 + i as f32 / 16.0).collect::<Vec<_>>(),
+            16,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let want = host_vec(&rms_norm_composed(&x, &w, 1e-5).unwrap()).unwrap();
+        let (xb, wb) = (
+            x.to_dtype(DType::BF16).unwrap(),
+            w.to_dtype(DType::BF16).unwrap(),
+        );
+        assert!(no_grad_half_or_f32(&[&xb, &wb]));
+        let got = rms_norm(&xb, &wb, 1e-5).unwrap();
+        assert_eq!(got.dtype(), DType::BF16);
+        let got = host_vec(&got.to_dtype(DType::F32).unwrap()).unwrap();
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() <= 1e-2 * (1.0 + w.abs()), "{g} vs {w}");
+        }
+        // A variable's graph keeps the differentiable path.
+        let v = Var::from_tensor(&xb).unwrap();
+        assert!(!no_grad_half_or_f32(&[v.as_tensor(), &wb]));
     }
 
     #[test]
