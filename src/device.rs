@@ -24,8 +24,22 @@ pub fn auto() -> (Device, String) {
     }
 }
 
+/// Why `--device` could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("--device {0}: expected cpu, cuda, cuda:N or auto")]
+    Unknown(String),
+    #[error("--device {0}: this llara was built without CUDA (rebuild with `--features cuda`) or no GPU is present")]
+    NoCuda(String),
+    #[error("--device {spec}: {source}")]
+    Start {
+        spec: String,
+        source: candle_core::Error,
+    },
+}
+
 /// Parses a device flag. `auto` is [`auto`]; it logs what it chose and why.
-pub fn parse(spec: &str) -> Result<Device, String> {
+pub fn parse(spec: &str) -> Result<Device, DeviceError> {
     let s = spec.trim().to_ascii_lowercase();
     match s.as_str() {
         "cpu" => Ok(Device::Cpu),
@@ -44,21 +58,16 @@ pub fn parse(spec: &str) -> Result<Device, String> {
                 Some(rest) => rest
                     .strip_prefix(':')
                     .and_then(|n| n.parse::<usize>().ok())
-                    .ok_or_else(|| {
-                        format!("--device {spec}: expected cpu, cuda, cuda:N or auto")
-                    })?,
-                None => {
-                    return Err(format!(
-                        "--device {spec}: expected cpu, cuda, cuda:N or auto"
-                    ))
-                }
+                    .ok_or_else(|| DeviceError::Unknown(spec.to_string()))?,
+                None => return Err(DeviceError::Unknown(spec.to_string())),
             };
             if !candle_core::utils::cuda_is_available() {
-                return Err(format!(
-                    "--device {spec}: this llara was built without CUDA (rebuild with `--features cuda`) or no GPU is present"
-                ));
+                return Err(DeviceError::NoCuda(spec.to_string()));
             }
-            Device::new_cuda(ordinal).map_err(|e| format!("--device {spec}: {e}"))
+            Device::new_cuda(ordinal).map_err(|source| DeviceError::Start {
+                spec: spec.to_string(),
+                source,
+            })
         }
     }
 }
@@ -78,9 +87,15 @@ mod tests {
                 "{why}"
             );
         }
-        assert!(super::parse("tpu").unwrap_err().contains("expected cpu"));
+        assert!(super::parse("tpu")
+            .unwrap_err()
+            .to_string()
+            .contains("expected cpu"));
         if !candle_core::utils::cuda_is_available() {
-            assert!(super::parse("cuda:0").unwrap_err().contains("without CUDA"));
+            assert!(super::parse("cuda:0")
+                .unwrap_err()
+                .to_string()
+                .contains("without CUDA"));
         }
     }
 }

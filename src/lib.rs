@@ -12,6 +12,30 @@
 //! - [`fsutil`]: atomic output (temporary folder renamed at the end); [`interrupt`]: graceful
 //!   stop on SIGINT/SIGTERM.
 
+/// A typed error that carries one message (what was wrong and why), for the small checks whose
+/// caller adds the file, line or flag: `message_error!(/// docs\n Name);`.
+macro_rules! message_error {
+    ($(#[$meta:meta])* $name:ident) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+        #[error("{0}")]
+        pub struct $name(pub String);
+
+        impl From<String> for $name {
+            fn from(msg: String) -> Self {
+                $name(msg)
+            }
+        }
+
+        impl From<&str> for $name {
+            fn from(msg: &str) -> Self {
+                $name(msg.to_string())
+            }
+        }
+    };
+}
+pub(crate) use message_error;
+
 pub mod data;
 pub mod device;
 pub mod eval;

@@ -200,6 +200,43 @@ fn no_file_cycles_inside_a_module() {
     assert!(find_cycle(&g).is_some());
 }
 
+/// Public functions whose error type is a bare `String` (a signature up to its body's `{`).
+fn string_errors(text: &str) -> Vec<String> {
+    let mut out = vec![];
+    let mut rest = text;
+    while let Some(i) = rest.find("pub fn ") {
+        rest = &rest[i..];
+        let sig_end = rest.find('{').unwrap_or(rest.len());
+        let sig: String = rest[..sig_end]
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        if sig.contains("Result<") && sig.trim_end().ends_with(", String>") {
+            out.push(sig);
+        }
+        rest = &rest["pub fn ".len()..];
+    }
+    out
+}
+
+#[test]
+fn public_library_functions_return_typed_errors() {
+    let mut found = vec![];
+    for (m, _) in RULES {
+        for f in rust_files(&module_path(m)) {
+            for sig in string_errors(&code(&f)) {
+                found.push(format!("{}: {sig}", f.display()));
+            }
+        }
+    }
+    assert!(found.is_empty(), "{}", found.join("\n"));
+    // The check itself sees one.
+    assert_eq!(
+        string_errors("pub fn parse(s: &str)\n    -> Result<u32, String> {\n}").len(),
+        1
+    );
+}
+
 #[test]
 fn the_library_has_no_command_line_crates() {
     let mut found = vec![];

@@ -233,7 +233,11 @@ fn placeholders_carry_the_projected_recommender_rows() {
         answer: AnswerFormat::Title,
     };
     let e = kit.tokenize(&ex, ItemView::Hybrid, true).unwrap_err();
-    assert!(e.contains("placeholders"), "{e}");
+    assert!(
+        matches!(e, llara::llara::prompts::PromptError::Mismatch(_)),
+        "{e}"
+    );
+    assert!(e.to_string().contains("placeholders"), "{e}");
 }
 
 fn tiny_opts(curriculum: Curriculum) -> TuneOptions {

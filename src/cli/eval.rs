@@ -109,7 +109,7 @@ pub fn run_eval(a: EvalArgs, quiet: bool) -> Result<()> {
     let behaviour = behaviour.as_ref();
     let started = std::time::Instant::now();
     if a.mode == "score" {
-        let mode = ScoreMode::parse(&a.score).map_err(anyhow::Error::msg)?;
+        let mode = ScoreMode::parse(&a.score)?;
         let so = ScoreOptions {
             shared_prompt: !a.no_prompt_cache,
             ..ScoreOptions::new(mode)
@@ -311,9 +311,7 @@ pub(super) fn open_run(
     // Inference only from here: fold the adapters into the base weights (W + s·BA), so generation
     // and scoring run plain linears instead of base + two rank-r products per projection.
     llara::llm::lora::merge(&mut parts.llm.model)?;
-    let view = Curriculum::parse(&info.curriculum)
-        .map_err(anyhow::Error::msg)?
-        .eval_view();
+    let view = Curriculum::parse(&info.curriculum)?.eval_view();
     Ok(OpenRun {
         parts,
         projector,

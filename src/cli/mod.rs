@@ -82,7 +82,7 @@ impl DeviceArgs {
     /// returns the device.
     pub fn start(&self, default_threads: usize) -> Result<candle_core::Device> {
         set_threads(self.threads.unwrap_or(default_threads))?;
-        llara::device::parse(&self.device).map_err(anyhow::Error::msg)
+        Ok(llara::device::parse(&self.device)?)
     }
 
     /// `--dtype`, parsed.

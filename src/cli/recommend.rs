@@ -138,7 +138,7 @@ pub fn run(a: RecommendArgs) -> Result<()> {
         max_new_tokens: 0,
         constrained: false,
     };
-    let mode = ScoreMode::parse(&a.score).map_err(anyhow::Error::msg)?;
+    let mode = ScoreMode::parse(&a.score)?;
     for (qi, (hist, cands, origin)) in queries.iter().enumerate() {
         let history: Vec<u32> = hist
             .iter()

@@ -167,11 +167,11 @@ pub struct TuneArgs {
 }
 
 fn options(a: &TuneArgs) -> Result<TuneOptions> {
-    let objective = Objective::parse(&a.objective).map_err(anyhow::Error::msg)?;
+    let objective = Objective::parse(&a.objective)?;
     if a.head_rank == 0 {
         bail!("--head-rank 0: expected at least 1");
     }
-    let ranker = Ranker::parse(&a.ranker).map_err(anyhow::Error::msg)?;
+    let ranker = Ranker::parse(&a.ranker)?;
     if ranker == Ranker::Answer && !objective.listwise() {
         bail!("--ranker answer: the ranker is what the listwise objective trains (--objective listwise or both)");
     }
@@ -183,16 +183,16 @@ fn options(a: &TuneArgs) -> Result<TuneOptions> {
         bail!("--head-prior: the prior is part of the scoring head (--objective listwise or both with --ranker head)");
     }
     Ok(TuneOptions {
-        curriculum: Curriculum::parse(&a.curriculum).map_err(anyhow::Error::msg)?,
+        curriculum: Curriculum::parse(&a.curriculum)?,
         objective,
         ranker,
-        answer: AnswerFormat::parse(&a.answer).map_err(anyhow::Error::msg)?,
+        answer: AnswerFormat::parse(&a.answer)?,
         head: head_ranks.then_some(HeadConfig {
             rank: a.head_rank,
             prior: a.head_prior,
         }),
         user_token: a.user_token,
-        cand_emb: CandEmb::parse(&a.cand_emb).map_err(anyhow::Error::msg)?,
+        cand_emb: CandEmb::parse(&a.cand_emb)?,
         projector_warmup: a.projector_warmup,
         epochs: a.epochs,
         batch_size: a.batch_size,
@@ -245,7 +245,7 @@ pub(super) fn load_parts(
     dev: &super::DeviceArgs,
     prompts: Option<&Path>,
 ) -> Result<Loaded> {
-    let device = llara::device::parse(&dev.device).map_err(anyhow::Error::msg)?;
+    let device = llara::device::parse(&dev.device)?;
     let ds = Dataset::open(data).with_context(|| format!("--data {}", data.display()))?;
     let (sr_weights, _) =
         llara::sr::resolve_model_path(sr).with_context(|| format!("--sr {}", sr.display()))?;

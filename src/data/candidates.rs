@@ -31,13 +31,18 @@ pub fn row_rng(seed: u64, split: &str, row: usize) -> ChaCha8Rng {
     rng
 }
 
+crate::message_error!(
+    /// A row whose candidate set cannot be drawn (too few items, or a count of 0).
+    SampleError
+);
+
 /// The candidate set of one row.
 pub fn sample_row(
     row: &Row,
     n_items: usize,
     count: usize,
     rng: &mut ChaCha8Rng,
-) -> std::result::Result<Vec<u32>, String> {
+) -> std::result::Result<Vec<u32>, SampleError> {
     if count == 0 {
         return Err("the candidate count must be at least 1".into());
     }
@@ -49,7 +54,7 @@ pub fn sample_row(
         return Err(format!(
             "{count} candidates requested but only {eligible} items are neither in the history nor the target (plus the target: {})",
             eligible + 1
-        ));
+        ).into());
     }
     let mut out = Vec::with_capacity(count);
     out.push(row.next);
@@ -81,7 +86,7 @@ pub fn sample_split(
     seed: u64,
 ) -> Result<Vec<Vec<u32>>> {
     use rayon::prelude::*;
-    let sets: Vec<std::result::Result<Vec<u32>, String>> = rows
+    let sets: Vec<std::result::Result<Vec<u32>, SampleError>> = rows
         .par_iter()
         .enumerate()
         .map(|(i, row)| sample_row(row, n_items, count, &mut row_rng(seed, split, i)))

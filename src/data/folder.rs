@@ -267,7 +267,7 @@ pub fn parse_items_tsv(path: &Path, bytes: &[u8]) -> Result<Vec<(u64, String)>> 
             };
             return Err(DataError::line(path, no, msg));
         }
-        check_title(title).map_err(|m| DataError::line(path, no, m))?;
+        check_title(title).map_err(|m| DataError::line(path, no, m.0))?;
         out.push((no, title.to_string()));
     }
     if out.is_empty() {

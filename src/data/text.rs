@@ -52,12 +52,17 @@ pub fn content_hash<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> String {
     format!("sha256:{hex}")
 }
 
+crate::message_error!(
+    /// A title that cannot go into a prompt or `items.tsv`.
+    TitleError
+);
+
 /// Checks a title is usable in a prompt and in `items.tsv`.
-pub fn check_title(title: &str) -> std::result::Result<(), String> {
+pub fn check_title(title: &str) -> std::result::Result<(), TitleError> {
     if title.contains('\t') || title.contains('\n') || title.contains('\r') {
-        return Err(format!(
+        return Err(TitleError(format!(
             "title {title:?} contains a tab or line break; titles must be one line without tabs"
-        ));
+        )));
     }
     Ok(())
 }

@@ -143,7 +143,7 @@ pub fn evaluate(
             kit.tokenize(&ex, opts.view, false)
         })
         .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(candle_core::Error::Msg)?;
+        .map_err(candle_core::Error::wrap)?;
     // Batches of similar prompt lengths, so little of each batch is padding (padding is masked, so
     // it does not change a row's answer); the answers are reported in row order.
     let mut order: Vec<usize> = (0..rows.len()).collect();
@@ -281,11 +281,15 @@ pub enum ScoreMode {
 }
 
 impl ScoreMode {
-    pub fn parse(s: &str) -> std::result::Result<Self, String> {
+    pub fn parse(s: &str) -> std::result::Result<Self, super::OptionError> {
         match s {
             "sum" => Ok(ScoreMode::Sum),
             "mean" => Ok(ScoreMode::Mean),
-            other => Err(format!("--score {other}: expected sum or mean")),
+            other => Err(super::OptionError::new(
+                "score",
+                other,
+                "expected sum or mean",
+            )),
         }
     }
 }
@@ -363,8 +367,8 @@ fn prepare_row(kit: &PromptKit, row: usize, ex: &Example, opts: &EvalOptions) ->
         template: opts.template,
         ..ex.clone()
     };
-    let c =
-        super::listwise::candidate_answers(kit, &ex, opts.view).map_err(candle_core::Error::Msg)?;
+    let c = super::listwise::candidate_answers(kit, &ex, opts.view)
+        .map_err(candle_core::Error::wrap)?;
     Ok(ScoreRow {
         row,
         ex,
@@ -580,7 +584,7 @@ pub fn score_with_head(
         .iter()
         .map(|ex| kit.tokenize(ex, opts.view, false))
         .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(candle_core::Error::Msg)?;
+        .map_err(candle_core::Error::wrap)?;
     let mut order: Vec<usize> = (0..rows.len()).collect();
     order.sort_by_key(|&i| (toks[i].answer_start, toks[i].cand_positions.len()));
     let mut out: Vec<Option<RowScores>> = vec![None; rows.len()];

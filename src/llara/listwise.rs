@@ -8,7 +8,7 @@
 //! alone — and the prompt runs once for all candidates. With letter answers every candidate's
 //! answer is one token, read from the prompt's last position: nothing is packed.
 
-use super::prompts::AnswerFormat;
+use super::prompts::{AnswerFormat, PromptError};
 use super::{embed_batch, Behaviour, Example, PromptKit, Tokenized};
 use crate::kernels::dropout::Dropout;
 use crate::llm::llama::Step;
@@ -31,7 +31,7 @@ pub fn candidate_answers(
     kit: &PromptKit,
     ex: &Example,
     view: super::prompts::ItemView,
-) -> std::result::Result<CandidateAnswers, String> {
+) -> std::result::Result<CandidateAnswers, PromptError> {
     let prompt = kit.tokenize(ex, view, false)?;
     let full: Vec<Tokenized> = ex
         .candidates
@@ -46,10 +46,14 @@ pub fn candidate_answers(
                 true,
             )?;
             if with.ids[..with.answer_start] != prompt.ids[..] {
-                return Err("the answer changed the prompt's tokens".to_string());
+                return Err(PromptError::Mismatch(
+                    "the answer changed the prompt's tokens".into(),
+                ));
             }
             if with.ids.len() <= with.answer_start {
-                return Err("a candidate's answer has no tokens".to_string());
+                return Err(PromptError::Mismatch(
+                    "a candidate's answer has no tokens".into(),
+                ));
             }
             Ok(with)
         })
@@ -77,9 +81,9 @@ pub fn candidate_answers(
         distinct.sort_unstable();
         distinct.dedup();
         if distinct.len() != answers.len() {
-            return Err(
+            return Err(PromptError::Mismatch(
                 "--answer letter: two candidate labels tokenize the same for this tokenizer".into(),
-            );
+            ));
         }
     }
     Ok(CandidateAnswers {

@@ -13,7 +13,7 @@ pub mod tune;
 use crate::llm::{Llama, LlmTokenizer};
 use candle_core::{Result, Tensor};
 use projector::Projector;
-use prompts::{AnswerFormat, ItemView, Templates};
+use prompts::{AnswerFormat, ItemView, PromptError, Templates};
 
 /// Which prompt each optimizer step uses.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -32,10 +32,33 @@ pub enum Curriculum {
     Mixed(f64),
 }
 
+/// An option whose value LLaRA does not accept: the flag, the value given and what was expected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("--{flag} {value}: {expected}")]
+pub struct OptionError {
+    pub flag: &'static str,
+    pub value: String,
+    pub expected: String,
+}
+
+impl OptionError {
+    pub fn new(flag: &'static str, value: &str, expected: impl Into<String>) -> Self {
+        OptionError {
+            flag,
+            value: value.to_string(),
+            expected: expected.into(),
+        }
+    }
+}
+
 impl Curriculum {
-    pub fn parse(s: &str) -> std::result::Result<Self, String> {
+    pub fn parse(s: &str) -> std::result::Result<Self, OptionError> {
         let err = || {
-            format!("--curriculum {s}: expected linear, text-only, hybrid-only, id-only, two-stage:K or mixed:P")
+            OptionError::new(
+                "curriculum",
+                s,
+                "expected linear, text-only, hybrid-only, id-only, two-stage:K or mixed:P",
+            )
         };
         Ok(match s.trim() {
             "linear" => Curriculum::Linear,
@@ -48,7 +71,11 @@ impl Curriculum {
                 } else if let Some(p) = other.strip_prefix("mixed:") {
                     let p: f64 = p.parse().map_err(|_| err())?;
                     if !(0.0..=1.0).contains(&p) {
-                        return Err(format!("--curriculum {s}: P must be within 0 and 1"));
+                        return Err(OptionError::new(
+                            "curriculum",
+                            s,
+                            "P must be within 0 and 1",
+                        ));
                     }
                     Curriculum::Mixed(p)
                 } else {
@@ -142,13 +169,13 @@ impl PromptKit<'_> {
         ex: &Example,
         view: ItemView,
         with_answer: bool,
-    ) -> std::result::Result<Tokenized, String> {
+    ) -> std::result::Result<Tokenized, PromptError> {
         let template = self.templates.list.get(ex.template).ok_or_else(|| {
-            format!(
+            PromptError::Mismatch(format!(
                 "template {} does not exist ({} templates)",
                 ex.template,
                 self.templates.list.len()
-            )
+            ))
         })?;
         let prompt = prompts::render(
             template,
@@ -163,15 +190,19 @@ impl PromptKit<'_> {
             AnswerFormat::Title => prompts::answer(&self.titles[ex.target as usize]),
             AnswerFormat::Letter => {
                 if ex.candidates.len() > 26 {
-                    return Err(format!(
+                    return Err(PromptError::Mismatch(format!(
                         "--answer letter labels at most 26 candidates, the row has {}",
                         ex.candidates.len()
-                    ));
+                    )));
                 }
                 match ex.candidates.iter().position(|&c| c == ex.target) {
                     Some(i) => prompts::answer(&prompts::letter(i).expect("checked").to_string()),
                     None if !with_answer => String::new(),
-                    None => return Err("the target is not among the candidates".into()),
+                    None => {
+                        return Err(PromptError::Mismatch(
+                            "the target is not among the candidates".into(),
+                        ))
+                    }
                 }
             }
         };
@@ -305,11 +336,11 @@ pub enum CandEmb {
 }
 
 impl CandEmb {
-    pub fn parse(s: &str) -> std::result::Result<Self, String> {
+    pub fn parse(s: &str) -> std::result::Result<Self, OptionError> {
         match s {
             "input" => Ok(CandEmb::Input),
             "output" => Ok(CandEmb::Output),
-            o => Err(format!("--cand-emb {o}: expected input or output")),
+            o => Err(OptionError::new("cand-emb", o, "expected input or output")),
         }
     }
 }

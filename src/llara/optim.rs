@@ -101,27 +101,35 @@ impl AdamW {
     pub fn load_state(
         &mut self,
         state: &HashMap<String, Tensor>,
-    ) -> std::result::Result<(), String> {
+    ) -> std::result::Result<(), StateError> {
         for p in self.params.iter_mut() {
             let get = |k: &str| {
                 state
                     .get(&format!("{}.{k}", p.name))
-                    .ok_or(format!("optimizer state for {} is missing", p.name))
+                    .ok_or_else(|| StateError::Missing(p.name.clone()))
             };
             let (m, v) = (get("m")?, get("v")?);
             if m.dims() != p.m.dims() || v.dims() != p.v.dims() {
-                return Err(format!(
-                    "optimizer state for {} has the wrong shape",
-                    p.name
-                ));
+                return Err(StateError::Shape(p.name.clone()));
             }
-            p.m = m.to_device(p.m.device()).map_err(|e| e.to_string())?;
-            p.v = v.to_device(p.v.device()).map_err(|e| e.to_string())?;
-            let s: Vec<i64> = get("step")?.to_vec1().map_err(|e| e.to_string())?;
+            p.m = m.to_device(p.m.device())?;
+            p.v = v.to_device(p.v.device())?;
+            let s: Vec<i64> = get("step")?.to_vec1()?;
             p.step = s.first().copied().unwrap_or(0) as u64;
         }
         Ok(())
     }
+}
+
+/// A saved optimizer state that does not fit the parameters being resumed.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("optimizer state for {0} is missing")]
+    Missing(String),
+    #[error("optimizer state for {0} has the wrong shape")]
+    Shape(String),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
 }
 
 /// Learning rate at optimizer step `step` (0-based) of `total`: linear warm-up over the first 5%

@@ -4,6 +4,35 @@
 use crate::llm::LlmTokenizer;
 use std::path::Path;
 
+/// Why a prompt could not be made: a template file that does not read or parse, or an example
+/// that does not fit its template and tokenizer.
+#[derive(Debug, thiserror::Error)]
+pub enum PromptError {
+    #[error("{}: {source}", path.display())]
+    Read {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "{origin}: the template starting at line {line} has {slot} {count} times (expected once)"
+    )]
+    Slot {
+        origin: String,
+        line: usize,
+        slot: &'static str,
+        count: usize,
+    },
+    #[error("{0}: no templates")]
+    NoTemplates(String),
+    #[error(transparent)]
+    Tokenizer(#[from] crate::llm::tokenizer::TokenizerError),
+    #[error("the answer {0:?} produced no tokens")]
+    EmptyAnswer(String),
+    /// The rendered prompt's placeholders, template choice, or answers do not match the example.
+    #[error("{0}")]
+    Mismatch(String),
+}
+
 /// How items appear in a prompt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -44,11 +73,15 @@ pub enum AnswerFormat {
 }
 
 impl AnswerFormat {
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, super::OptionError> {
         match s {
             "title" => Ok(AnswerFormat::Title),
             "letter" => Ok(AnswerFormat::Letter),
-            o => Err(format!("--answer {o}: expected title or letter")),
+            o => Err(super::OptionError::new(
+                "answer",
+                o,
+                "expected title or letter",
+            )),
         }
     }
 }
@@ -108,18 +141,21 @@ impl Templates {
         Self::parse(text, &format!("embedded:{name}")).expect("embedded templates are valid")
     }
 
-    pub fn from_file(path: &Path) -> Result<Templates, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    pub fn from_file(path: &Path) -> Result<Templates, PromptError> {
+        let text = std::fs::read_to_string(path).map_err(|source| PromptError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Self::parse(&text, &path.display().to_string())
     }
 
     /// Templates separated by `---` lines; `#` lines are comments. Each must hold `[HistoryHere]`
     /// and `[CansHere]` exactly once.
-    pub fn parse(text: &str, source: &str) -> Result<Templates, String> {
+    pub fn parse(text: &str, source: &str) -> Result<Templates, PromptError> {
         let mut list = vec![];
         let mut cur: Vec<&str> = vec![];
         let mut start_line = 1;
-        let mut flush = |cur: &mut Vec<&str>, line: usize| -> Result<(), String> {
+        let mut flush = |cur: &mut Vec<&str>, line: usize| -> Result<(), PromptError> {
             let t = cur.join("\n").trim().to_string();
             cur.clear();
             if t.is_empty() {
@@ -128,9 +164,12 @@ impl Templates {
             for slot in [HISTORY_SLOT, CANDIDATES_SLOT] {
                 let n = t.matches(slot).count();
                 if n != 1 {
-                    return Err(format!(
-                        "{source}: the template starting at line {line} has {slot} {n} times (expected once)"
-                    ));
+                    return Err(PromptError::Slot {
+                        origin: source.to_string(),
+                        line,
+                        slot,
+                        count: n,
+                    });
                 }
             }
             list.push(t);
@@ -146,7 +185,7 @@ impl Templates {
         }
         flush(&mut cur, start_line)?;
         if list.is_empty() {
-            return Err(format!("{source}: no templates"));
+            return Err(PromptError::NoTemplates(source.to_string()));
         }
         Ok(Templates {
             source: source.to_string(),
@@ -222,7 +261,11 @@ pub struct Encoded {
 /// Tokenizes `prompt` (with the tokenizer's specials, e.g. BOS) followed by `answer`, as one text
 /// so the boundary tokenizes as it would in a continuation; the answer span starts at the first
 /// token that begins inside the answer.
-pub fn encode(tok: &LlmTokenizer, prompt: &str, answer: Option<&str>) -> Result<Encoded, String> {
+pub fn encode(
+    tok: &LlmTokenizer,
+    prompt: &str,
+    answer: Option<&str>,
+) -> Result<Encoded, PromptError> {
     let Some(ans) = answer else {
         let ids = tok.encode(prompt, true)?;
         return Ok(Encoded {
@@ -236,7 +279,7 @@ pub fn encode(tok: &LlmTokenizer, prompt: &str, answer: Option<&str>) -> Result<
     let start = offsets
         .iter()
         .position(|&(s, e)| e > s && e > boundary)
-        .ok_or_else(|| format!("the answer {ans:?} produced no tokens"))?;
+        .ok_or_else(|| PromptError::EmptyAnswer(ans.to_string()))?;
     Ok(Encoded {
         ids,
         answer_start: start,
@@ -252,7 +295,7 @@ pub fn check_slots(
     candidates: usize,
     view: ItemView,
     user: bool,
-) -> Result<(), String> {
+) -> Result<(), PromptError> {
     let count = |name: &str| {
         let id = tok.added_id(name).expect("added token");
         ids.iter().filter(|&&i| i == id).count()
@@ -275,9 +318,9 @@ pub fn check_slots(
         0
     };
     if nh != eh || nc != ec || nu != eu || np != ep {
-        return Err(format!(
+        return Err(PromptError::Mismatch(format!(
             "the prompt holds {nh} [HistoryEmb], {nc} [CansEmb], {nu} [UserEmb] and {np} [PH] placeholders for {eh}, {ec}, {eu} and {ep} expected ({history} history items, {candidates} candidates; a title containing a placeholder, or a template that repeats them?)"
-        ));
+        )));
     }
     Ok(())
 }
@@ -298,7 +341,9 @@ mod tests {
         for (name, _) in EMBEDDED {
             assert!(Templates::for_domain(name).list.len() >= 4);
         }
-        let e = Templates::parse("only [HistoryHere]\n---\n", "x.txt").unwrap_err();
+        let e = Templates::parse("only [HistoryHere]\n---\n", "x.txt")
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("x.txt") && e.contains("[CansHere] 0 times"),
             "{e}"
@@ -392,6 +437,7 @@ mod tests {
         assert_eq!(AnswerFormat::parse("letter"), Ok(AnswerFormat::Letter));
         assert!(AnswerFormat::parse("number")
             .unwrap_err()
+            .to_string()
             .contains("--answer number"));
     }
 }

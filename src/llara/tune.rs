@@ -45,6 +45,14 @@ pub enum TuneError {
     #[error(transparent)]
     Llm(#[from] LlmError),
     #[error(transparent)]
+    Prompt(#[from] super::prompts::PromptError),
+    /// The checkpoint's optimizer state does not fit this run.
+    #[error("{}: {source}", path.display())]
+    State {
+        path: PathBuf,
+        source: super::optim::StateError,
+    },
+    #[error(transparent)]
     Candle(#[from] candle_core::Error),
     /// A non-finite loss, gradient norm or weight: nothing of this step was written.
     #[error("{}", diverged_message(*.step, *.loss, *.grad_norm, *.lr, .what, *.last_checkpoint))]
@@ -108,13 +116,15 @@ pub enum Objective {
 }
 
 impl Objective {
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, super::OptionError> {
         match s {
             "generative" => Ok(Objective::Generative),
             "listwise" => Ok(Objective::Listwise),
             "both" => Ok(Objective::Both),
-            o => Err(format!(
-                "--objective {o}: expected generative, listwise or both"
+            o => Err(super::OptionError::new(
+                "objective",
+                o,
+                "expected generative, listwise or both",
             )),
         }
     }
@@ -139,11 +149,15 @@ pub enum Ranker {
 }
 
 impl Ranker {
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, super::OptionError> {
         match s {
             "head" => Ok(Ranker::Head),
             "answer" => Ok(Ranker::Answer),
-            o => Err(format!("--ranker {o}: expected head or answer")),
+            o => Err(super::OptionError::new(
+                "ranker",
+                o,
+                "expected head or answer",
+            )),
         }
     }
 }
@@ -550,9 +564,10 @@ pub fn tune(
     if state.step > 0 {
         let path = run.checkpoint().join("optimizer.safetensors");
         let st = candle_core::safetensors::load(&path, &candle_core::Device::Cpu)?;
-        t.opt
-            .load_state(&st)
-            .map_err(|m| TuneError::Invalid(format!("{}: {m}", path.display())))?;
+        t.opt.load_state(&st).map_err(|source| TuneError::State {
+            path: path.clone(),
+            source,
+        })?;
     }
     let kit = PromptKit {
         tok,
@@ -657,8 +672,7 @@ pub fn tune(
                 let cands = micro
                     .iter()
                     .map(|ex| super::listwise::candidate_answers(&kit, ex, view))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(TuneError::Invalid)?;
+                    .collect::<Result<Vec<_>, _>>()?;
                 let refs: Vec<_> = cands.iter().collect();
                 let prompts: Vec<_> = cands.iter().map(|c| &c.prompt).collect();
                 hooks.on_batch(step, view.uses_embeddings(), &prompts);
@@ -680,8 +694,7 @@ pub fn tune(
                 let toks = micro
                     .iter()
                     .map(|ex| kit.tokenize(ex, view, opts.objective.generative()))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(TuneError::Invalid)?;
+                    .collect::<Result<Vec<_>, _>>()?;
                 let refs: Vec<_> = toks.iter().collect();
                 hooks.on_batch(step, view.uses_embeddings(), &refs);
                 let (x, lengths) = embed_batch(

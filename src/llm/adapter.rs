@@ -65,25 +65,32 @@ impl Target {
     }
 
     /// Parses a comma-separated list (`q,k,v,o,gate,up,down`, `q_proj,v_proj`, or `all`).
-    pub fn parse_list(s: &str) -> std::result::Result<Vec<Target>, String> {
+    pub fn parse_list(s: &str) -> std::result::Result<Vec<Target>, TargetError> {
         if s.trim() == "all" {
             return Ok(Target::ALL.to_vec());
         }
         let mut out = vec![];
         for part in s.split(',').filter(|p| !p.trim().is_empty()) {
-            let t = Target::parse(part).ok_or_else(|| {
-                format!("unknown LoRA target {part:?} (expected q, k, v, o, gate, up, down or all)")
-            })?;
+            let t = Target::parse(part).ok_or_else(|| TargetError::Unknown(part.to_string()))?;
             if !out.contains(&t) {
                 out.push(t);
             }
         }
         if out.is_empty() {
-            return Err("no LoRA target given".into());
+            return Err(TargetError::Empty);
         }
         out.sort();
         Ok(out)
     }
+}
+
+/// A list of LoRA targets that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TargetError {
+    #[error("unknown LoRA target {0:?} (expected q, k, v, o, gate, up, down or all)")]
+    Unknown(String),
+    #[error("no LoRA target given")]
+    Empty,
 }
 
 /// Rank, scaling, dropout and targets of the adapters.

@@ -102,17 +102,22 @@ fn ids(v: &Option<Value>) -> Vec<u32> {
     }
 }
 
+crate::message_error!(
+    /// A backbone config that does not describe a supported model (the message says which field and why).
+    ConfigError
+);
+
 impl Config {
     /// Reads a Hugging Face `config.json`.
     pub fn from_hf_file(path: &Path) -> Result<Self, LlmError> {
         let text = std::fs::read_to_string(path).map_err(|e| LlmError::io(path, e))?;
         Self::from_hf_json(&text).map_err(|m| LlmError::Config {
             path: path.to_path_buf(),
-            msg: m,
+            msg: m.0,
         })
     }
 
-    pub fn from_hf_json(text: &str) -> Result<Self, String> {
+    pub fn from_hf_json(text: &str) -> Result<Self, ConfigError> {
         let c: HfConfig = serde_json::from_str(text).map_err(|e| e.to_string())?;
         let arch = c
             .architectures
@@ -125,13 +130,14 @@ impl Config {
             return Err(format!(
                 "architecture {arch:?} is not supported (expected one of {})",
                 known.join(", ")
-            ));
+            )
+            .into());
         }
         if let Some(act) = &c.hidden_act {
             if act != "silu" {
-                return Err(format!(
-                    "hidden_act {act:?} is not supported (expected \"silu\")"
-                ));
+                return Err(
+                    format!("hidden_act {act:?} is not supported (expected \"silu\")").into(),
+                );
             }
         }
         let qwen = arch == "Qwen2ForCausalLM";
@@ -139,7 +145,7 @@ impl Config {
             if w < c.max_position_embeddings && arch == "MistralForCausalLM" {
                 return Err(format!(
                     "sliding-window attention (window {w}) is not supported; only checkpoints with the window off or at least max_position_embeddings"
-                ));
+                ).into());
             }
         }
         let rope = c.rope_parameters.as_ref().or(c.rope_scaling.as_ref());
@@ -172,9 +178,9 @@ impl Config {
                 })
             }
             other => {
-                return Err(format!(
-                    "rope_type {other:?} is not supported (default, llama3)"
-                ))
+                return Err(
+                    format!("rope_type {other:?} is not supported (default, llama3)").into(),
+                )
             }
         };
         let head_dim = c.head_dim.unwrap_or(c.hidden_size / c.num_attention_heads);
@@ -202,7 +208,7 @@ impl Config {
         Ok(cfg)
     }
 
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         if self.num_attention_heads == 0
             || self.num_key_value_heads == 0
             || !self
@@ -212,13 +218,11 @@ impl Config {
             return Err(format!(
                 "num_attention_heads {} must be a positive multiple of num_key_value_heads {}",
                 self.num_attention_heads, self.num_key_value_heads
-            ));
+            )
+            .into());
         }
         if !self.head_dim.is_multiple_of(2) || self.head_dim == 0 {
-            return Err(format!(
-                "head_dim {} must be even and positive",
-                self.head_dim
-            ));
+            return Err(format!("head_dim {} must be even and positive", self.head_dim).into());
         }
         if self.hidden_size == 0 || self.vocab_size == 0 || self.num_hidden_layers == 0 {
             return Err("hidden_size, vocab_size and num_hidden_layers must be positive".into());
@@ -326,12 +330,12 @@ mod tests {
             r#"{{"architectures":["GPT2LMHeadModel"],"num_attention_heads":4,{base}}}"#
         ))
         .unwrap_err();
-        assert!(e.contains("GPT2LMHeadModel"), "{e}");
+        assert!(e.0.contains("GPT2LMHeadModel"), "{e}");
         let e = Config::from_hf_json(&format!(
             r#"{{"num_attention_heads":4,"num_key_value_heads":3,{base}}}"#
         ))
         .unwrap_err();
-        assert!(e.contains("num_key_value_heads"), "{e}");
+        assert!(e.0.contains("num_key_value_heads"), "{e}");
         let q = Config::from_hf_json(&format!(
             r#"{{"architectures":["Qwen2ForCausalLM"],"num_attention_heads":4,{base}}}"#
         ))

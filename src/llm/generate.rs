@@ -1,11 +1,10 @@
 //! Batched generation from input embeddings with a KV cache: greedy by default, temperature and
-//! top-p sampling from a seeded stream when asked; stops at EOS, a stop string or a token limit.
+//! top-p sampling (candle-transformers' `LogitsProcessor`, seeded) when asked; stops at EOS, a stop string or a token limit.
 
 use super::llama::{KvCache, Llama, Step};
 use super::tokenizer::LlmTokenizer;
-use candle_core::{DType, Result, Tensor};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use candle_core::{DType, Device, Result, Tensor};
+use candle_transformers::generation::{LogitsProcessor, Sampling};
 
 #[derive(Debug, Clone)]
 pub struct GenOptions {
@@ -39,54 +38,48 @@ pub struct Generated {
     pub finish: &'static str,
 }
 
-fn pick(logits: &[f32], opts: &GenOptions, rng: &mut ChaCha8Rng) -> u32 {
-    let argmax = || {
-        let mut best = 0;
-        for (i, &v) in logits.iter().enumerate() {
-            if v > logits[best] {
-                best = i;
+/// How the next token is chosen: the first largest logit (greedy), or candle-transformers'
+/// `LogitsProcessor` (temperature, nucleus) drawing from one stream seeded by `GenOptions::seed`.
+enum Sampler {
+    Greedy,
+    Sample(Box<LogitsProcessor>),
+}
+
+impl Sampler {
+    fn new(opts: &GenOptions) -> Self {
+        if opts.temperature <= 0.0 {
+            return Sampler::Greedy;
+        }
+        let temperature = opts.temperature;
+        let sampling = if opts.top_p < 1.0 {
+            Sampling::TopP {
+                p: opts.top_p,
+                temperature,
+            }
+        } else {
+            Sampling::All { temperature }
+        };
+        Sampler::Sample(Box::new(LogitsProcessor::from_sampling(
+            opts.seed, sampling,
+        )))
+    }
+
+    fn pick(&mut self, logits: &[f32]) -> Result<u32> {
+        match self {
+            Sampler::Greedy => {
+                let mut best = 0;
+                for (i, &v) in logits.iter().enumerate() {
+                    if v > logits[best] {
+                        best = i;
+                    }
+                }
+                Ok(best as u32)
+            }
+            Sampler::Sample(p) => {
+                p.sample(&Tensor::from_slice(logits, logits.len(), &Device::Cpu)?)
             }
         }
-        best as u32
-    };
-    if opts.temperature <= 0.0 {
-        return argmax();
     }
-    let t = opts.temperature as f32;
-    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let mut p: Vec<(usize, f32)> = logits
-        .iter()
-        .map(|&v| ((v - max) / t).exp())
-        .enumerate()
-        .collect();
-    let sum: f32 = p.iter().map(|x| x.1).sum();
-    p.iter_mut().for_each(|x| x.1 /= sum);
-    p.sort_by(|a, b| {
-        b.1.partial_cmp(&a.1)
-            .unwrap_or(std::cmp::Ordering::Equal)
-            .then(a.0.cmp(&b.0))
-    });
-    let mut keep = p.len();
-    if opts.top_p < 1.0 {
-        let mut acc = 0f32;
-        for (i, x) in p.iter().enumerate() {
-            acc += x.1;
-            if acc >= opts.top_p as f32 {
-                keep = i + 1;
-                break;
-            }
-        }
-    }
-    let p = &p[..keep];
-    let total: f32 = p.iter().map(|x| x.1).sum();
-    let mut u = rng.random::<f32>() * total;
-    for x in p {
-        u -= x.1;
-        if u <= 0.0 {
-            return x.0 as u32;
-        }
-    }
-    p[p.len() - 1].0 as u32
 }
 
 /// Wall-clock split of one [`generate_timed`] call.
@@ -171,7 +164,7 @@ fn generate_inner(
     if lengths.len() != b || lengths.iter().any(|&l| l == 0 || l > t) {
         candle_core::bail!("generate: every row needs between 1 and {t} prompt positions");
     }
-    let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
+    let mut sampler = Sampler::new(opts);
     let mut cache = KvCache::new(model.layers.len(), b);
     let mut out: Vec<Vec<u32>> = vec![vec![]; b];
     let mut done: Vec<Option<&'static str>> = vec![None; b];
@@ -208,7 +201,7 @@ fn generate_inner(
                 continue;
             }
             let id = match allowed {
-                None => pick(&rows[bi], opts, &mut rng),
+                None => sampler.pick(&rows[bi])?,
                 Some(a) => {
                     let (ok, _) = trie_next(&a[bi], &out[bi]);
                     let mut masked = vec![f32::NEG_INFINITY; rows[bi].len()];
@@ -217,12 +210,11 @@ fn generate_inner(
                             masked[t as usize] = *v;
                         }
                     }
-                    let id = pick(&masked, opts, &mut rng);
-                    if !ok.contains(&id) {
-                        // Every allowed logit is -inf or NaN: take the first allowed token.
-                        ok[0]
-                    } else {
-                        id
+                    // Every allowed logit -inf or NaN (nothing to draw from, or a draw outside the
+                    // allowed set): take the first allowed token.
+                    match sampler.pick(&masked) {
+                        Ok(id) if ok.contains(&id) => id,
+                        _ => ok[0],
                     }
                 }
             };
@@ -232,7 +224,7 @@ fn generate_inner(
                 continue;
             }
             out[bi].push(id);
-            let text = tok.decode(&out[bi]).map_err(candle_core::Error::Msg)?;
+            let text = tok.decode(&out[bi]).map_err(candle_core::Error::wrap)?;
             if let Some(a) = allowed {
                 let (more, complete) = trie_next(&a[bi], &out[bi]);
                 if complete && more.is_empty() {
@@ -285,8 +277,45 @@ fn generate_inner(
 }
 
 #[cfg(test)]
-mod trie_tests {
-    use super::trie_next;
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sampler_is_greedy_at_temperature_zero_and_follows_the_softmax_otherwise() {
+        let greedy = GenOptions::default();
+        assert_eq!(
+            Sampler::new(&greedy).pick(&[0.0, 3.0, 3.0, 1.0]).unwrap(),
+            1
+        );
+        // Temperature 1 over logits (0, ln 3): index 1 three times as often as index 0.
+        let opts = GenOptions {
+            temperature: 1.0,
+            seed: 11,
+            ..GenOptions::default()
+        };
+        let mut s = Sampler::new(&opts);
+        let logits = [0.0, 3f32.ln()];
+        let ones = (0..4000).filter(|_| s.pick(&logits).unwrap() == 1).count();
+        assert!((ones as f64 / 4000.0 - 0.75).abs() < 0.03, "{ones} of 4000");
+        // The same seed draws the same tokens; another seed other ones.
+        let draws = |seed: u64| {
+            let mut s = Sampler::new(&GenOptions {
+                seed,
+                ..opts.clone()
+            });
+            (0..64)
+                .map(|_| s.pick(&[0.0, 0.0, 0.0]).unwrap())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(draws(3), draws(3));
+        assert_ne!(draws(3), draws(4));
+        // Nucleus sampling keeps only the head of the distribution.
+        let mut nucleus = Sampler::new(&GenOptions {
+            top_p: 0.5,
+            ..opts.clone()
+        });
+        assert!((0..200).all(|_| nucleus.pick(&[6.0, 0.0, 0.0, 0.0]).unwrap() == 0));
+    }
 
     #[test]
     fn trie_walk_offers_only_continuations() {

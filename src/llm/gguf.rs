@@ -91,11 +91,11 @@ pub fn read(path: &Path) -> Result<GgufModel, LlmError> {
             .into_iter()
             .collect(),
     };
-    config.validate().map_err(bad)?;
+    config.validate().map_err(|e| bad(e.0))?;
     let (tokenizer, tokenizer_kind) =
         tokenizer::from_gguf(md, vocab).map_err(|m| LlmError::Tokenizer {
             path: path.to_path_buf(),
-            msg: m,
+            msg: m.0,
         })?;
     let mut tensors = HashMap::new();
     let mut quant_types = vec![];

@@ -139,7 +139,7 @@ pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig, LlmError> {
     let targets = match &c.target_modules {
         serde_json::Value::Array(a) => {
             let names: Vec<&str> = a.iter().filter_map(|v| v.as_str()).collect();
-            Target::parse_list(&names.join(",")).map_err(bad)?
+            Target::parse_list(&names.join(",")).map_err(|e| bad(e.to_string()))?
         }
         serde_json::Value::String(s) if s == "all-linear" => Target::ALL.to_vec(),
         // A regular expression over module names: the adapter file says which modules it covers.

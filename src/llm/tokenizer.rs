@@ -9,6 +9,12 @@ use std::collections::HashMap;
 use std::path::Path;
 use tokenizers::{AddedToken, Tokenizer};
 
+crate::message_error!(
+    /// What the tokenizer could not do: build itself (from a `tokenizer.json` or GGUF metadata),
+    /// add LLaRA's tokens, encode or decode. The message says what and why.
+    TokenizerError
+);
+
 /// Byte spans of tokens in the encoded text.
 pub type Offsets = Vec<(usize, usize)>;
 
@@ -42,7 +48,7 @@ impl LlmTokenizer {
         vocab_size: usize,
         bos: Option<u32>,
         eos: Vec<u32>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, TokenizerError> {
         let toks: Vec<AddedToken> = ADDED_TOKENS
             .iter()
             .map(|t| AddedToken::from(*t, true).normalized(false))
@@ -93,7 +99,7 @@ impl LlmTokenizer {
             msg,
         };
         let inner = Tokenizer::from_file(path).map_err(|e| bad(e.to_string()))?;
-        Self::new(inner, vocab_size, bos, eos).map_err(bad)
+        Self::new(inner, vocab_size, bos, eos).map_err(|e| bad(e.0))
     }
 
     /// The model id of an added token (`[HistoryEmb]` → `vocab_size + 1`).
@@ -105,7 +111,7 @@ impl LlmTokenizer {
     }
 
     /// Model ids of `text`; `special` adds the tokenizer's own specials (BOS where it uses one).
-    pub fn encode(&self, text: &str, special: bool) -> Result<Vec<u32>, String> {
+    pub fn encode(&self, text: &str, special: bool) -> Result<Vec<u32>, TokenizerError> {
         let enc = self
             .inner
             .encode(text, special)
@@ -125,7 +131,7 @@ impl LlmTokenizer {
         &self,
         text: &str,
         special: bool,
-    ) -> Result<(Vec<u32>, Offsets), String> {
+    ) -> Result<(Vec<u32>, Offsets), TokenizerError> {
         let enc = self
             .inner
             .encode(text, special)
@@ -142,13 +148,15 @@ impl LlmTokenizer {
     }
 
     /// Text of model ids, skipping special and added tokens.
-    pub fn decode(&self, ids: &[u32]) -> Result<String, String> {
+    pub fn decode(&self, ids: &[u32]) -> Result<String, TokenizerError> {
         let ids: Vec<u32> = ids
             .iter()
             .copied()
             .filter(|&i| i < self.vocab_size)
             .collect();
-        self.inner.decode(&ids, true).map_err(|e| e.to_string())
+        self.inner
+            .decode(&ids, true)
+            .map_err(|e| TokenizerError(e.to_string()))
     }
 
     /// The token string of a model id (for displays).
@@ -230,7 +238,7 @@ fn byte_level(use_regex: bool) -> serde_json::Value {
 pub fn from_gguf(
     md: &HashMap<String, Value>,
     vocab_size: usize,
-) -> Result<(LlmTokenizer, String), String> {
+) -> Result<(LlmTokenizer, String), TokenizerError> {
     let model = meta(md, "tokenizer.ggml.model")?
         .to_string()
         .map_err(|_| "tokenizer.ggml.model: string expected".to_string())?
@@ -300,7 +308,8 @@ pub fn from_gguf(
                 other => {
                     return Err(format!(
                         "tokenizer.ggml.pre {other:?} is not supported (gpt2, smollm, llama-bpe, qwen2, starcoder)"
-                    ))
+                    )
+                    .into())
                 }
             };
             let post = match bos_post(bos) {
@@ -343,9 +352,9 @@ pub fn from_gguf(
             )
         }
         other => {
-            return Err(format!(
-                "tokenizer.ggml.model {other:?} is not supported (gpt2, llama)"
-            ))
+            return Err(
+                format!("tokenizer.ggml.model {other:?} is not supported (gpt2, llama)").into(),
+            )
         }
     };
     let inner = Tokenizer::from_bytes(serde_json::to_vec(&doc).expect("json"))

@@ -22,6 +22,11 @@ use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
+crate::message_error!(
+    /// A recommender config whose sizes do not fit together (the message says which).
+    ConfigError
+);
+
 /// Errors of the recommender stage.
 #[derive(Debug, thiserror::Error)]
 pub enum SrError {
@@ -129,14 +134,14 @@ impl Config {
                 "not a recommender config ({e}); expected {{\"model\": \"sasrec\"|\"gru4rec\"|\"caser\", \"item_num\": N, \"hidden_size\": H, ...}}"
             ),
         })?;
-        cfg.validate().map_err(|msg| SrError::File {
+        cfg.validate().map_err(|e| SrError::File {
             path: path.to_path_buf(),
-            msg,
+            msg: e.0,
         })?;
         Ok(cfg)
     }
 
-    pub fn validate(&self) -> std::result::Result<(), String> {
+    pub fn validate(&self) -> std::result::Result<(), ConfigError> {
         if self.item_num == 0 || self.hidden_size == 0 || self.state_size == 0 {
             return Err("item_num, hidden_size and state_size must be positive".into());
         }
@@ -145,7 +150,8 @@ impl Config {
                 return Err(format!(
                     "padding_item_id {p} must equal item_num {} (the padding row is the last)",
                     self.item_num
-                ));
+                )
+                .into());
             }
         }
         if self.model == Arch::Sasrec
@@ -154,7 +160,8 @@ impl Config {
             return Err(format!(
                 "num_heads {} must divide hidden_size {}",
                 self.num_heads, self.hidden_size
-            ));
+            )
+            .into());
         }
         if self.model == Arch::Caser
             && (self.filter_sizes.is_empty()
@@ -166,10 +173,11 @@ impl Config {
             return Err(format!(
                 "filter_sizes {:?} must be non-empty and within 1..={}",
                 self.filter_sizes, self.state_size
-            ));
+            )
+            .into());
         }
         if !(0.0..1.0).contains(&self.dropout) {
-            return Err(format!("dropout {} must be in [0, 1)", self.dropout));
+            return Err(format!("dropout {} must be in [0, 1)", self.dropout).into());
         }
         Ok(())
     }
@@ -236,7 +244,7 @@ pub enum SeqRec {
 
 impl SeqRec {
     pub fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
-        cfg.validate().map_err(SrError::Invalid)?;
+        cfg.validate().map_err(|e| SrError::Invalid(e.0))?;
         Ok(match cfg.model {
             Arch::Sasrec => SeqRec::Sasrec(sasrec::SASRec::load(vb, cfg)?),
             Arch::Gru4rec => SeqRec::Gru4rec(gru4rec::GRU4Rec::load(vb, cfg)?),

@@ -428,7 +428,7 @@ pub fn train(
     cfg.dropout = o.dropout;
     cfg.num_heads = o.num_heads;
     cfg.state_size = ds.meta.max_history;
-    cfg.validate().map_err(SrError::Invalid)?;
+    cfg.validate().map_err(|e| SrError::Invalid(e.0))?;
     let varmap = init_varmap(&cfg, o.seed, device)?;
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
     let model = SeqRec::load(vb, &cfg)?;

@@ -152,7 +152,7 @@ pub fn load(interactions_path: &Path, items_path: &Path, opts: &Options) -> Resu
                 format!("item {id:?} has an empty title; every item needs a title for the prompts"),
             ));
         }
-        check_title(title).map_err(|m| DataError::line(items_path, *line, m))?;
+        check_title(title).map_err(|m| DataError::line(items_path, *line, m.0))?;
         if let Some((_, first)) = index.get(id) {
             return Err(DataError::line(
                 items_path,

@@ -65,7 +65,7 @@ pub fn load(src: &Path, min_rating: f64) -> Result<Prepared> {
             return Err(DataError::line(&item_path, no, msg));
         }
         let title = llara_title(fields[1]);
-        check_title(&title).map_err(|m| DataError::line(&item_path, no, m))?;
+        check_title(&title).map_err(|m| DataError::line(&item_path, no, m.0))?;
         if title.trim().is_empty() {
             empty.push(titles.len() as u32);
         }
