@@ -5,6 +5,7 @@
 # change speed. Medians of REPEATS runs go to OUTFILE.
 #
 #   OLD=/tmp/llara-old NEW=target/release/llara scripts/bench_before_after.sh
+#   TUNE_THREADS="1 2" SR_MODELS= OUTFILE=/tmp/t.md OLD=… scripts/bench_before_after.sh   # the tune step only
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED="${LLARA_SHARED:-../shared}"
@@ -12,6 +13,8 @@ OLD="${OLD:?OLD=path of the earlier llara binary}"
 NEW="${NEW:-target/release/llara}"
 REPEATS="${REPEATS:-3}"
 STEPS="${STEPS:-6}"
+TUNE_THREADS="${TUNE_THREADS:-2}"
+SR_MODELS="${SR_MODELS-sasrec gru4rec caser}"
 OUTFILE="${OUTFILE:-docs/results/before_after.md}"
 W=runs/bench-before-after
 DATA="$W/data/lastfm"
@@ -24,16 +27,18 @@ results="$W/results.jsonl"
 for r in $(seq "$REPEATS"); do
   for impl in old new; do
     bin=$OLD; [ "$impl" = new ] && bin=$NEW
-    rm -rf "$W/run"
-    "$bin" -q tune --data "$DATA" --sr "$SR" --llm "$GGUF" --curriculum hybrid-only --batch-size 4 --grad-accum 1 \
-      --max-train-samples $((4 * STEPS)) --epochs 1 --valid-samples 0 --seed 42 --threads 2 --out "$W/run" > /dev/null
-    python3 - "$W/run/train_log.jsonl" "$impl" >> "$results" <<'PY'
+    for th in $TUNE_THREADS; do
+      rm -rf "$W/run"
+      "$bin" -q tune --data "$DATA" --sr "$SR" --llm "$GGUF" --curriculum hybrid-only --batch-size 4 --grad-accum 1 \
+        --max-train-samples $((4 * STEPS)) --epochs 1 --valid-samples 0 --seed 42 --threads "$th" --out "$W/run" > /dev/null
+      python3 - "$W/run/train_log.jsonl" "$impl" "$th" >> "$results" <<'PY'
 import json, sys
 steps = [json.loads(l) for l in open(sys.argv[1])][1:]  # the first step is warm-up
 tok = sum(s["tokens"] for s in steps); sec = sum(s["tokens"] / s["tokens_per_second"] for s in steps)
-print(json.dumps({"impl": sys.argv[2], "bench": "tune step tokens/s (2 threads)", "value": tok / sec}))
+print(json.dumps({"impl": sys.argv[2], "bench": f"tune step tokens/s ({sys.argv[3]} threads)", "value": tok / sec}))
 PY
-    for m in sasrec gru4rec caser; do
+    done
+    for m in $SR_MODELS; do
       drop=0.1; [ "$m" = gru4rec ] && drop=0
       "$bin" -q train-sr --data "$DATA" --model "$m" --epochs 1 --threads 1 --dropout "$drop" --ema 0 --out "$W/sr" --force > /dev/null
       python3 -c "

@@ -27,6 +27,9 @@ W=runs/bench-tune
 mkdir -p "$W" "$(dirname "$OUTFILE")"
 results="$W/results.jsonl"
 : > "$results"
+have_torch=0
+python3 -c "import torch, peft" 2>/dev/null && have_torch=1
+[ "$have_torch" = 1 ] || echo "PyTorch + PEFT are not installed: llara alone (pip install torch transformers peft for the reference)" >&2
 for th in $THREADS_LIST; do
   for r in $(seq "$REPEATS"); do
     rm -rf "$W/run"
@@ -38,6 +41,7 @@ for th in $THREADS_LIST; do
     echo "{\"impl\": \"llara\", \"threads\": $th, \"tokens_per_second\": $tps, \"peak_rss_bytes\": $(( $(tail -1 "$W/rss.txt") * 1024 ))}" >> "$results"
     # The reference reads the recommender's weights file (a train-sr run folder holds model.safetensors).
     srw="$SR"; [ -d "$SR" ] && srw="$SR/model.safetensors"
+    [ "$have_torch" = 1 ] || continue
     python3 scripts/reference/tune_step_torch.py --gguf "$GGUF" --sr "$srw" --batches "$W/batches.jsonl" \
       --threads "$th" 2>/dev/null | tail -1 >> "$results"
     if [ "$BF16" = 1 ]; then
@@ -75,6 +79,7 @@ if len(threads) > 1:
     print("\nThread scaling (tokens/s at {} ÷ at {} threads): ".format(hi, lo) + ", ".join(
         f"{impl} {med(impl, hi, 'tokens_per_second') / med(impl, lo, 'tokens_per_second'):.2f}×" for impl in impls))
 th = threads[-1]
-print(f"\ntraining tokens/s ratio vs PyTorch f32: {med('llara', th, 'tokens_per_second') / med('pytorch+peft', th, 'tokens_per_second'):.2f}× ({th} threads)")
+if "pytorch+peft" in impls:
+    print(f"\ntraining tokens/s ratio vs PyTorch f32: {med('llara', th, 'tokens_per_second') / med('pytorch+peft', th, 'tokens_per_second'):.2f}× ({th} threads)")
 PY
 cat "$OUTFILE"

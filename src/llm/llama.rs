@@ -53,7 +53,8 @@ impl Proj {
 
     fn transposed(&self) -> Option<&Tensor> {
         let w = &self.weight;
-        if !(w.device().is_cpu() && w.dtype() == DType::F32) || w.track_op() {
+        // Only the fused kernels take the transposed copy.
+        if !crate::kernels::fused(&[w]) || w.track_op() {
             return None;
         }
         self.weight_t
