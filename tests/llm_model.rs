@@ -409,6 +409,62 @@ fn activation_checkpointing_gives_the_same_loss_and_gradients() {
     }
 }
 
+/// The composed path (what a GPU or a bf16 model runs, forced here with the fused kernels off)
+/// allocates no gradient for any frozen tensor of the model, with and without activation
+/// checkpointing, and its loss and adapter gradients equal the fused path's.
+#[test]
+fn the_composed_path_gives_no_frozen_weight_a_gradient_and_matches_the_fused_one() {
+    for ckpt in [false, true] {
+        let run = |fused: bool| {
+            llara::kernels::with_fused(fused, || {
+                let mut m = with_adapters(DType::F32);
+                // The switch decides the dispatch of f32 CPU tensors.
+                assert_eq!(llara::kernels::fused(&[&m.lm_head]), fused);
+                m.set_checkpointing(ckpt).unwrap();
+                let inject = inject_var(DType::F32);
+                let l = loss_with_dropout(&m, &inject, 0.0);
+                let grads = m.backward(&l).unwrap();
+                let mut frozen = vec![&m.embed_tokens, &m.norm, &m.lm_head];
+                for layer in &m.layers {
+                    frozen.extend([&layer.input_layernorm, &layer.post_attention_layernorm]);
+                    frozen.extend(Target::ALL.iter().map(|&t| &layer.proj(t).weight));
+                }
+                if !fused {
+                    for (i, t) in frozen.iter().enumerate() {
+                        assert!(
+                            grads.get(t).is_none(),
+                            "frozen tensor {i} got a gradient (checkpointing {ckpt})"
+                        );
+                    }
+                }
+                let mut out = vec![vec![l.to_scalar::<f32>().unwrap()]];
+                let mut vars = adapter_vars(&m);
+                vars.push(("inject".into(), inject));
+                for (name, v) in vars {
+                    let g = grads
+                        .get(v.as_tensor())
+                        .unwrap_or_else(|| panic!("{name}: no gradient (fused {fused})"));
+                    out.push(g.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+                }
+                out
+            })
+        };
+        let (a, b) = (run(true), run(false));
+        assert_eq!(a.len(), b.len());
+        assert!(a.len() > 1);
+        for (x, y) in a.iter().zip(&b) {
+            assert_eq!(x.len(), y.len());
+            let scale = y.iter().fold(0f32, |s, v| s.max(v.abs())).max(1e-3);
+            for (p, q) in x.iter().zip(y) {
+                assert!(
+                    (p - q).abs() <= 2e-4 * scale,
+                    "{p} vs {q} (checkpointing {ckpt})"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn qwen2_style_biases_and_tied_embeddings_load_and_train() {
     let cfg = Config {

@@ -75,6 +75,11 @@ pub struct DeviceArgs {
     #[arg(long)]
     #[serde(skip)]
     pub threads: Option<usize>,
+    /// auto: the fused CPU kernels for f32 on the CPU; off: every op's composed version (the path
+    /// a GPU or a bf16 model takes), to check its results, gradients and memory on the CPU.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "off"])]
+    #[serde(skip)]
+    pub fused: String,
 }
 
 impl DeviceArgs {
@@ -82,6 +87,7 @@ impl DeviceArgs {
     /// returns the device.
     pub fn start(&self, default_threads: usize) -> Result<candle_core::Device> {
         set_threads(self.threads.unwrap_or(default_threads))?;
+        llara::kernels::set_fused(self.fused != "off");
         Ok(llara::device::parse(&self.device)?)
     }
 

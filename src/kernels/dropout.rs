@@ -83,14 +83,28 @@ impl Dropout {
         self.mask(x, &keep)
     }
 
-    /// [`Dropout::apply`] with the draws of [`Dropout::keep_flags_parallel`] (the LLM's LoRA
-    /// inputs: the composed path draws the same mask as the fused kernel).
+    /// [`Dropout::apply`] with the mask of [`Dropout::mask_like`] (the LLM's LoRA inputs).
     pub fn apply_parallel(&mut self, x: &Tensor) -> Result<Tensor> {
         if self.p <= 0.0 {
             return Ok(x.clone());
         }
-        let keep = self.keep_flags_parallel(x.elem_count());
-        self.mask(x, &keep)
+        x.mul(&self.mask_like(x)?)
+    }
+
+    /// The multipliers (`1 / (1 - p)` or 0) for a tensor shaped like `x`, made on `x`'s device in
+    /// `x`'s dtype. On the CPU they are the draws of [`Dropout::keep_flags_parallel`] (the fused
+    /// kernel's mask, bit for bit); on other devices the device's own generator draws them,
+    /// seeded from this stream, so no mask crosses the bus.
+    pub fn mask_like(&mut self, x: &Tensor) -> Result<Tensor> {
+        let dev = x.device();
+        if dev.is_cpu() {
+            let keep = self.keep_flags_parallel(x.elem_count());
+            return Tensor::from_vec(self.values(&keep), x.shape(), dev)?.to_dtype(x.dtype());
+        }
+        dev.set_seed(self.rng.random::<u64>())?;
+        let u = Tensor::rand(0f32, 1f32, x.shape(), dev)?;
+        let keep = u.ge(self.p)?.to_dtype(x.dtype())?;
+        keep.affine(self.scale() as f64, 0.0)
     }
 
     fn mask(&self, x: &Tensor, keep: &[u8]) -> Result<Tensor> {
@@ -112,6 +126,31 @@ pub fn maybe_dropout(x: &Tensor, d: &mut Option<&mut Dropout>) -> Result<Tensor>
 mod tests {
     use super::*;
     use rand::SeedableRng;
+
+    #[test]
+    fn the_mask_is_made_on_the_tensors_device_in_its_dtype() {
+        use candle_core::{DType, Device};
+        let x = Tensor::ones((3, 50_000), DType::BF16, &Device::Cpu).unwrap();
+        let m = Dropout::new(0.25, ChaCha8Rng::seed_from_u64(4))
+            .mask_like(&x)
+            .unwrap();
+        assert!(m.device().same_device(x.device()));
+        assert_eq!((m.dtype(), m.dims()), (DType::BF16, x.dims()));
+        // On the CPU: the fused kernel's draws, bit for bit.
+        let keep = Dropout::new(0.25, ChaCha8Rng::seed_from_u64(4)).keep_flags_parallel(150_000);
+        let m: Vec<f32> = m
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let scale = (1.0f32 / 0.75).to_string();
+        for (v, k) in m.iter().zip(&keep) {
+            let want: f32 = if *k == 1 { scale.parse().unwrap() } else { 0.0 };
+            assert!((v - want).abs() < 1e-2, "{v} vs {want}");
+        }
+    }
 
     fn flags(threads: usize, seed: u64, n: usize) -> Vec<u8> {
         let pool = rayon::ThreadPoolBuilder::new()

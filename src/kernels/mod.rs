@@ -9,8 +9,11 @@
 //! - [`dropout`]: seeded inverted dropout.
 //! - [`nn`]: fused layers both families use (`matmul_t`, trailing add, LayerNorm, row sums, the
 //!   trainable affine map).
+//! - [`frozen`]: ops on frozen weights whose backward returns only the input's gradient, for the
+//!   composed path (candle's own matmul and multiply backward also compute the weight's).
 //! - [`fused`]: the one check that decides between a fused CPU kernel and the composed
-//!   (differentiable, any device and dtype) version of an op.
+//!   (differentiable, any device and dtype) version of an op; [`set_fused`] / [`with_fused`]
+//!   turn the fused kernels off.
 
 pub mod dropout;
 pub mod gemm;
@@ -18,11 +21,48 @@ pub mod nn;
 pub mod simd;
 pub mod slice;
 
-use candle_core::{DType, Tensor};
+pub mod frozen;
 
-/// Whether the fused CPU kernels apply to every tensor in `ts` (f32 on the CPU). Every op that
-/// has both a fused kernel and a composed version asks this, and only this.
+use candle_core::{DType, Tensor};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// `--fused off`: every op takes its composed path, process-wide.
+static FUSED_OFF: AtomicBool = AtomicBool::new(false);
+
+thread_local! {
+    /// A scoped override of [`FUSED_OFF`] for the calling thread ([`with_fused`]).
+    static FUSED_HERE: Cell<Option<bool>> = const { Cell::new(None) };
+}
+
+/// Whether the fused CPU kernels apply to every tensor in `ts` (f32 on the CPU, and not turned
+/// off). Every op that has both a fused kernel and a composed version asks this, and only this.
 pub fn fused(ts: &[&Tensor]) -> bool {
-    ts.iter()
+    let on = FUSED_HERE
+        .with(Cell::get)
+        .unwrap_or(!FUSED_OFF.load(Ordering::Relaxed));
+    on && ts
+        .iter()
         .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+}
+
+/// Turns the fused CPU kernels on or off for the whole process (`--fused off`): with them off,
+/// every op runs its composed version, the path a GPU or a bf16 model takes, so its results,
+/// gradients and memory can be checked on the CPU.
+pub fn set_fused(on: bool) {
+    FUSED_OFF.store(!on, Ordering::Relaxed);
+}
+
+/// Runs `f` with the fused kernels on or off on the calling thread only (ops are dispatched,
+/// and backward passes run, on the thread that calls them); for tests that compare both paths.
+pub fn with_fused<R>(on: bool, f: impl FnOnce() -> R) -> R {
+    let before = FUSED_HERE.with(|c| c.replace(Some(on)));
+    struct Restore(Option<bool>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            FUSED_HERE.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(before);
+    f()
 }

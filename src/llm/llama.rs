@@ -415,22 +415,14 @@ impl Llama {
                 }
             }
         }
-        let mask = AttnMask {
-            allowed: Arc::new(allowed),
-            b,
-            q: rep * t,
-            k: k_len,
-        };
+        let mask = AttnMask::new(allowed, b, rep * t, k_len);
         let table = RopeTable::new(&self.inv_freq, &positions);
         // With a KV cache the pass is inference: nothing will be differentiated, so no layer may
         // keep its activations alive through the autograd graph (adapters and injected vectors
         // are variables and would otherwise make every intermediate tensor part of a graph).
         let inference = cache.is_some();
         let mut x = if inference { x.detach() } else { x.clone() };
-        let ckpt = self
-            .checkpoint
-            .as_ref()
-            .filter(|_| cache.is_none() && x.device().is_cpu());
+        let ckpt = self.checkpoint.as_ref().filter(|_| cache.is_none());
         for (li, layer) in self.layers.iter().enumerate() {
             // Each layer draws its masks from its own stream (seeded from the caller's), so a
             // recomputed layer replays them exactly.
@@ -479,12 +471,19 @@ impl Llama {
 
     /// Turns activation checkpointing on or off: when on, training keeps only each decoder layer's
     /// input and recomputes the layer in the backward pass (about a third more compute, a fraction
-    /// of the activation memory). CPU only; the adapter gradients of recomputed layers must be
-    /// collected with [`Llama::collect_checkpoint_grads`] after `backward`.
+    /// of the activation memory). On every device (the recomputation is tensor ops); the
+    /// adapter gradients of recomputed layers must be collected with
+    /// [`Llama::collect_checkpoint_grads`] after `backward`.
     pub fn set_checkpointing(&mut self, on: bool) -> Result<()> {
+        if on && !(self.device().is_cpu() || self.device().is_cuda()) {
+            candle_core::bail!(
+                "--checkpoint-layers: activation checkpointing runs on the CPU and CUDA, not on {:?}",
+                self.device()
+            );
+        }
         self.checkpoint = if on {
             Some(Checkpointing {
-                anchor: Var::zeros(1, DType::F32, &Device::Cpu)?,
+                anchor: Var::zeros(1, DType::F32, self.device())?,
                 sink: Arc::new(Mutex::new(vec![])),
             })
         } else {
@@ -624,6 +623,22 @@ impl CustomOp3 for CheckpointedLayer {
             _ => candle_core::bail!("checkpointed layer: float storage expected"),
         };
         Ok((out, l2.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _s1: &candle_core::CudaStorage,
+        _l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        _s3: &candle_core::CudaStorage,
+        _l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        // The layer's output is a fresh contiguous tensor (made so by the caller): its storage is
+        // exactly it.
+        Ok((s2.try_clone(l2)?, l2.shape().clone()))
     }
 
     fn bwd(

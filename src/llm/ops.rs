@@ -11,7 +11,7 @@ use crate::kernels::nn::matmul_t;
 use crate::kernels::simd::dot;
 use crate::kernels::slice::{f32_slice, host_vec};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 // ---------------------------------------------------------------------------------------------
 // Projections: frozen `W` (no gradient), optional LoRA.
@@ -37,6 +37,10 @@ pub fn frozen_linear(
             scale: 0.0,
             drop: None,
         });
+    }
+    if !w.track_op() && b.is_none_or(|b| !b.track_op()) {
+        // Frozen: the input's gradient only (candle's matmul backward would also compute W's).
+        return crate::kernels::frozen::linear(x, w, b);
     }
     let y = matmul_t(x, w)?;
     match b {
@@ -148,7 +152,10 @@ impl CustomOp2 for RmsNormOp {
         let dev = x.device();
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), dev)?),
-            Some(Tensor::from_vec(dw, w.shape(), dev)?),
+            // A frozen weight gets no gradient.
+            w.track_op()
+                .then(|| Tensor::from_vec(dw, w.shape(), dev))
+                .transpose()?,
         ))
     }
 }
@@ -185,19 +192,26 @@ pub fn rms_norm_composed(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     })?;
     let ms = xf.sqr()?.mean_keepdim(D::Minus1)?;
     let y = xf.broadcast_div(&(ms + eps)?.sqrt()?)?.to_dtype(dt)?;
-    y.broadcast_mul(w)
+    if w.track_op() {
+        y.broadcast_mul(w)
+    } else {
+        // A frozen weight: no gradient for it (candle's multiply backward would make one).
+        crate::kernels::frozen::scale(&y, w)
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Rotary embedding (Hugging Face's half-split layout) on `[B, T, heads, head_dim]`, with a
 // position per (row, step).
 
-/// Cosines and sines for each (row, step): `[B·T, head_dim/2]` each.
+/// Cosines and sines for each (row, step): `[B·T, head_dim/2]` each. The composed path's device
+/// tensors are made once per forward pass (every layer shares the table).
 #[derive(Clone)]
 pub struct RopeTable {
     pub cos: Arc<Vec<f32>>,
     pub sin: Arc<Vec<f32>>,
     pub half: usize,
+    on_device: Arc<OnceLock<(Tensor, Tensor)>>,
 }
 
 impl RopeTable {
@@ -217,6 +231,7 @@ impl RopeTable {
             cos: Arc::new(cos),
             sin: Arc::new(sin),
             half,
+            on_device: Arc::default(),
         }
     }
 
@@ -228,8 +243,14 @@ impl RopeTable {
         dt: DType,
         dev: &candle_core::Device,
     ) -> Result<(Tensor, Tensor)> {
+        if let Some((c, s)) = self.on_device.get() {
+            if c.dtype() == dt && c.device().same_device(dev) && c.dims()[..2] == [b, t] {
+                return Ok((c.clone(), s.clone()));
+            }
+        }
         let c = Tensor::from_slice(&self.cos, (b, t, 1, self.half), dev)?.to_dtype(dt)?;
         let s = Tensor::from_slice(&self.sin, (b, t, 1, self.half), dev)?.to_dtype(dt)?;
+        let _ = self.on_device.set((c.clone(), s.clone()));
         Ok((c, s))
     }
 }
@@ -309,8 +330,10 @@ pub fn rope(x: &Tensor, table: &RopeTable) -> Result<Tensor> {
     let half = d / 2;
     let x1 = x.narrow(D::Minus1, 0, half)?;
     let x2 = x.narrow(D::Minus1, half, half)?;
-    let o1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
-    let o2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
+    // The tables are constants: products whose backward gives only `x` its gradient.
+    let by = crate::kernels::frozen::scale;
+    let o1 = (by(&x1, &cos)? - by(&x2, &sin)?)?;
+    let o2 = (by(&x2, &cos)? + by(&x1, &sin)?)?;
     Tensor::cat(&[o1, o2], D::Minus1)?
         .transpose(1, 2)?
         .contiguous()
@@ -367,26 +390,50 @@ pub struct AttnMask {
     pub b: usize,
     pub q: usize,
     pub k: usize,
+    /// The composed path's additive f32 mask on the device, made once per forward pass.
+    pub on_device: Arc<OnceLock<Tensor>>,
 }
 
 impl AttnMask {
-    /// Additive `[B, 1, Q, K]` mask (0 or -inf) for the composed path.
-    fn additive(&self, dt: DType, dev: &candle_core::Device) -> Result<Tensor> {
+    pub fn new(allowed: Vec<u8>, b: usize, q: usize, k: usize) -> Self {
+        AttnMask {
+            allowed: Arc::new(allowed),
+            b,
+            q,
+            k,
+            on_device: Arc::default(),
+        }
+    }
+
+    /// Additive `[B, 1, Q, K]` f32 mask (0 or -inf) for the composed path.
+    fn additive(&self, dev: &candle_core::Device) -> Result<Tensor> {
+        if let Some(m) = self.on_device.get().filter(|m| m.device().same_device(dev)) {
+            return Ok(m.clone());
+        }
         let v: Vec<f32> = self
             .allowed
             .iter()
             .map(|&a| if a != 0 { 0.0 } else { f32::NEG_INFINITY })
             .collect();
-        Tensor::from_vec(v, (self.b, 1, self.q, self.k), dev)?.to_dtype(dt)
+        let m = Tensor::from_vec(v, (self.b, 1, self.q, self.k), dev)?;
+        let _ = self.on_device.set(m.clone());
+        Ok(m)
     }
 }
 
 /// `softmax(scores · scale + mask)` over the last dimension of `[B, G, Q, K]`, composed (the
-/// composed attention's; the fused attention kernel computes its own probabilities).
+/// composed attention's; the fused attention kernel computes its own probabilities). Half
+/// precision scores are normalised in f32, as transformers does, and the result cast back.
 fn masked_softmax(scores: &Tensor, mask: &AttnMask, scale: f64) -> Result<Tensor> {
-    let m = mask.additive(scores.dtype(), scores.device())?;
-    let s = (scores * scale)?.broadcast_add(&m)?;
-    candle_nn::ops::softmax(&s, D::Minus1)
+    let dt = scores.dtype();
+    let work = if dt == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    let m = mask.additive(scores.device())?.to_dtype(work)?;
+    let s = (scores.to_dtype(work)? * scale)?.broadcast_add(&m)?;
+    candle_nn::ops::softmax(&s, D::Minus1)?.to_dtype(dt)
 }
 
 #[cfg(test)]
@@ -518,12 +565,7 @@ mod tests {
                 u8::from(ki <= qi && ki < 3 - bi)
             })
             .collect();
-        let mask = AttnMask {
-            allowed: Arc::new(allowed),
-            b,
-            q,
-            k,
-        };
+        let mask = AttnMask::new(allowed, b, q, k);
         let x = var(b * g * q * k, &[b, g, q, k], 0.9);
         let w = var(5 * k, &[5, k], 0.4).as_tensor().detach();
         let c = coef(&[b, g, q, 5]);
