@@ -70,7 +70,7 @@ fi
 exec "$here/llara.bin" "$@"
 WRAP
 chmod +x "$OUT/llara"
-cp scripts/gpu-check.sh "$OUT/"
+cp scripts/gpu-check.sh configs/llama-1b.json "$OUT/"
 LLARA_CPU=target/release/llara
 [ -x "$LLARA_CPU" ] || cargo build --release
 "$LLARA_CPU" -q data prepare --from llara-jsonl "$SHARED/datasets/lastfm" --out "$OUT/data-lastfm" --force

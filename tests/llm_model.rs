@@ -5,7 +5,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use llara::llm::generate::{generate, GenOptions};
 use llara::llm::llama::random_weights;
 use llara::llm::lora::{self, adapter_vars, LoraConfig, Target};
-use llara::llm::{Config, Llama, LlmTokenizer, Step};
+use llara::llm::{Config, Llama, LlmOptions, LlmTokenizer, Step};
 use rand::{Rng, SeedableRng};
 
 const V: usize = 50;
@@ -463,6 +463,38 @@ fn the_composed_path_gives_no_frozen_weight_a_gradient_and_matches_the_fused_one
             }
         }
     }
+}
+
+#[test]
+fn builtin_random_loads_any_shape_from_a_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("config.json");
+    std::fs::write(
+        &cfg,
+        r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": 48, "intermediate_size": 96,
+            "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "vocab_size": 300, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+            "tie_word_embeddings": true}"#,
+    )
+    .unwrap();
+    let spec = format!("builtin:random:{}", cfg.display());
+    let l = llara::llm::load(&spec, &LlmOptions::cpu()).unwrap();
+    assert_eq!(l.model.layers.len(), 3);
+    assert_eq!(l.model.embed_tokens.dims(), &[300, 48]);
+    assert_eq!(l.model.layers[0].proj(Target::K).weight.dims(), &[24, 48]);
+    // A forward pass runs; a missing file is an error naming it.
+    let x = l.model.embed(&[vec![1, 2, 3]], None).unwrap();
+    let h = l.model.forward(&x, Step::padded(&[3], 3), None).unwrap();
+    assert_eq!(h.dims(), &[1, 3, 48]);
+    let missing = dir.path().join("nope.json");
+    let e = llara::llm::load(
+        &format!("builtin:random:{}", missing.display()),
+        &LlmOptions::cpu(),
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("nope.json"), "{e}");
 }
 
 #[test]

@@ -5,7 +5,7 @@
 //! graph with the device's own ops, and one op joins it back to the input; that op's backward
 //! returns the input's gradient only, written as tensor ops, so it runs on every device.
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 
 /// Joins `y` (computed from `x` outside the graph) back to `x`: the forward is `y`; the backward
 /// maps `dy` to `dx` with `input_grad`; nothing flows to `y`.
@@ -82,18 +82,87 @@ fn join(
     x.apply_op2(&y.contiguous()?, InputGradOnly { name, input_grad })
 }
 
+/// `x Wᵀ` over `x [M, in]` for a frozen `W [out, in]`: the forward is the device's own matmul
+/// (candle's backend, on the storages), the backward `dy · W` for `x` only. Unlike [`join`] it
+/// keeps no second copy of the output alive for the backward pass.
+struct FrozenMatmul {
+    w: Tensor,
+}
+
+impl FrozenMatmul {
+    /// `(M, out, in)` and `Wᵀ`'s layout.
+    fn dims(&self, l: &Layout, wl: &Layout) -> Result<(usize, usize, usize, Layout)> {
+        let (m, k) = l.shape().dims2()?;
+        let (n, kw) = self.w.dims2()?;
+        if k != kw {
+            candle_core::bail!("frozen-matmul: input width {k}, weight [{n}, {kw}]");
+        }
+        Ok((m, n, k, wl.transpose(0, 1)?))
+    }
+}
+
+impl CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let (ws, wl) = self.w.storage_and_layout();
+        let candle_core::Storage::Cpu(ws) = &*ws else {
+            candle_core::bail!("frozen-matmul: the weight is not on the input's device");
+        };
+        let (m, n, k, wt) = self.dims(l, wl)?;
+        Ok((s.matmul(ws, (1, m, n, k), l, &wt)?, Shape::from((m, n))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let (ws, wl) = self.w.storage_and_layout();
+        let candle_core::Storage::Cuda(ws) = &*ws else {
+            candle_core::bail!("frozen-matmul: the weight is not on the input's device");
+        };
+        let (m, n, k, wt) = self.dims(l, wl)?;
+        Ok((s.matmul(ws, (1, m, n, k), l, &wt)?, Shape::from((m, n))))
+    }
+
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad.matmul(&self.w)?))
+    }
+}
+
 /// `x Wᵀ (+ b)` for a frozen `W [out, in]` and `b [out]` over `x [.., in]`: the device's matmul
 /// forward; the backward gives `x` its gradient `dy · W` and nothing else.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    let mut y = super::nn::matmul_t(&x.detach(), w)?;
-    if let Some(b) = b {
-        y = y.broadcast_add(b)?;
+    if !x.track_op() {
+        let y = super::nn::matmul_t(x, w)?;
+        return match b {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        };
     }
-    let (w, dims) = (w.clone(), x.dims().to_vec());
-    join(x, y, "frozen-linear", move |g| {
-        let out = w.dim(0)?;
-        g.reshape(((), out))?.matmul(&w)?.reshape(dims.as_slice())
-    })
+    let mut dims = x.dims().to_vec();
+    let inp = dims.pop().unwrap_or(0);
+    let y = x
+        .reshape(((), inp))?
+        .contiguous()?
+        .apply_op1(FrozenMatmul { w: w.clone() })?;
+    dims.push(w.dim(0)?);
+    let y = y.reshape(dims)?;
+    match b {
+        // The bias (Qwen2's q/k/v): added outside the graph and joined back, so that it gets no
+        // gradient either.
+        Some(b) => {
+            let z = y.detach().broadcast_add(b)?;
+            join(&y, z, "frozen-bias", |g| Ok(g.clone()))
+        }
+        None => Ok(y),
+    }
 }
 
 /// `x · w` with `w` broadcast over the leading dimensions (a norm's frozen weight); the backward

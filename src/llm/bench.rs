@@ -100,6 +100,8 @@ pub fn run(model: &mut Llama, tok: &LlmTokenizer, cfg: &BenchConfig) -> Result<B
         let grads = model.backward(&loss)?;
         opt.step(&grads)?;
         let l = loss.to_scalar::<f32>()?;
+        // The clock is read after the device finished the step (GPU kernels are asynchronous).
+        model.device().synchronize()?;
         if step >= cfg.warmup {
             timed += started.elapsed().as_secs_f64();
             losses.push(l);

@@ -189,8 +189,8 @@ fn generate_inner(
         .map(|(i, &l)| i * t + l - 1)
         .collect();
     let mut logits = model.logits_at(&hidden, &last)?;
-    // Materialise the logits before reading the clock (lazy devices).
-    let _ = logits.dims();
+    // Wait for the device before reading the clock (kernels run asynchronously on a GPU).
+    model.device().synchronize()?;
     timing.prefill_seconds = started.elapsed().as_secs_f64();
     let decode_started = std::time::Instant::now();
     for step in 0..opts.max_new_tokens {
@@ -262,6 +262,7 @@ fn generate_inner(
         logits = model.logits_at(&hidden, &(0..b).collect::<Vec<_>>())?;
         timing.decode_steps += 1;
     }
+    model.device().synchronize()?;
     timing.decode_seconds = decode_started.elapsed().as_secs_f64();
     let generated = out
         .into_iter()

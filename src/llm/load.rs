@@ -102,8 +102,25 @@ fn looks_like_hub_id(spec: &str) -> bool {
 /// no network: what `llara quickstart` and the tests tune. It knows nothing until trained.
 pub const BUILTIN_TINY: &str = "builtin:tiny";
 
+/// A backbone of any shape with seeded random weights, from a Hugging Face `config.json`
+/// (`builtin:random:configs/llama-1b.json`), and a byte-level tokenizer: real-size memory and
+/// speed measurements without a download. It knows nothing.
+pub const BUILTIN_RANDOM: &str = "builtin:random:";
+
 /// Loads the backbone named by `spec`.
 pub fn load(spec: &str, opts: &LlmOptions) -> Result<Loaded, LlmError> {
+    if let Some(config) = spec.strip_prefix(BUILTIN_RANDOM) {
+        let cfg = Config::from_hf_file(Path::new(config))?;
+        let w = crate::llm::llama::random_weights(&cfg, 0, opts.dtype(), &opts.device)?;
+        let model = Llama::load(&w, &cfg, ADDED_TOKENS.len(), opts.dtype(), &opts.device)?;
+        return Ok(Loaded {
+            model,
+            tokenizer: crate::llm::tokenizer::byte_level_tokenizer(cfg.vocab_size),
+            source: Source::Builtin {
+                name: spec.to_string(),
+            },
+        });
+    }
     if spec == BUILTIN_TINY {
         let cfg = Config {
             hidden_size: 64,
