@@ -64,12 +64,15 @@ fn values(n: usize, salt: usize) -> Vec<f64> {
         .collect()
 }
 
+/// Runs an op on its inputs.
+type Run = Box<dyn Fn(&[Tensor]) -> Result<Tensor>>;
+
 /// One op under test: the shapes of its inputs, which of them are trainable, and how to run it.
 struct Case {
     name: &'static str,
     shapes: Vec<Vec<usize>>,
     trainable: Vec<bool>,
-    run: Box<dyn Fn(&[Tensor]) -> Result<Tensor>>,
+    run: Run,
 }
 
 /// The output and the trainable inputs' gradients (f64 on the host), and whether a frozen input
