@@ -14,20 +14,6 @@ struct InputGradOnly<F> {
     input_grad: F,
 }
 
-/// A contiguous copy of the values `l` addresses in `s`.
-fn copy_cpu(s: &CpuStorage, l: &Layout) -> Result<CpuStorage> {
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("frozen op: contiguous input expected");
-    };
-    Ok(match s {
-        CpuStorage::F32(v) => CpuStorage::F32(v[a..b].to_vec()),
-        CpuStorage::F64(v) => CpuStorage::F64(v[a..b].to_vec()),
-        CpuStorage::BF16(v) => CpuStorage::BF16(v[a..b].to_vec()),
-        CpuStorage::F16(v) => CpuStorage::F16(v[a..b].to_vec()),
-        _ => candle_core::bail!("frozen op: a float tensor expected"),
-    })
-}
-
 impl<F: Fn(&Tensor) -> Result<Tensor> + Send + Sync> CustomOp2 for InputGradOnly<F> {
     fn name(&self) -> &'static str {
         self.name
@@ -40,7 +26,10 @@ impl<F: Fn(&Tensor) -> Result<Tensor> + Send + Sync> CustomOp2 for InputGradOnly
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        Ok((copy_cpu(s2, l2)?, l2.shape().clone()))
+        Ok((
+            super::slice::copy_cpu(s2, l2, "frozen op")?,
+            l2.shape().clone(),
+        ))
     }
 
     #[cfg(feature = "cuda")]

@@ -24,6 +24,20 @@ pub fn f32_slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout, what: &str) -> Resul
     Ok(&mut v[a..b])
 }
 
+/// A contiguous copy of the float values `l` addresses in `s` (any float dtype).
+pub fn copy_cpu(s: &CpuStorage, l: &Layout, what: &str) -> Result<CpuStorage> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("{what}: contiguous input expected");
+    };
+    Ok(match s {
+        CpuStorage::F32(v) => CpuStorage::F32(v[a..b].to_vec()),
+        CpuStorage::F64(v) => CpuStorage::F64(v[a..b].to_vec()),
+        CpuStorage::BF16(v) => CpuStorage::BF16(v[a..b].to_vec()),
+        CpuStorage::F16(v) => CpuStorage::F16(v[a..b].to_vec()),
+        _ => candle_core::bail!("{what}: float storage expected"),
+    })
+}
+
 /// A tensor's f32 values, flattened, on the host (a copy).
 pub fn host_vec(t: &Tensor) -> Result<Vec<f32>> {
     t.flatten_all()?.to_vec1::<f32>()

@@ -612,16 +612,7 @@ impl CustomOp3 for CheckpointedLayer {
         _s3: &CpuStorage,
         _l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let Some((a, b)) = l2.contiguous_offsets() else {
-            candle_core::bail!("checkpointed layer: contiguous output expected");
-        };
-        let out = match s2 {
-            CpuStorage::F32(v) => CpuStorage::F32(v[a..b].to_vec()),
-            CpuStorage::F64(v) => CpuStorage::F64(v[a..b].to_vec()),
-            CpuStorage::BF16(v) => CpuStorage::BF16(v[a..b].to_vec()),
-            CpuStorage::F16(v) => CpuStorage::F16(v[a..b].to_vec()),
-            _ => candle_core::bail!("checkpointed layer: float storage expected"),
-        };
+        let out = crate::kernels::slice::copy_cpu(s2, l2, "checkpointed layer")?;
         Ok((out, l2.shape().clone()))
     }
 

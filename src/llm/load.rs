@@ -107,19 +107,24 @@ pub const BUILTIN_TINY: &str = "builtin:tiny";
 /// speed measurements without a download. It knows nothing.
 pub const BUILTIN_RANDOM: &str = "builtin:random:";
 
+/// A backbone of shape `cfg` with seeded random weights and a byte-level tokenizer.
+fn random_backbone(spec: &str, cfg: &Config, opts: &LlmOptions) -> Result<Loaded, LlmError> {
+    let w = crate::llm::llama::random_weights(cfg, 0, opts.dtype(), &opts.device)?;
+    let model = Llama::load(&w, cfg, ADDED_TOKENS.len(), opts.dtype(), &opts.device)?;
+    Ok(Loaded {
+        model,
+        tokenizer: crate::llm::tokenizer::byte_level_tokenizer(cfg.vocab_size),
+        source: Source::Builtin {
+            name: spec.to_string(),
+        },
+    })
+}
+
 /// Loads the backbone named by `spec`.
 pub fn load(spec: &str, opts: &LlmOptions) -> Result<Loaded, LlmError> {
     if let Some(config) = spec.strip_prefix(BUILTIN_RANDOM) {
         let cfg = Config::from_hf_file(Path::new(config))?;
-        let w = crate::llm::llama::random_weights(&cfg, 0, opts.dtype(), &opts.device)?;
-        let model = Llama::load(&w, &cfg, ADDED_TOKENS.len(), opts.dtype(), &opts.device)?;
-        return Ok(Loaded {
-            model,
-            tokenizer: crate::llm::tokenizer::byte_level_tokenizer(cfg.vocab_size),
-            source: Source::Builtin {
-                name: spec.to_string(),
-            },
-        });
+        return random_backbone(spec, &cfg, opts);
     }
     if spec == BUILTIN_TINY {
         let cfg = Config {
@@ -130,15 +135,7 @@ pub fn load(spec: &str, opts: &LlmOptions) -> Result<Loaded, LlmError> {
             eos_token_ids: vec![256],
             ..Config::tiny(260)
         };
-        let w = crate::llm::llama::random_weights(&cfg, 0, opts.dtype(), &opts.device)?;
-        let model = Llama::load(&w, &cfg, ADDED_TOKENS.len(), opts.dtype(), &opts.device)?;
-        return Ok(Loaded {
-            model,
-            tokenizer: crate::llm::tokenizer::byte_level_tokenizer(cfg.vocab_size),
-            source: Source::Builtin {
-                name: spec.to_string(),
-            },
-        });
+        return random_backbone(spec, &cfg, opts);
     }
     let path = Path::new(spec);
     if path.is_dir() {
