@@ -8,7 +8,7 @@ use super::tune::TuneArgs;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use llara::eval::metrics::RankMetrics;
-use serde_json::Value;
+use llara::llara::tune::StepLog;
 use std::path::{Path, PathBuf};
 
 #[derive(Args, Debug, Clone)]
@@ -50,8 +50,14 @@ struct Line {
     train_seconds: Option<f64>,
 }
 
-fn f(v: &Value, k: &str) -> Option<f64> {
-    v.get(k).and_then(Value::as_f64)
+/// A tune run's optimizer steps from `train_log.jsonl` (its validation lines left out), if it has one.
+fn step_log(run: &Path) -> Option<Vec<StepLog>> {
+    let log = std::fs::read_to_string(run.join("train_log.jsonl")).ok()?;
+    Some(
+        log.lines()
+            .filter_map(|l| serde_json::from_str::<StepLog>(l).ok())
+            .collect(),
+    )
 }
 
 /// A line with a [`RankMetrics`]' numbers (a recommender's, or candidate scoring).
@@ -139,17 +145,11 @@ fn llara_lines(run: &Path, split: &str) -> Result<Vec<Line>> {
         Err(_) => TuneArgs::default(),
     };
     // Training time: the sum of the logged steps (tokens / tokens per second).
-    let train_seconds = std::fs::read_to_string(run.join("train_log.jsonl"))
-        .ok()
-        .map(|log| {
-            log.lines()
-                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-                .map(|v| {
-                    f(&v, "tokens").unwrap_or(0.0)
-                        / f(&v, "tokens_per_second").unwrap_or(f64::INFINITY)
-                })
-                .sum::<f64>()
-        });
+    let train_seconds = step_log(run).map(|log| {
+        log.iter()
+            .map(|s| s.tokens as f64 / s.tokens_per_second)
+            .sum::<f64>()
+    });
     let objective = t.objective.as_str();
     let letters = if t.answer == "letter" {
         ", letter answers"
@@ -350,22 +350,20 @@ pub fn run(a: ReportArgs) -> Result<()> {
 /// steps, against the optimizer step.
 fn plot_curves(run: &Path, dest: &Path) -> Result<bool> {
     use plotters::prelude::*;
-    let Ok(log) = std::fs::read_to_string(run.join("train_log.jsonl")) else {
+    let Some(rows) = step_log(run) else {
         return Ok(false);
     };
-    let rows: Vec<Value> = log
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
     if rows.len() < 2 {
         return Ok(false);
     }
-    let pts = |k: &str| -> Vec<(f64, f64)> {
-        rows.iter()
-            .filter_map(|r| Some((f(r, "step")?, f(r, k)?)))
-            .collect()
+    let pts = |k: fn(&StepLog) -> f64| -> Vec<(f64, f64)> {
+        rows.iter().map(|r| (r.step as f64, k(r))).collect()
     };
-    let (loss, p, frac) = (pts("loss"), pts("p_hybrid"), pts("hybrid_fraction"));
+    let (loss, p, frac) = (
+        pts(|r| r.loss),
+        pts(|r| r.p_hybrid),
+        pts(|r| r.hybrid_fraction),
+    );
     let max_step = loss.last().map_or(1.0, |x| x.0).max(1.0);
     let (lo, hi) = loss
         .iter()
