@@ -16,7 +16,7 @@ use serde::Serialize;
 use std::path::{Path, PathBuf};
 
 use super::rundir::{sha256_file, write_json, GenReport, RunInfo, ScoreReport};
-use super::tune::{load_parts, Loaded};
+use super::tune::{load_parts, tune_config, Loaded};
 
 #[derive(Args, Debug, Clone)]
 pub struct EvalArgs {
@@ -81,8 +81,14 @@ pub fn run_eval(a: EvalArgs, quiet: bool) -> Result<()> {
     if a.batch_size == 0 {
         bail!("--batch-size 0: expected at least 1 row per batch");
     }
-    a.dev.start(2)?;
-    let or = open_run(&a.run, a.data.as_deref(), a.llm.as_deref(), &a.dev)?;
+    let device = a.dev.start(2)?;
+    let or = open_run(
+        &a.run,
+        a.data.as_deref(),
+        a.llm.as_deref(),
+        &device,
+        a.dev.dtype()?,
+    )?;
     let (parts, view) = (&or.parts, or.view);
     let mut rows = llara::llara::batch::split_rows(&parts.ds, &a.split, a.template, None, 0);
     if let Some(n) = a.limit {
@@ -270,7 +276,8 @@ pub(super) fn open_run(
     run: &Path,
     data: Option<&Path>,
     llm_spec: Option<&str>,
-    dev: &super::DeviceArgs,
+    device: &candle_core::Device,
+    dtype: Option<candle_core::DType>,
 ) -> Result<OpenRun> {
     let info_path = run.join("run.json");
     let info: RunInfo = serde_json::from_str(
@@ -278,14 +285,19 @@ pub(super) fn open_run(
             .with_context(|| format!("--run {}: not a tune run (run.json)", run.display()))?,
     )
     .with_context(|| info_path.display().to_string())?;
-    let toml_path = run.join("tune.toml");
-    let prompts: Option<PathBuf> = std::fs::read_to_string(&toml_path)
-        .ok()
-        .and_then(|t| toml::from_str::<toml::Table>(&t).ok())
-        .and_then(|t| t.get("prompts").and_then(|v| v.as_str()).map(PathBuf::from));
+    // A tune.toml that does not parse leaves the embedded prompts (as a missing one does).
+    let prompts = tune_config(run).ok().flatten().and_then(|t| t.prompts);
     let data = data.map(Path::to_path_buf).unwrap_or(info.data.clone());
     let spec = llm_spec.map(String::from).unwrap_or(info.llm.clone());
-    let mut parts = load_parts(&data, &info.sr, &spec, None, dev, prompts.as_deref())?;
+    let mut parts = load_parts(
+        &data,
+        &info.sr,
+        &spec,
+        None,
+        device,
+        dtype,
+        prompts.as_deref(),
+    )?;
     if sha256_file(&parts.sr_weights)? != info.sr_sha256 {
         bail!(
             "{}: the recommender changed since the run was trained",

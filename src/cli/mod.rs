@@ -108,7 +108,7 @@ impl DeviceArgs {
     }
 }
 
-pub fn parse_dtype(s: &str) -> Result<candle_core::DType> {
+fn parse_dtype(s: &str) -> Result<candle_core::DType> {
     use candle_core::DType;
     Ok(match s.to_ascii_lowercase().as_str() {
         "f32" | "float32" => DType::F32,

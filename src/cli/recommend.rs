@@ -87,8 +87,8 @@ fn value_str(v: &serde_json::Value) -> String {
 }
 
 pub fn run(a: RecommendArgs) -> Result<()> {
-    a.dev.start(2)?;
-    let or = open_run(&a.run, a.data.as_deref(), None, &a.dev)?;
+    let device = a.dev.start(2)?;
+    let or = open_run(&a.run, a.data.as_deref(), None, &device, a.dev.dtype()?)?;
     let (parts, view) = (&or.parts, or.view);
     let titles = &parts.ds.titles;
     let queries: Vec<(Vec<String>, Vec<String>, String)> = if a.history.is_empty() {

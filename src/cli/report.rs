@@ -4,7 +4,7 @@
 use super::rundir::{
     read_json, GenReport, RunInfo, ScoreReport, SrEvalReport, SrRunConfig, SrRunMetrics,
 };
-use super::tune::TuneArgs;
+use super::tune::{tune_config, TuneArgs};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use llara::eval::metrics::RankMetrics;
@@ -139,11 +139,7 @@ fn eval_sr_lines(run: &Path, split: &str) -> Result<Vec<Line>> {
 
 fn llara_lines(run: &Path, split: &str) -> Result<Vec<Line>> {
     let info: RunInfo = read_json(&run.join("run.json"))?;
-    let toml_path = run.join("tune.toml");
-    let t: TuneArgs = match std::fs::read_to_string(&toml_path) {
-        Ok(text) => toml::from_str(&text).with_context(|| toml_path.display().to_string())?,
-        Err(_) => TuneArgs::default(),
-    };
+    let t: TuneArgs = tune_config(run)?.unwrap_or_default();
     // Training time: the sum of the logged steps (tokens / tokens per second).
     let train_seconds = step_log(run).map(|log| {
         log.iter()

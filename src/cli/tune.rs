@@ -16,6 +16,17 @@ use std::path::{Path, PathBuf};
 use super::progress::Bars;
 use super::rundir::{sha256_file, RunInfo};
 
+/// The options a tune run was made with (`RUN/tune.toml`): `None` when the run has no such file.
+pub(super) fn tune_config(run: &Path) -> Result<Option<TuneArgs>> {
+    let path = run.join("tune.toml");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Ok(Some(
+            toml::from_str(&text).with_context(|| path.display().to_string())?,
+        )),
+        Err(_) => Ok(None),
+    }
+}
+
 /// `llara tune`'s flags, also the schema of the run's `tune.toml` (written from them, read back by
 /// `--resume` and `llara report`).
 #[derive(Args, Debug, Clone, Default, Serialize, Deserialize)]
@@ -242,15 +253,15 @@ pub(super) fn load_parts(
     sr: &Path,
     spec: &str,
     revision: Option<String>,
-    dev: &super::DeviceArgs,
+    device: &candle_core::Device,
+    dtype: Option<candle_core::DType>,
     prompts: Option<&Path>,
 ) -> Result<Loaded> {
-    let device = llara::device::parse(&dev.device)?;
     let ds = Dataset::open(data).with_context(|| format!("--data {}", data.display()))?;
     let (sr_weights, _) =
         llara::sr::resolve_model_path(sr).with_context(|| format!("--sr {}", sr.display()))?;
     let (model, sr_cfg) =
-        llara::sr::load_model(sr, &device).with_context(|| format!("--sr {}", sr.display()))?;
+        llara::sr::load_model(sr, device).with_context(|| format!("--sr {}", sr.display()))?;
     if sr_cfg.item_num != ds.n_items() {
         bail!(
             "--sr {}: the recommender scores {} items but the dataset {} has {} (train it on this dataset)",
@@ -262,8 +273,8 @@ pub(super) fn load_parts(
     }
     let rec = Recommender::new(model, sr_cfg)?;
     let opts = LlmOptions {
-        device,
-        dtype: dev.dtype()?,
+        device: device.clone(),
+        dtype,
         revision,
     };
     let llm = llm::load(spec, &opts).with_context(|| format!("--llm {spec}"))?;
@@ -317,7 +328,7 @@ pub fn run_tune(a: TuneArgs, quiet: bool) -> Result<()> {
 }
 
 fn tune_in(a: TuneArgs, resume: bool, quiet: bool) -> Result<()> {
-    a.dev.start(2)?;
+    let device = a.dev.start(2)?;
     let opts = options(&a)?;
     let (data, sr, spec, out) = match (&a.data, &a.sr, &a.llm, &a.out) {
         (Some(d), Some(s), Some(l), Some(o)) => (d.clone(), s.clone(), l.clone(), o.clone()),
@@ -339,7 +350,8 @@ fn tune_in(a: TuneArgs, resume: bool, quiet: bool) -> Result<()> {
         &sr,
         &spec,
         a.revision.clone(),
-        &a.dev,
+        &device,
+        a.dev.dtype()?,
         a.prompts.as_deref(),
     )?;
     let sr_hash = sha256_file(&parts.sr_weights)?;

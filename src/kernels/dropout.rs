@@ -80,7 +80,7 @@ impl Dropout {
             return Ok(x.clone());
         }
         let keep = self.keep_flags(x.elem_count());
-        self.mask(x, &keep)
+        x.mul(&self.mask_of(&keep, x)?)
     }
 
     /// [`Dropout::apply`] with the mask of [`Dropout::mask_like`] (the LLM's LoRA inputs).
@@ -99,7 +99,7 @@ impl Dropout {
         let dev = x.device();
         if dev.is_cpu() {
             let keep = self.keep_flags_parallel(x.elem_count());
-            return Tensor::from_vec(self.values(&keep), x.shape(), dev)?.to_dtype(x.dtype());
+            return self.mask_of(&keep, x);
         }
         dev.set_seed(self.rng.random::<u64>())?;
         let u = Tensor::rand(0f32, 1f32, x.shape(), dev)?;
@@ -107,10 +107,9 @@ impl Dropout {
         keep.affine(self.scale() as f64, 0.0)
     }
 
-    fn mask(&self, x: &Tensor, keep: &[u8]) -> Result<Tensor> {
-        let mask =
-            Tensor::from_vec(self.values(keep), x.shape(), x.device())?.to_dtype(x.dtype())?;
-        x.mul(&mask)
+    /// The multipliers of `keep` as a tensor shaped like `x`, on its device, in its dtype.
+    fn mask_of(&self, keep: &[u8], x: &Tensor) -> Result<Tensor> {
+        Tensor::from_vec(self.values(keep), x.shape(), x.device())?.to_dtype(x.dtype())
     }
 }
 

@@ -21,7 +21,7 @@ pub fn mm(
     acc: bool,
     alpha: f32,
 ) {
-    mm_in(Threads::Pool, c, a, b, m, n, k, ta, tb, acc, alpha)
+    mm_in(pool_threads(), c, a, b, m, n, k, ta, tb, acc, alpha)
 }
 
 /// [`mm`] on the calling thread only, for callers that are themselves one task of a parallel
@@ -39,30 +39,17 @@ pub fn mm_serial(
     acc: bool,
     alpha: f32,
 ) {
-    mm_in(Threads::Serial, c, a, b, m, n, k, ta, tb, acc, alpha)
+    mm_in(1, c, a, b, m, n, k, ta, tb, acc, alpha)
 }
 
-/// The threading policy of one GEMM call.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Threads {
-    /// Split into one block per thread of the current rayon pool (see [`gemm_blocks`]).
-    Pool,
-    /// One block on the calling thread.
-    Serial,
-}
-
-impl Threads {
-    fn count(self) -> usize {
-        match self {
-            Threads::Pool => candle_core::utils::get_num_threads(),
-            Threads::Serial => 1,
-        }
-    }
+/// The blocks a pooled GEMM is split into: one per thread of candle's (and rayon's) CPU pool.
+fn pool_threads() -> usize {
+    candle_core::utils::get_num_threads()
 }
 
 #[allow(clippy::too_many_arguments)]
 fn mm_in(
-    threads: Threads,
+    threads: usize,
     c: &mut [f32],
     a: &[f32],
     b: &[f32],
@@ -123,7 +110,7 @@ pub fn mm_new(
     // m·n result and reads none, so all of them are initialized before `set_len`.
     unsafe {
         gemm_blocks(
-            Threads::Pool,
+            pool_threads(),
             c.as_mut_ptr(),
             a,
             b,
@@ -147,7 +134,7 @@ pub fn mm_new(
 /// hold `m·k` and `k·n`; `m`, `n`, `k` > 0.
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm_blocks(
-    threads: Threads,
+    threads: usize,
     c: *mut f32,
     a: &[f32],
     b: &[f32],
@@ -159,7 +146,6 @@ unsafe fn gemm_blocks(
     acc: bool,
     alpha: f32,
 ) {
-    let threads = threads.count();
     let (a_cs, a_rs) = if ta { (m as isize, 1) } else { (1, k as isize) };
     let (b_cs, b_rs) = if tb { (k as isize, 1) } else { (1, n as isize) };
     // gemm's own multi-threading does not give the same bits from run to run; split `c` into one
@@ -234,7 +220,7 @@ unsafe fn gemm_blocks(
 
 #[allow(clippy::too_many_arguments)]
 fn small_m(
-    threads: Threads,
+    threads: usize,
     c: &mut [f32],
     a: &[f32],
     b: &[f32],
@@ -255,7 +241,6 @@ fn small_m(
             }
         }
     };
-    let threads = threads.count();
     let chunk = n.div_ceil(threads.max(1)).max(1);
     let mut parts: Vec<Vec<f32>> = (0..n.div_ceil(chunk))
         .map(|p| vec![0f32; m * chunk.min(n - p * chunk)])

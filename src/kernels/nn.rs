@@ -272,11 +272,7 @@ impl CustomOp3 for Affine {
             let (xv, wv, gv) = (s[0], s[1], s[2]);
             let dx = mm_new(gv, wv, m, i, o, false, false, 1.0);
             let dw = mm_new(gv, xv, o, i, m, true, false, 1.0);
-            let mut db = vec![0f32; o];
-            for row in gv.chunks_exact(o) {
-                db.iter_mut().zip(row).for_each(|(d, g)| *d += g);
-            }
-            (dx, dw, db)
+            (dx, dw, column_sums(gv, o))
         })?;
         Ok((
             Some(cpu_tensor(dx, x.shape())?),
