@@ -6,6 +6,8 @@
 //!   parallel element-wise loops.
 //! - [`simd`]: vectorized `dot`, `sum`, `axpy`, the run-time dispatched `exp`, a masked softmax row.
 //! - [`gemm`]: the one GEMM wrapper and its threading policy.
+//! - [`bf16`]: the GEMM of frozen bf16 weights (f32 activations rounded on the fly, f32
+//!   accumulation) and its run-time kernel dispatch (AVX512-BF16, or f32 on widened weights).
 //! - [`dropout`]: seeded inverted dropout.
 //! - [`nn`]: fused layers both families use (`matmul_t`, trailing add, LayerNorm, row sums, the
 //!   trainable affine map).
@@ -15,6 +17,7 @@
 //!   (differentiable, any device and dtype) version of an op; [`set_fused`] / [`with_fused`]
 //!   turn the fused kernels off.
 
+pub mod bf16;
 pub mod dropout;
 pub mod gemm;
 pub mod nn;
