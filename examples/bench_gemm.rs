@@ -57,9 +57,9 @@ fn main() {
     for &m in &ms {
         for &(name, o, i) in &projs {
             let w = data(o * i, (o * 3 + i) as u32);
-            let wb: Vec<u16> = w.iter().map(|&v| bf16::to_bf16(v)).collect();
+            let wb: Vec<half::bf16> = w.iter().map(|&v| half::bf16::from_f32(v)).collect();
             // f32 path: the weight rounded to bf16 too, so both multiply the same weights.
-            let wf: Vec<f32> = wb.iter().map(|&b| bf16::from_bf16(b)).collect();
+            let wf: Vec<f32> = wb.iter().map(|b| b.to_f32()).collect();
             let mut wt = vec![0f32; i * o];
             for r in 0..o {
                 for c in 0..i {

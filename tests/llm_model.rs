@@ -465,6 +465,77 @@ fn the_composed_path_gives_no_frozen_weight_a_gradient_and_matches_the_fused_one
     }
 }
 
+/// `--dtype bf16` on the CPU: bf16 projection weights under f32 activations. The fused path (the
+/// bf16 GEMM) and the composed one (the weights widened to f32) give the same loss and adapter
+/// gradients within bf16's rounding of the activations, and both follow the f32 model whose
+/// weights are the same bf16 values; no frozen weight gets a gradient.
+#[test]
+fn bf16_weights_under_f32_activations_match_the_f32_model_within_rounding() {
+    let run = |dt: DType, fused: bool| {
+        llara::kernels::with_fused(fused, || {
+            // Weights rounded to bf16 first, so that every model holds the same values.
+            let cfg = Config::tiny(V);
+            let w: std::collections::HashMap<String, Tensor> =
+                random_weights(&cfg, 7, DType::F32, &Device::Cpu)
+                    .unwrap()
+                    .into_iter()
+                    .map(|(k, t)| {
+                        let r = t.to_dtype(DType::BF16).unwrap();
+                        (k, r.to_dtype(dt).unwrap())
+                    })
+                    .collect();
+            let mut m = Llama::load(&w, &cfg, 4, dt, &Device::Cpu).unwrap();
+            assert_eq!(m.dtype(), DType::F32);
+            assert_eq!(m.weight_dtype(), dt);
+            let lora = LoraConfig {
+                r: 2,
+                alpha: 4.0,
+                dropout: 0.0,
+                targets: Target::ALL.to_vec(),
+                rslora: false,
+            };
+            lora::add_adapters(&mut m, &lora, 3).unwrap();
+            for (name, v) in adapter_vars(&m) {
+                if name.contains("lora_B") {
+                    let vals: Vec<f32> = (0..v.elem_count())
+                        .map(|i| ((i * 37 % 19) as f32 - 9.0) / 30.0)
+                        .collect();
+                    v.set(&Tensor::from_vec(vals, v.shape(), &Device::Cpu).unwrap())
+                        .unwrap();
+                }
+            }
+            let inject = inject_var(DType::F32);
+            let l = loss_with_dropout(&m, &inject, 0.1);
+            let grads = m.backward(&l).unwrap();
+            for layer in &m.layers {
+                for t in Target::ALL {
+                    assert!(grads.get(&layer.proj(t).weight).is_none(), "{t:?}");
+                }
+            }
+            let mut out = vec![vec![l.to_scalar::<f32>().unwrap()]];
+            for (name, v) in adapter_vars(&m) {
+                let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{name}"));
+                out.push(g.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            }
+            out
+        })
+    };
+    let f32_model = run(DType::F32, true);
+    let fused = run(DType::BF16, true);
+    let composed = run(DType::BF16, false);
+    // The fused path repeats itself bit for bit.
+    assert_eq!(fused, run(DType::BF16, true));
+    for (other, what) in [(&fused, "fused bf16"), (&composed, "composed bf16")] {
+        assert_eq!(other.len(), f32_model.len());
+        for (x, y) in other.iter().zip(&f32_model) {
+            let scale = y.iter().fold(0f32, |s, v| s.max(v.abs())).max(1e-3);
+            for (p, q) in x.iter().zip(y) {
+                assert!((p - q).abs() <= 2e-2 * scale, "{what}: {p} vs {q}");
+            }
+        }
+    }
+}
+
 #[test]
 fn builtin_random_loads_any_shape_from_a_config_file() {
     let dir = tempfile::tempdir().unwrap();

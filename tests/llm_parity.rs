@@ -120,6 +120,15 @@ fn smollm2_gguf_matches_transformers() {
     assert_eq!(l.model.cfg.num_hidden_layers, 30);
     assert!(l.model.cfg.tie_word_embeddings);
     check(&l, &dir.join("reference.safetensors"), 2e-3);
+    // --dtype bf16 (bf16 projection weights, f32 activations rounded to bf16 at each GEMM, f32
+    // accumulation): every logit within 0.5 of transformers' f32 (logits span about ±30 here).
+    let opts = LlmOptions {
+        dtype: Some(DType::BF16),
+        ..LlmOptions::cpu()
+    };
+    let l = llm::load(gguf.to_str().unwrap(), &opts).unwrap();
+    assert_eq!(l.model.weight_dtype(), DType::BF16);
+    check(&l, &dir.join("reference.safetensors"), 0.5);
 }
 
 #[test]
@@ -424,13 +433,14 @@ fn sharded_and_half_precision_checkpoints_load() {
         assert_eq!(l.model.dtype(), DType::F32);
         check(&l, &want, tol);
     }
-    // --dtype bf16 on the CPU runs (slowly) and stays near the reference.
+    // --dtype bf16 on the CPU: bf16 projection weights under f32 activations, near the reference.
     let opts = LlmOptions {
         dtype: Some(DType::BF16),
         ..LlmOptions::cpu()
     };
     let l = llm::load(src.to_str().unwrap(), &opts).unwrap();
-    assert_eq!(l.model.dtype(), DType::BF16);
+    assert_eq!(l.model.weight_dtype(), DType::BF16);
+    assert_eq!(l.model.dtype(), DType::F32);
     let ids = l
         .tokenizer
         .encode("The capital of France is", true)

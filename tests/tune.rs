@@ -512,6 +512,44 @@ fn resuming_continues_bit_for_bit() {
     assert_eq!(info["sr_sha256"].as_str().unwrap().len(), 64);
 }
 
+/// `--dtype bf16` on the CPU: a short run follows the f32 run's losses within 2% at every step,
+/// and repeats itself byte for byte from the same seed.
+#[test]
+fn a_bf16_run_follows_the_f32_losses_and_repeats_bit_for_bit() {
+    let (data, sr) = fixture();
+    let tmp = tempfile::tempdir().unwrap();
+    let (d, s) = (data.to_str().unwrap(), sr.to_str().unwrap());
+    let run = |name: &str, extra: &[&str]| {
+        let out = tmp.path().join(name);
+        ok(&tune_args(d, s, out.to_str().unwrap(), extra));
+        out
+    };
+    let f32_run = run("f32", &[]);
+    let a = run("bf16-a", &["--dtype", "bf16"]);
+    let b = run("bf16-b", &["--dtype", "bf16"]);
+    for f in ["adapter/adapter_model.safetensors", "projector.safetensors"] {
+        assert_eq!(
+            std::fs::read(a.join(f)).unwrap(),
+            std::fs::read(b.join(f)).unwrap(),
+            "{f}"
+        );
+    }
+    let loss = |run: &Path| -> Vec<f64> {
+        log_lines(run)
+            .iter()
+            .map(|v| v["loss"].as_f64().unwrap())
+            .collect()
+    };
+    let (x, y) = (loss(&f32_run), loss(&a));
+    assert_eq!(x.len(), y.len());
+    assert!(x.len() >= 6);
+    for (p, q) in x.iter().zip(&y) {
+        assert!((p - q).abs() <= 0.02 * p.abs(), "f32 {x:?}\nbf16 {y:?}");
+    }
+    let toml = std::fs::read_to_string(a.join("tune.toml")).unwrap();
+    assert!(toml.contains("dtype = \"bf16\""), "{toml}");
+}
+
 #[test]
 fn eval_writes_predictions_and_metrics() {
     let (data, sr) = fixture();

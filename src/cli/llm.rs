@@ -154,7 +154,9 @@ fn info(a: InfoArgs) -> Result<()> {
         "rms_norm_eps": c.rms_norm_eps,
         "bos": l.tokenizer.bos,
         "eos": l.tokenizer.eos,
-        "dtype": format!("{:?}", l.model.dtype()).to_lowercase(),
+        "dtype": format!("{:?}", l.model.weight_dtype()).to_lowercase(),
+        "activations": format!("{:?}", l.model.dtype()).to_lowercase(),
+        "gemm": l.model.gemm_path(),
         "device": format!("{:?}", l.model.device()),
         "source": l.source,
         "lora": l.model.lora,
@@ -194,6 +196,7 @@ fn info(a: InfoArgs) -> Result<()> {
         "rope theta     {}, rms eps {:e}",
         c.rope_theta, c.rms_norm_eps as f32
     );
+    println!("gemm           {}", l.model.gemm_path());
     println!(
         "dtype, device  {}, {}",
         v["dtype"].as_str().unwrap_or(""),
@@ -370,7 +373,8 @@ fn bench(a: BenchArgs) -> Result<()> {
     println!(
         "{}",
         serde_json::json!({"impl": "llara", "llm": l.name(), "threads": threads,
-            "dtype": format!("{:?}", l.model.dtype()).to_lowercase(), "config": cfg, "report": report})
+            "dtype": format!("{:?}", l.model.weight_dtype()).to_lowercase(),
+            "gemm": l.model.gemm_path(), "config": cfg, "report": report})
     );
     Ok(())
 }

@@ -67,8 +67,9 @@ pub struct DeviceArgs {
     /// cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Frozen weights' dtype: f32, bf16 or f16 (default f32 on CPU, bf16 on CUDA). The
-    /// recommenders (train-sr, eval-sr) run in f32 only.
+    /// Frozen weights' dtype: f32, bf16 or f16 (default f32 on CPU, bf16 on CUDA). bf16 on the
+    /// CPU: the projections' weights in bf16, multiplied by the bf16 GEMM (AVX512-BF16 where the
+    /// CPU has it) under f32 activations. The recommenders (train-sr, eval-sr) run in f32 only.
     #[arg(long)]
     pub dtype: Option<String>,
     /// CPU threads for tensor ops [default: 2; train-sr and eval-sr: 1, their models are small].

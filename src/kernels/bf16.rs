@@ -174,16 +174,16 @@ impl Packed {
         p
     }
 
-    /// `B = Wᵀ` for a weight `W [n, k]` stored row-major as bf16 bits (the forward `x · Wᵀ`).
-    pub fn transposed_of(w: &[u16], n: usize, k: usize) -> Packed {
+    /// `B = Wᵀ` for a row-major bf16 weight `W [n, k]` (the forward `x · Wᵀ`).
+    pub fn transposed_of(w: &[half::bf16], n: usize, k: usize) -> Packed {
         assert_eq!(w.len(), n * k, "Packed::transposed_of: weight size");
-        Self::new(k, n, |kk, j| w[j * k + kk])
+        Self::new(k, n, |kk, j| w[j * k + kk].to_bits())
     }
 
-    /// `B = W` for a weight `W [k, n]` stored row-major as bf16 bits (the input gradient `dy · W`).
-    pub fn of(w: &[u16], k: usize, n: usize) -> Packed {
+    /// `B = W` for a row-major bf16 weight `W [k, n]` (the input gradient `dy · W`).
+    pub fn of(w: &[half::bf16], k: usize, n: usize) -> Packed {
         assert_eq!(w.len(), k * n, "Packed::of: weight size");
-        Self::new(k, n, |kk, j| w[kk * n + j])
+        Self::new(k, n, |kk, j| w[kk * n + j].to_bits())
     }
 
     pub fn k(&self) -> usize {
@@ -558,7 +558,10 @@ mod tests {
     fn the_bf16_gemm_gives_the_same_bytes_on_any_thread_count() {
         let (m, k, n) = (300, 200, 130);
         let a = data(m * k, 1);
-        let w: Vec<u16> = data(k * n, 2).iter().map(|&v| to_bf16(v)).collect();
+        let w: Vec<half::bf16> = data(k * n, 2)
+            .iter()
+            .map(|&v| half::bf16::from_f32(v))
+            .collect();
         let p = Packed::of(&w, k, n);
         let run = |t: usize| {
             let mut c = vec![0f32; m * n];

@@ -66,6 +66,19 @@ pub fn with_all<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Result<R> 
     Ok(f(&slices))
 }
 
+/// Runs `f` on the bf16 contents of a CPU tensor (made contiguous first), without copying them.
+pub fn with_bf16<R>(t: &Tensor, f: impl FnOnce(&[half::bf16]) -> R) -> Result<R> {
+    let t = t.contiguous()?;
+    let (st, l) = t.storage_and_layout();
+    let Storage::Cpu(CpuStorage::BF16(v)) = &*st else {
+        candle_core::bail!("bf16 kernel: CPU bf16 tensor expected");
+    };
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("bf16 kernel: contiguous input expected");
+    };
+    Ok(f(&v[a..b]))
+}
+
 /// A CPU tensor of `shape` from its values.
 pub fn cpu_tensor(v: Vec<f32>, shape: &Shape) -> Result<Tensor> {
     Tensor::from_vec(v, shape, &candle_core::Device::Cpu)

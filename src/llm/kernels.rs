@@ -4,11 +4,14 @@
 //! recomputes its probabilities instead of keeping `[B, heads, T, T]` scores and probabilities).
 //! [`super::ops`] chooses between these and differentiable compositions.
 
+use crate::kernels::bf16;
 use crate::kernels::gemm::{mm, mm_new};
 use crate::kernels::simd::{exp_in_place, masked_softmax_row};
-use crate::kernels::slice::{cpu_tensor as tensor, f32_slice, par_blocks, with, with_all, BLOCK};
+use crate::kernels::slice::{
+    cpu_tensor as tensor, f32_slice, par_blocks, with, with_all, with_bf16, BLOCK,
+};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 // ---------------------------------------------------------------------------------------------
 
@@ -31,13 +34,55 @@ impl DropMask {
     }
 }
 
+/// A frozen bf16 weight `W [out, in]` packed for the bf16 GEMM ([`crate::kernels::bf16`]): `Wᵀ`
+/// for the forward pass at once, `W` for the input gradient on the first backward pass (evaluation
+/// never packs it).
+pub struct Bf16Weight {
+    w: Tensor,
+    fwd: bf16::Packed,
+    bwd: OnceLock<bf16::Packed>,
+}
+
+impl Bf16Weight {
+    /// Packs the forward orientation of a CPU bf16 weight `[out, in]`.
+    pub fn new(w: &Tensor) -> Result<Self> {
+        let (o, i) = w.dims2()?;
+        let fwd = with_bf16(w, |v| bf16::Packed::transposed_of(v, o, i))?;
+        Ok(Self {
+            w: w.clone(),
+            fwd,
+            bwd: OnceLock::new(),
+        })
+    }
+
+    fn bwd(&self) -> Result<&bf16::Packed> {
+        if let Some(p) = self.bwd.get() {
+            return Ok(p);
+        }
+        let (o, i) = self.w.dims2()?;
+        let p = with_bf16(&self.w, |v| bf16::Packed::of(v, o, i))?;
+        Ok(self.bwd.get_or_init(|| p))
+    }
+}
+
+/// What the fused kernels keep of a frozen weight besides the weight itself, made once per weight.
+#[derive(Clone)]
+pub enum Frozen {
+    /// An f32 weight transposed into a contiguous `[in, out]` copy (the GEMM packs a row-major
+    /// right-hand side with vector loads, a transposed one element by element).
+    Transposed(Tensor),
+    /// A bf16 weight packed for the bf16 GEMM.
+    Bf16(Arc<Bf16Weight>),
+}
+
 /// `y = x Wᵀ (+ b) [+ s · (drop(x) Aᵀ) Bᵀ]` over `x [M, in]` (leading dims flattened). The frozen
-/// `W` gets no gradient; with LoRA the op's inputs are `(x, A, B)`, else just `x`.
+/// `W` gets no gradient; with LoRA the op's inputs are `(x, A, B)`, else just `x`. `W` is f32, or
+/// bf16 with its [`Frozen::Bf16`] packing (activations, LoRA and gradients stay f32).
 #[derive(Clone)]
 pub struct Linear {
     pub w: Tensor,
-    /// `w` transposed, contiguous `[in, out]` (optional; the forward GEMM is faster with it).
-    pub wt: Option<Tensor>,
+    /// The transposed copy or the bf16 packing of `w` (a bf16 `w` needs its packing).
+    pub frozen: Option<Frozen>,
     pub bias: Option<Tensor>,
     pub scale: f32,
     pub drop: Option<DropMask>,
@@ -57,8 +102,11 @@ impl Linear {
     }
 
     fn base(&self, x: &[f32], m: usize, i: usize, o: usize) -> Result<Vec<f32>> {
-        let mut y = match &self.wt {
-            Some(wt) => with(wt, |wt| mm_new(x, wt, m, o, i, false, false, 1.0))?,
+        let mut y = match &self.frozen {
+            Some(Frozen::Bf16(p)) => bf16::mm_new(x, m, &p.fwd, 1.0),
+            Some(Frozen::Transposed(wt)) => {
+                with(wt, |wt| mm_new(x, wt, m, o, i, false, false, 1.0))?
+            }
             None => with(&self.w, |w| mm_new(x, w, m, o, i, false, true, 1.0))?,
         };
         if let Some(b) = &self.bias {
@@ -69,6 +117,16 @@ impl Linear {
             })?;
         }
         Ok(y)
+    }
+
+    /// `dx (+)= g · W` for `g [m, out]`.
+    fn input_grad(&self, dx: &mut [f32], g: &[f32], m: usize, acc: bool) -> Result<()> {
+        let (o, i) = self.w.dims2()?;
+        match &self.frozen {
+            Some(Frozen::Bf16(p)) => bf16::mm(dx, g, m, p.bwd()?, acc, 1.0),
+            _ => with(&self.w, |w| mm(dx, g, w, m, i, o, false, false, acc, 1.0))?,
+        }
+        Ok(())
     }
 
     fn dropped(&self, x: &[f32]) -> Option<Vec<f32>> {
@@ -88,14 +146,10 @@ impl CustomOp1 for Linear {
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let (o, i) = self.w.dims2()?;
+        let i = self.w.dims2()?.1;
         let m = x.elem_count() / i;
         let mut dx = vec![0f32; m * i];
-        with(grad, |g| {
-            with(&self.w, |w| {
-                mm(&mut dx, g, w, m, i, o, false, false, false, 1.0)
-            })
-        })??;
+        with(grad, |g| self.input_grad(&mut dx, g, m, false))??;
         Ok(Some(tensor(dx, x.shape())?))
     }
 }
@@ -137,11 +191,12 @@ impl CustomOp3 for Linear {
         let (o, i) = self.w.dims2()?;
         let r = a.dims2()?.0;
         let m = x.elem_count() / i;
-        let (dx, da, db) = with_all(&[x, a, b, grad, &self.w], |s| {
-            let (xv, av, bv, gv, w) = (s[0], s[1], s[2], s[3], s[4]);
+        let (dx, da, db) = with_all(&[x, a, b, grad], |s| {
+            let (xv, av, bv, gv) = (s[0], s[1], s[2], s[3]);
             let xd = self.dropped(xv);
             let xin = xd.as_deref().unwrap_or(xv);
-            let mut dx = mm_new(gv, w, m, i, o, false, false, 1.0);
+            let mut dx = vec![0f32; m * i];
+            self.input_grad(&mut dx, gv, m, false)?;
             let u = mm_new(xin, av, m, r, i, false, true, 1.0);
             let db = mm_new(gv, &u, o, r, m, true, false, self.scale);
             let du = mm_new(gv, bv, m, r, o, false, false, self.scale);
@@ -157,8 +212,8 @@ impl CustomOp3 for Linear {
                     });
                 }
             }
-            (dx, da, db)
-        })?;
+            Ok::<_, candle_core::Error>((dx, da, db))
+        })??;
         Ok((
             Some(tensor(dx, x.shape())?),
             Some(tensor(da, a.shape())?),

@@ -5,6 +5,7 @@
 
 use super::adapter::{Lora, LoraConfig, Target};
 use super::config::Config;
+use super::kernels::{Bf16Weight, Frozen};
 use super::ops::{self, AttnMask, RopeTable};
 use crate::kernels::dropout::Dropout;
 use candle_core::backprop::GradStore;
@@ -29,10 +30,12 @@ pub struct Proj {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
     pub lora: Option<Lora>,
-    /// `weight` transposed into a contiguous `[in, out]` copy, made on the first CPU forward pass:
-    /// the GEMM packs a row-major `[in, out]` right-hand side with vector loads, a `[out, in]` one
-    /// element by element (a fifth of prefill time). Shared by clones; reset when `weight` changes.
-    pub(crate) weight_t: Arc<OnceLock<Option<Tensor>>>,
+    /// What the fused kernels keep of `weight`, made on the first CPU forward pass: an f32
+    /// weight's contiguous `[in, out]` transpose (the GEMM packs a row-major `[in, out]`
+    /// right-hand side with vector loads, a `[out, in]` one element by element: a fifth of prefill
+    /// time), a bf16 weight's packing for the bf16 GEMM. Shared by clones; reset when `weight`
+    /// changes.
+    pub(crate) prepared: Arc<OnceLock<Option<Frozen>>>,
 }
 
 impl Proj {
@@ -41,29 +44,37 @@ impl Proj {
             weight,
             bias,
             lora: None,
-            weight_t: Default::default(),
+            prepared: Default::default(),
         }
     }
 
-    /// Replaces the frozen weight (and forgets its transposed copy).
+    /// Replaces the frozen weight (and forgets what was made of it).
     pub fn set_weight(&mut self, w: Tensor) {
         self.weight = w;
-        self.weight_t = Default::default();
+        self.prepared = Default::default();
     }
 
-    fn transposed(&self) -> Option<&Tensor> {
+    fn prepared(&self) -> Option<&Frozen> {
         let w = &self.weight;
-        // Only the fused kernels take the transposed copy.
-        if !crate::kernels::fused(&[w]) || w.track_op() {
+        // Only the fused kernels (on, and on the CPU) take these.
+        if !crate::kernels::fused(&[]) || !w.device().is_cpu() || w.track_op() {
             return None;
         }
-        self.weight_t
-            .get_or_init(|| w.t().and_then(|t| t.contiguous()).ok())
+        self.prepared
+            .get_or_init(|| match w.dtype() {
+                DType::F32 => w
+                    .t()
+                    .and_then(|t| t.contiguous())
+                    .ok()
+                    .map(Frozen::Transposed),
+                DType::BF16 => Bf16Weight::new(w).ok().map(|p| Frozen::Bf16(Arc::new(p))),
+                _ => None,
+            })
             .as_ref()
     }
 
     fn forward(&self, x: &Tensor, dropout: &mut Option<&mut Dropout>) -> Result<Tensor> {
-        let wt = self.transposed();
+        let wt = self.prepared();
         match &self.lora {
             None => ops::frozen_linear(x, &self.weight, wt, self.bias.as_ref()),
             Some(l) => ops::lora_linear(
@@ -222,8 +233,10 @@ fn get(
 }
 
 impl Llama {
-    /// Loads the frozen weights; `extra_tokens` added-token rows are initialised to the mean input
-    /// embedding (as transformers' `resize_token_embeddings` does).
+    /// Loads the frozen weights in `dt`; `extra_tokens` added-token rows are initialised to the mean
+    /// input embedding (as transformers' `resize_token_embeddings` does). On the CPU, bf16 applies to
+    /// the projections' weights only (the bf16 GEMM of [`crate::kernels::bf16`]); activations,
+    /// norms, embeddings and the LM head stay f32.
     pub fn load(
         src: &dyn WeightSource,
         cfg: &Config,
@@ -233,6 +246,17 @@ impl Llama {
     ) -> Result<Self> {
         let (h, f, d) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
         let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        // On the CPU, bf16 is the projections' weights only: activations, norms, embeddings and
+        // the LM head stay f32, and the bf16 GEMM rounds each input once and accumulates in f32.
+        let (wdt, dt) = if dt == DType::BF16 && dev.is_cpu() {
+            tracing::info!(
+                "bf16 projection weights under f32 activations; {}",
+                crate::kernels::bf16::describe()
+            );
+            (DType::BF16, DType::F32)
+        } else {
+            (dt, dt)
+        };
         let embed_tokens = get(
             src,
             "model.embed_tokens.weight",
@@ -242,7 +266,7 @@ impl Llama {
         )?;
         let proj = |p: &str, out: usize, inp: usize, bias: bool| -> Result<Proj> {
             Ok(Proj::new(
-                get(src, &format!("{p}.weight"), &[out, inp], dt, dev)?,
+                get(src, &format!("{p}.weight"), &[out, inp], wdt, dev)?,
                 if bias {
                     Some(get(src, &format!("{p}.bias"), &[out], dt, dev)?)
                 } else {
@@ -302,8 +326,37 @@ impl Llama {
         })
     }
 
+    /// The activations' (and embeddings') dtype.
     pub fn dtype(&self) -> DType {
         self.embed_tokens.dtype()
+    }
+
+    /// The frozen projection weights' dtype (bf16 under f32 activations for `--dtype bf16` on the
+    /// CPU).
+    pub fn weight_dtype(&self) -> DType {
+        self.layers
+            .first()
+            .map_or(self.dtype(), |l| l.q_proj.weight.dtype())
+    }
+
+    /// Which kernels multiply the frozen weights, in words (`llara llm info`, the logs).
+    pub fn gemm_path(&self) -> String {
+        let (w, a) = (self.weight_dtype(), self.dtype());
+        if !self.device().is_cpu() {
+            return format!("{w:?} on {:?}", self.device()).to_lowercase();
+        }
+        if !crate::kernels::fused(&[]) {
+            return format!("{w:?} weights, {a:?} activations, composed ops (--fused off)")
+                .to_lowercase();
+        }
+        match w {
+            DType::BF16 => format!(
+                "bf16 weights, f32 activations and accumulation; {}",
+                crate::kernels::bf16::describe()
+            ),
+            DType::F32 => "f32 GEMM (gemm crate, AVX-512/AVX2 by run-time dispatch)".into(),
+            other => format!("{other:?} weights, composed ops").to_lowercase(),
+        }
     }
 
     pub fn device(&self) -> &Device {

@@ -16,28 +16,39 @@ use std::sync::{Arc, OnceLock};
 // ---------------------------------------------------------------------------------------------
 // Projections: frozen `W` (no gradient), optional LoRA.
 
-fn fused_weight(x: &Tensor, w: &Tensor) -> bool {
-    fused(&[x, w]) && !w.track_op()
+/// Whether the fused kernel takes `x` and the frozen `w`: an f32 `w`, or a bf16 one with its
+/// packing for the bf16 GEMM.
+fn fused_weight(x: &Tensor, w: &Tensor, frozen: Option<&kernels::Frozen>) -> bool {
+    let packed = matches!(frozen, Some(kernels::Frozen::Bf16(_)));
+    fused(&[x])
+        && !w.track_op()
+        && (fused(&[w]) || (packed && w.dtype() == DType::BF16 && w.device().is_cpu()))
 }
 
-/// `x W^T (+ b)` for a frozen `W [out, in]` (a `W` that tracks gradients takes the plain path);
-/// `wt`, when given, is `W^T` as a contiguous `[in, out]` copy, which the fused kernel multiplies
-/// faster.
+/// `x W^T (+ b)` for a frozen `W [out, in]` (a `W` that tracks gradients takes the plain path).
+/// `frozen` is what the fused kernel keeps of `W` ([`kernels::Frozen`]: an f32 `W`'s transposed
+/// copy, which it multiplies faster; a bf16 `W`'s packing). Off the fused path a `W` of another
+/// dtype than `x` is converted to `x`'s for the product.
 pub fn frozen_linear(
     x: &Tensor,
     w: &Tensor,
-    wt: Option<&Tensor>,
+    frozen: Option<&kernels::Frozen>,
     b: Option<&Tensor>,
 ) -> Result<Tensor> {
-    if fused_weight(x, w) && b.is_none_or(|b| fused(&[b])) {
+    if fused_weight(x, w, frozen) && b.is_none_or(|b| fused(&[b])) {
         return x.contiguous()?.apply_op1(kernels::Linear {
             w: w.clone(),
-            wt: wt.cloned(),
+            frozen: frozen.cloned(),
             bias: b.cloned(),
             scale: 0.0,
             drop: None,
         });
     }
+    let (w, b) = (
+        &w.to_dtype(x.dtype())?,
+        b.map(|b| b.to_dtype(x.dtype())).transpose()?,
+    );
+    let b = b.as_ref();
     if !w.track_op() && b.is_none_or(|b| !b.track_op()) {
         // Frozen: the input's gradient only (candle's matmul backward would also compute W's).
         return crate::kernels::frozen::linear(x, w, b);
@@ -55,7 +66,7 @@ pub fn frozen_linear(
 pub fn lora_linear(
     x: &Tensor,
     w: &Tensor,
-    wt: Option<&Tensor>,
+    frozen: Option<&kernels::Frozen>,
     b: Option<&Tensor>,
     a: &Tensor,
     bm: &Tensor,
@@ -63,7 +74,7 @@ pub fn lora_linear(
     dropout: &mut Option<&mut Dropout>,
 ) -> Result<Tensor> {
     let active = dropout.as_deref().filter(|d| d.p > 0.0).is_some();
-    if fused_weight(x, w) && fused(&[a, bm]) && b.is_none_or(|b| fused(&[b])) {
+    if fused_weight(x, w, frozen) && fused(&[a, bm]) && b.is_none_or(|b| fused(&[b])) {
         let drop = match dropout {
             Some(d) if active => Some(kernels::DropMask {
                 keep: Arc::new(d.keep_flags_parallel(x.elem_count())),
@@ -73,14 +84,14 @@ pub fn lora_linear(
         };
         let op = kernels::Linear {
             w: w.clone(),
-            wt: wt.cloned(),
+            frozen: frozen.cloned(),
             bias: b.cloned(),
             scale: scale as f32,
             drop,
         };
         return x.contiguous()?.apply_op3(a, bm, op);
     }
-    let y = frozen_linear(x, w, wt, b)?;
+    let y = frozen_linear(x, w, frozen, b)?;
     let dt = a.dtype();
     let xin = x.to_dtype(dt)?;
     let xin = match dropout {
@@ -573,7 +584,7 @@ mod tests {
             let p = masked_softmax(&x, &mask, 0.5).unwrap();
             let y = if fused_path {
                 // The pre-transposed weight gives the same product as the plain one.
-                let wt = w.t().unwrap().contiguous().unwrap();
+                let wt = kernels::Frozen::Transposed(w.t().unwrap().contiguous().unwrap());
                 let a = frozen_linear(&p, &w, Some(&wt), None).unwrap();
                 let b = frozen_linear(&p, &w, None, None).unwrap();
                 close(&[host_vec(&a).unwrap()], &[host_vec(&b).unwrap()]);
