@@ -7,6 +7,7 @@
 #
 #   scripts/bench_eval.sh                         # the pipeline's LastFM text-only run, 32 rows, 3 repeats
 #   RUN=runs/tune/x ROWS=64 REPEATS=5 scripts/bench_eval.sh
+#   LLARA_BF16=0 scripts/bench_eval.sh           # without the `--dtype bf16` rows (bf16 weights, bf16 GEMM)
 #
 # Text-only runs are used because their prompts are plain text that transformers can take as they are.
 # Needs: pip install torch transformers peft gguf.
@@ -19,6 +20,7 @@ REPEATS="${REPEATS:-3}"
 THREADS="${THREADS:-2}"
 BATCH="${BATCH:-8}"
 MAX_NEW="${MAX_NEW:-32}"
+LLARA_BF16="${LLARA_BF16:-1}"
 OUTFILE="${OUTFILE:-docs/results/eval_speed.md}"
 [ -x "$LLARA" ] || cargo build --release
 [ -f "$RUN/run.json" ] || { echo "no tune run at $RUN (scripts/pipeline.sh lastfm makes one)"; exit 1; }
@@ -41,6 +43,14 @@ for i in $(seq "$REPEATS"); do
   p=$("$LLARA" -q eval --run "$RUN" --split test --limit "$ROWS" --batch-size "$BATCH" --max-new-tokens 1 \
     --threads "$THREADS" --json --out "$W/prefill")
   echo "{\"who\":\"llara prompts only\",\"r\":$p}" >> "$W/results.jsonl"
+  if [ "$LLARA_BF16" = 1 ]; then
+    g=$("$LLARA" -q eval --run "$RUN" --split test --limit "$ROWS" --batch-size "$BATCH" --max-new-tokens "$MAX_NEW" \
+      --threads "$THREADS" --dtype bf16 --json --out "$W/gen-bf16")
+    echo "{\"who\":\"llara generate bf16\",\"r\":$g}" >> "$W/results.jsonl"
+    s=$("$LLARA" -q eval --run "$RUN" --split test --mode score --limit "$ROWS" --batch-size "$BATCH" --threads "$THREADS" \
+      --dtype bf16 --json --out "$W/score-bf16")
+    echo "{\"who\":\"llara score bf16\",\"r\":$s}" >> "$W/results.jsonl"
+  fi
 done
 python3 - "$W/results.jsonl" "$RUN" "$ROWS" "$THREADS" "$BATCH" "$MAX_NEW" "$GGUF" "$REPEATS" > "$OUTFILE" <<'PY'
 import json, statistics, sys
@@ -61,7 +71,7 @@ for k, vs in by.items():
     note = ""
     if k == "transformers generate":
         note = f"answers identical to llara's: {vs[-1]['same_answers']}/{vs[-1]['rows']}"
-    elif k == "llara generate":
+    elif k.startswith("llara generate"):
         note = f"ValidRatio {vs[-1]['valid_ratio']:.3f}, HR@1 {vs[-1]['hr@1']:.3f}"
     elif k == "llara prompts only":
         note = "generation with --max-new-tokens 1: each prompt's prefill and one token"
@@ -72,5 +82,8 @@ g, h, s = med["llara generate"], med["transformers generate"], med["llara score"
 print(f"\nllara generation vs. transformers generate: **{g / h:.2f}×**; score-based vs. llara generation-based")
 print(f"evaluation: **{s / g:.2f}×** (20 candidates ranked per row vs. one greedy answer). Reading the prompts")
 print(f"alone runs at {med['llara prompts only'] / g:.2f}× generation: the most any evaluation that reads each prompt once can reach here.")
+if "llara generate bf16" in med:
+    print(f"\n`--dtype bf16` (bf16 projection weights, the bf16 GEMM) against f32: generation **{med['llara generate bf16'] / g:.2f}×**,")
+    print(f"scoring **{med['llara score bf16'] / s:.2f}×** (rows/s).")
 PY
 cat "$OUTFILE"

@@ -90,13 +90,15 @@ gpu_peak() { # file command...
   return $rc
 }
 
-# 3. A short LLaRA run on CUDA (SmolLM2 when available, else the tiny model) and both evaluations.
+# 3. A short LLaRA run on CUDA (SmolLM2 when available, else the tiny model) and both evaluations. Its LoRA
+#    dropout (0.1, the default) draws every mask on the GPU (`Dropout::mask_like`): a mask made on the host
+#    would stop the first step with a device mismatch.
 LLM=builtin:tiny; [ -f "$GGUF" ] && LLM="$GGUF"
 start=$SECONDS
 if "$LLARA" -q tune --data "$HERE/data-lastfm" --sr "$HERE/lastfm-sasrec.safetensors" --llm "$LLM" --device cuda \
      --curriculum linear --batch-size 4 --grad-accum 1 --max-train-samples 32 --valid-samples 8 --max-new-tokens 16 \
      --out "$W/tune" --force > "$W/tune.txt" 2>&1; then
-  row "llara tune on CUDA (8 steps)" ok "$((SECONDS - start)) s; $(tail -1 "$W/tune.txt" | cut -c1-80)"
+  row "llara tune on CUDA (8 steps, dropout masks on the GPU)" ok "$((SECONDS - start)) s; $(tail -1 "$W/tune.txt" | cut -c1-80)"
   for mode in generate score; do
     if "$LLARA" -q eval --run "$W/tune" --device cuda --split test --limit 32 --mode "$mode" --json > "$W/eval-$mode.txt" 2>&1; then
       row "llara eval --mode $mode on CUDA" ok "$(python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print("%.2f rows/s, HR@1 %.3f" % (r["rows"] / r["seconds"], r["hr@1"]))' "$W/eval-$mode.txt" 2>/dev/null || tail -c 120 "$W/eval-$mode.txt")"

@@ -548,6 +548,15 @@ fn a_bf16_run_follows_the_f32_losses_and_repeats_bit_for_bit() {
     }
     let toml = std::fs::read_to_string(a.join("tune.toml")).unwrap();
     assert!(toml.contains("dtype = \"bf16\""), "{toml}");
+    // Evaluation runs in the run's own dtype unless told otherwise, and says which.
+    let eval = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec!["eval", "--run", a.to_str().unwrap(), "--split", "test"];
+        args.extend_from_slice(&["--limit", "2", "--mode", "score", "--json"]);
+        args.extend_from_slice(extra);
+        serde_json::from_str(ok(&args).lines().last().unwrap()).unwrap()
+    };
+    assert_eq!(eval(&[])["dtype"], "bf16");
+    assert_eq!(eval(&["--dtype", "f32"])["dtype"], "f32");
 }
 
 #[test]

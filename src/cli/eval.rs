@@ -154,6 +154,7 @@ pub fn run_eval(a: EvalArgs, quiet: bool) -> Result<()> {
             scorer: if use_head { "head" } else { "answer" }.into(),
             template: a.template,
             view: view.name().to_string(),
+            dtype: dtype_name(parts),
             metrics: m,
             seconds: started.elapsed().as_secs_f64(),
         };
@@ -198,6 +199,7 @@ pub fn run_eval(a: EvalArgs, quiet: bool) -> Result<()> {
         constrained: a.constrained,
         template: a.template,
         view: view.name().to_string(),
+        dtype: dtype_name(parts),
         metrics: m,
         seconds: started.elapsed().as_secs_f64(),
     };
@@ -209,6 +211,11 @@ pub fn run_eval(a: EvalArgs, quiet: bool) -> Result<()> {
         println!("predictions: {}", out.join("predictions.jsonl").display());
     }
     Ok(())
+}
+
+/// The frozen weights' dtype of the loaded backbone, as the reports write it (`f32`, `bf16`).
+fn dtype_name(parts: &Loaded) -> String {
+    format!("{:?}", parts.llm.model.weight_dtype()).to_lowercase()
 }
 
 /// Writes `lines` (one JSON object each) and `metrics.json` into `out`, atomically.
@@ -286,7 +293,13 @@ pub(super) fn open_run(
     )
     .with_context(|| info_path.display().to_string())?;
     // A tune.toml that does not parse leaves the embedded prompts (as a missing one does).
-    let prompts = tune_config(run).ok().flatten().and_then(|t| t.prompts);
+    let config = tune_config(run).ok().flatten();
+    // Without --dtype, the dtype the run was trained with (`--dtype bf16` on the CPU: bf16 weights).
+    let dtype = match dtype {
+        Some(d) => Some(d),
+        None => config.as_ref().and_then(|t| t.dev.dtype().ok().flatten()),
+    };
+    let prompts = config.and_then(|t| t.prompts);
     let data = data.map(Path::to_path_buf).unwrap_or(info.data.clone());
     let spec = llm_spec.map(String::from).unwrap_or(info.llm.clone());
     let mut parts = load_parts(

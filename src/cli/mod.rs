@@ -76,8 +76,9 @@ pub struct DeviceArgs {
     #[arg(long)]
     #[serde(skip)]
     pub threads: Option<usize>,
-    /// auto: the fused CPU kernels for f32 on the CPU; off: every op's composed version (the path
-    /// a GPU or a bf16 model takes), to check its results, gradients and memory on the CPU.
+    /// auto: the fused CPU kernels for f32 activations on the CPU (f32 or bf16 weights); off: every
+    /// op's composed version (the path a GPU takes), to check its results, gradients and memory on
+    /// the CPU.
     #[arg(long, default_value = "auto", value_parser = ["auto", "off"])]
     #[serde(skip)]
     pub fused: String,

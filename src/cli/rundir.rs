@@ -58,6 +58,9 @@ pub struct GenReport {
     pub constrained: bool,
     pub template: usize,
     pub view: String,
+    /// The frozen weights' dtype the evaluation ran with (empty in reports from before it was written).
+    #[serde(default)]
+    pub dtype: String,
     #[serde(flatten)]
     pub metrics: GenMetrics,
     pub seconds: f64,
@@ -75,6 +78,9 @@ pub struct ScoreReport {
     pub scorer: String,
     pub template: usize,
     pub view: String,
+    /// The frozen weights' dtype the evaluation ran with (empty in reports from before it was written).
+    #[serde(default)]
+    pub dtype: String,
     #[serde(flatten)]
     pub metrics: RankMetrics,
     pub seconds: f64,

@@ -39,7 +39,9 @@ thread_local! {
 }
 
 /// Whether the fused CPU kernels apply to every tensor in `ts` (f32 on the CPU, and not turned
-/// off). Every op that has both a fused kernel and a composed version asks this, and only this.
+/// off). Every op that has both a fused kernel and a composed version asks this, and only this
+/// (a frozen projection also takes a CPU bf16 weight that it has packed for [`bf16`]; with no
+/// tensors it says whether the fused kernels are on).
 pub fn fused(ts: &[&Tensor]) -> bool {
     let on = FUSED_HERE
         .with(Cell::get)
@@ -50,7 +52,7 @@ pub fn fused(ts: &[&Tensor]) -> bool {
 }
 
 /// Turns the fused CPU kernels on or off for the whole process (`--fused off`): with them off,
-/// every op runs its composed version, the path a GPU or a bf16 model takes, so its results,
+/// every op runs its composed version, the path a GPU takes, so its results,
 /// gradients and memory can be checked on the CPU.
 pub fn set_fused(on: bool) {
     FUSED_OFF.store(!on, Ordering::Relaxed);

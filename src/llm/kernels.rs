@@ -1,5 +1,6 @@
 //! The decoder's fused CPU (f32) kernels with hand-written backward passes, built on the shared
-//! GEMM of [`crate::kernels::gemm`]. Each op keeps only
+//! GEMM of [`crate::kernels::gemm`] (and, for frozen bf16 weights, [`crate::kernels::bf16`]). Each
+//! op keeps only
 //! what its backward needs (a LoRA projection saves its input, not five intermediates; attention
 //! recomputes its probabilities instead of keeping `[B, heads, T, T]` scores and probabilities).
 //! [`super::ops`] chooses between these and differentiable compositions.
