@@ -311,7 +311,9 @@ mod x86 {
         let ap = pack_rows(a, m, k);
         let panels = n.div_ceil(LANES);
         let threads = threads.max(1);
-        let parallel = threads > 1 && m * n * k >= 64 * 64 * 64;
+        // Below ~8 M multiply-adds (a few rows: generation) waking a second thread costs more than it
+        // saves (measured by scripts/bench_gemm.sh).
+        let parallel = threads > 1 && m * n * k >= 1 << 23;
         // Split along the longer side of C, as the f32 GEMM does: rows (tokens) when there are
         // many, else groups of panels (a weight's outputs); either way each C element is computed
         // whole by one thread.
