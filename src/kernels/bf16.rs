@@ -558,21 +558,25 @@ mod tests {
 
     #[test]
     fn the_bf16_gemm_gives_the_same_bytes_on_any_thread_count() {
-        let (m, k, n) = (300, 200, 130);
-        let a = data(m * k, 1);
-        let w: Vec<half::bf16> = data(k * n, 2)
-            .iter()
-            .map(|&v| half::bf16::from_f32(v))
-            .collect();
-        let p = Packed::of(&w, k, n);
-        let run = |t: usize| {
-            let mut c = vec![0f32; m * n];
-            mm_threads(t, &mut c, &a, m, &p, false, 1.0);
-            c
-        };
-        let one = run(1);
-        assert_eq!(one, run(2));
-        assert_eq!(one, run(3));
+        // Split by rows (many rows), and by panel groups (few rows, many columns); both above the
+        // size from which the work is split at all.
+        for (m, k, n) in [(300, 256, 130), (16, 600, 1000)] {
+            assert!(m * n * k >= 1 << 23);
+            let a = data(m * k, 1);
+            let w: Vec<half::bf16> = data(k * n, 2)
+                .iter()
+                .map(|&v| half::bf16::from_f32(v))
+                .collect();
+            let p = Packed::of(&w, k, n);
+            let run = |t: usize| {
+                let mut c = vec![0f32; m * n];
+                mm_threads(t, &mut c, &a, m, &p, false, 1.0);
+                c
+            };
+            let one = run(1);
+            assert_eq!(one, run(2), "{m}x{k}x{n}");
+            assert_eq!(one, run(3), "{m}x{k}x{n}");
+        }
     }
 
     #[test]
