@@ -278,6 +278,7 @@ pub(super) fn load_parts(
         revision,
     };
     let llm = llm::load(spec, &opts).with_context(|| format!("--llm {spec}"))?;
+    tracing::info!("frozen weights: {}", llm.model.gemm_path());
     let templates = match prompts {
         Some(p) => Templates::from_file(p).map_err(|e| anyhow::anyhow!("--prompts: {e}"))?,
         None => Templates::for_domain(&ds.meta.domain),

@@ -249,10 +249,6 @@ impl Llama {
         // On the CPU, bf16 is the projections' weights only: activations, norms, embeddings and
         // the LM head stay f32, and the bf16 GEMM rounds each input once and accumulates in f32.
         let (wdt, dt) = if dt == DType::BF16 && dev.is_cpu() {
-            tracing::info!(
-                "bf16 projection weights under f32 activations; {}",
-                crate::kernels::bf16::describe()
-            );
             (DType::BF16, DType::F32)
         } else {
             (dt, dt)
