@@ -8,7 +8,7 @@
 # Knobs (environment): DATASET (steam), SR (LLaRA's released SASRec of the dataset), SAMPLES training
 # rows per tune run (200), BATCH × ACCUM per optimizer step (4 × 2), LR (5e-4), VALID rows validated on
 # (32), TEST_LIMIT (all), GEN_LIMIT rows evaluated by generation (64; empty: all), SEED (42), THREADS (2),
-# VARIANTS (the runs below), TABLE_ONLY=1 (run nothing, only write the table), CAND_SEEDS (extra candidate seeds the test split is also scored on, e.g. "1 2":
+# VARIANTS (the runs below; NAME-bf16: NAME with --dtype bf16), TABLE_ONLY=1 (run nothing, only write the table), CAND_SEEDS (extra candidate seeds the test split is also scored on, e.g. "1 2":
 # `data prepare --seed S` draws other fixed candidate sets for the same users). Finished steps are skipped on a re-run (delete runs/quality/DATASET/X to redo X).
 # Output: runs/quality/DATASET/*, docs/results/quality.md for Steam (quality-DATASET.md for others): table,
 # commands and wall times.
@@ -52,6 +52,8 @@ gen_limit=()
 # The LLaRA variants: name → tune flags.
 flags_of() {
   case "$1" in
+    # Any variant with bf16 projection weights on the CPU (the bf16 GEMM): VARIANTS="hybrid-prior hybrid-prior-bf16".
+    *-bf16) echo "$(flags_of "${1%-bf16}") --dtype bf16" ;;
     # The recommended setting: hybrid prompts with a [UserEmb] state token and s_fc rows on the
     # candidates, a scoring head over the hidden states that starts from the recommender's own scores.
     # The same flags under other names, which only tell the rows apart: hybrid-prior-lr is run under another
