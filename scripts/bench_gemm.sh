@@ -6,6 +6,7 @@
 #
 #   scripts/bench_gemm.sh
 #   THREADS_LIST=2 MS="1024" OUTFILE=runs/gemm.md scripts/bench_gemm.sh
+#   LLARA_BF16_KERNEL=avx512-bf16 scripts/bench_gemm.sh   # the AVX512-BF16 kernel where it is not chosen (Intel)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 THREADS_LIST="${THREADS_LIST:-1 2}"

@@ -5,12 +5,17 @@
 //!
 //! Which kernel runs is decided here, once per process ([`kernel`]):
 //! - **AVX512-BF16** (`vdpbf16ps`: 16 f32 lanes, each the sum of two bf16 products per
-//!   instruction) on CPUs that have it (AMD Zen 4 and later, Intel Cooper Lake and Sapphire Rapids
-//!   on). `B` is packed in panels of 16 columns whose elements are (k, k+1) pairs, the layout the
-//!   instruction multiplies; the micro-kernel keeps an 8 × 48 block of `C` in 24 registers.
+//!   instruction) on AMD CPUs that have it (Zen 4 on), where it was measured at twice the f32
+//!   GEMM's rate (`scripts/bench_gemm.sh`). `B` is packed in panels of 16 columns whose elements
+//!   are (k, k+1) pairs, the layout the instruction multiplies; the micro-kernel keeps an 8 × 48
+//!   block of `C` in 24 registers. Intel CPUs with AVX512-BF16 (Cooper Lake, Sapphire Rapids on)
+//!   issue it at about half their f32 FMA rate (measured on Sapphire Rapids: ~115 against ~200
+//!   GFLOP/s on one core), so there it is not chosen unless asked for
+//!   (`LLARA_BF16_KERNEL=avx512-bf16`).
 //! - **f32** otherwise: the weight's bf16 values are widened once to an f32 `[k, n]` copy and the
 //!   shared f32 GEMM ([`super::gemm`]) multiplies the unrounded `A` with it. The bf16 weights give
-//!   the same model on every CPU; only this path's inputs are not rounded.
+//!   the same model on every CPU; only this path's inputs are not rounded. `LLARA_BF16_KERNEL=f32`
+//!   chooses it anywhere.
 //! - **AMX** (`tdpbf16ps`, Sapphire Rapids on) is not built: this project's machines that ran this
 //!   code had no AMX, and a kernel nobody ran does not ship. [`describe`] says so where the CPU has
 //!   AMX.
@@ -38,18 +43,52 @@ impl Kernel {
     }
 }
 
-/// The kernel this CPU runs: AVX512-BF16 where CPUID reports it (and the OS enables AVX-512
-/// state, which `is_x86_feature_detected!` checks through XCR0), else the f32 fallback.
+/// Whether the CPU has AVX512-BF16 and the OS enables AVX-512 state (`is_x86_feature_detected!`
+/// checks CPUID and XCR0).
+pub fn cpu_has_avx512_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Whether CPUID's vendor string is AMD's.
+fn cpu_is_amd() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let r = std::arch::x86_64::__cpuid(0);
+        let mut v = [0u8; 12];
+        v[..4].copy_from_slice(&r.ebx.to_le_bytes());
+        v[4..8].copy_from_slice(&r.edx.to_le_bytes());
+        v[8..].copy_from_slice(&r.ecx.to_le_bytes());
+        &v == b"AuthenticAMD"
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// The kernel this process runs (see the module's notes): `LLARA_BF16_KERNEL` (`avx512-bf16` or
+/// `f32`) when set and runnable, else AVX512-BF16 on AMD CPUs that have it, else f32.
 pub fn kernel() -> Kernel {
     static K: OnceLock<Kernel> = OnceLock::new();
     *K.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bf16")
-        {
-            return Kernel::Avx512Bf16;
+        match std::env::var("LLARA_BF16_KERNEL").as_deref() {
+            Ok("f32") => return Kernel::F32,
+            Ok("avx512-bf16") if cpu_has_avx512_bf16() => return Kernel::Avx512Bf16,
+            Ok(other) => tracing::warn!(
+                "LLARA_BF16_KERNEL={other}: expected avx512-bf16 (on a CPU that has it) or f32; \
+                 choosing by CPU"
+            ),
+            Err(_) => {}
         }
-        Kernel::F32
+        if cpu_has_avx512_bf16() && cpu_is_amd() {
+            Kernel::Avx512Bf16
+        } else {
+            Kernel::F32
+        }
     })
 }
 
@@ -67,14 +106,24 @@ pub fn cpu_has_amx() -> bool {
     false
 }
 
-/// One line for logs and `llara llm info`: which bf16 GEMM runs, and why not AMX.
+/// One line for logs and `llara llm info`: which bf16 GEMM runs, and why not another.
 pub fn describe() -> String {
-    let amx = if cpu_has_amx() {
-        "AMX present but not used (no AMX kernel is built)"
+    let mut why = vec![];
+    if kernel() == Kernel::F32 && cpu_has_avx512_bf16() {
+        why.push(
+            if std::env::var("LLARA_BF16_KERNEL").as_deref() == Ok("f32") {
+                "AVX512-BF16 present, f32 asked for by LLARA_BF16_KERNEL"
+            } else {
+                "AVX512-BF16 present but not chosen: slower than f32 outside AMD's CPUs"
+            },
+        );
+    }
+    why.push(if cpu_has_amx() {
+        "AMX present but not used: no AMX kernel is built"
     } else {
         "no AMX on this CPU"
-    };
-    format!("bf16 GEMM: {} ({amx})", kernel().name())
+    });
+    format!("bf16 GEMM: {} ({})", kernel().name(), why.join("; "))
 }
 
 /// bf16 bits of `x`, rounded to nearest even (NaN stays NaN).
@@ -114,8 +163,8 @@ impl Packed {
         Self::with_kernel(kernel(), k, n, b)
     }
 
-    /// Packs `B` for a given kernel (tests compare the two; [`Kernel::Avx512Bf16`] on a CPU
-    /// without it falls back to [`Kernel::F32`]).
+    /// Packs `B` for a given kernel, whichever [`kernel`] chose (tests and benchmarks run both;
+    /// [`Kernel::Avx512Bf16`] on a CPU without the instruction falls back to [`Kernel::F32`]).
     pub fn with_kernel(
         kernel_wanted: Kernel,
         k: usize,
@@ -123,7 +172,7 @@ impl Packed {
         b: impl Fn(usize, usize) -> u16 + Sync,
     ) -> Packed {
         use rayon::prelude::*;
-        let kernel = if kernel_wanted == Kernel::Avx512Bf16 && kernel() == Kernel::Avx512Bf16 {
+        let kernel = if kernel_wanted == Kernel::Avx512Bf16 && cpu_has_avx512_bf16() {
             Kernel::Avx512Bf16
         } else {
             Kernel::F32
@@ -251,8 +300,8 @@ pub fn pack_rows(a: &[f32], m: usize, k: usize) -> Vec<u32> {
     let fill = |(i, dst): (usize, &mut [u32])| {
         let row = &a[i * k..][..k];
         #[cfg(target_arch = "x86_64")]
-        if kernel() == Kernel::Avx512Bf16 {
-            // SAFETY: the CPU has AVX512-BF16 (checked by `kernel`).
+        if cpu_has_avx512_bf16() {
+            // SAFETY: the CPU has AVX512-BF16 (checked just above).
             return unsafe { x86::round_row(row, dst) };
         }
         round_row_scalar(row, dst, 0);
