@@ -250,16 +250,60 @@ impl GqaDims {
     }
 }
 
+/// Query rows per block of attention probabilities: each block stops at its last attended key,
+/// so a causal mask costs about half the full `T × K` work.
+const ATT_ROWS: usize = 32;
+
+/// Probabilities of one block of query rows: rows `row0..row0 + rows` of a group, keys
+/// `0..keys` (every later key is masked for all of them), `p [rows, keys]`.
+struct ProbBlock {
+    row0: usize,
+    rows: usize,
+    keys: usize,
+    p: Vec<f32>,
+}
+
 impl Attention {
-    /// Probabilities `[rep·T, K]` of batch row `bi` for the query group `qg` and keys `kg`.
-    fn probs(&self, dm: &GqaDims, bi: usize, qg: &[f32], kg: &[f32]) -> Vec<f32> {
-        let (rt, k) = (dm.rep() * dm.t, dm.k);
-        let mut p = mm_new(qg, kg, rt, k, dm.d, false, true, self.scale);
+    /// Probabilities of batch row `bi` for the query group `qg [rep·T, d]` and keys `kg [K, d]`,
+    /// in blocks of [`ATT_ROWS`] rows (never across two heads' rows), each over the keys up to
+    /// its last allowed one; keys past it have probability 0.
+    fn probs(&self, dm: &GqaDims, bi: usize, qg: &[f32], kg: &[f32]) -> Vec<ProbBlock> {
+        let (rt, k, d) = (dm.rep() * dm.t, dm.k, dm.d);
         let allowed = &self.allowed[bi * rt * k..(bi + 1) * rt * k];
-        for (row, al) in p.chunks_exact_mut(k).zip(allowed.chunks_exact(k)) {
-            masked_softmax_row(row, |j| al[j] != 0);
+        let mut blocks = Vec::with_capacity(dm.rep() * dm.t.div_ceil(ATT_ROWS));
+        for r in 0..dm.rep() {
+            let mut t0 = 0;
+            while t0 < dm.t {
+                let rows = ATT_ROWS.min(dm.t - t0);
+                let row0 = r * dm.t + t0;
+                let al = &allowed[row0 * k..(row0 + rows) * k];
+                let keys = al
+                    .chunks_exact(k)
+                    .map(|a| a.iter().rposition(|&x| x != 0).map_or(0, |j| j + 1))
+                    .max()
+                    .unwrap_or(0);
+                let mut p = if keys == 0 {
+                    Vec::new()
+                } else {
+                    let q = &qg[row0 * d..(row0 + rows) * d];
+                    mm_new(q, &kg[..keys * d], rows, keys, d, false, true, self.scale)
+                };
+                if keys > 0 {
+                    for (row, a) in p.chunks_exact_mut(keys).zip(al.chunks_exact(k)) {
+                        masked_softmax_row(row, |j| a[j] != 0);
+                    }
+                }
+                blocks.push(ProbBlock {
+                    row0,
+                    rows,
+                    keys,
+                    p,
+                });
+                t0 += rows;
+            }
         }
-        p
+        debug_assert_eq!(blocks.iter().map(|b| b.rows).sum::<usize>(), rt);
+        blocks
     }
 
     fn dims(q: &Shape, k: &Shape) -> Result<GqaDims> {
@@ -335,8 +379,25 @@ impl CustomOp3 for Attention {
                 let qg = &q[(bi * dm.nkv + g) * rt * d..][..rt * d];
                 let kg = &k[(bi * dm.nkv + g) * dm.k * d..][..dm.k * d];
                 let vg = &v[(bi * dm.nkv + g) * dm.k * d..][..dm.k * d];
-                let p = self.probs(&dm, bi, qg, kg);
-                mm_new(&p, vg, rt, d, dm.k, false, false, 1.0)
+                let mut og = vec![0f32; rt * d];
+                for b in self.probs(&dm, bi, qg, kg) {
+                    if b.keys > 0 {
+                        let o = &mut og[b.row0 * d..(b.row0 + b.rows) * d];
+                        mm(
+                            o,
+                            &b.p,
+                            &vg[..b.keys * d],
+                            b.rows,
+                            d,
+                            b.keys,
+                            false,
+                            false,
+                            false,
+                            1.0,
+                        );
+                    }
+                }
+                og
             })
             .collect();
         for (&(bi, g), og) in groups.iter().zip(&outs) {
@@ -374,20 +435,52 @@ impl CustomOp3 for Attention {
                         &k[gi * kl * d..][..kl * d],
                         &v[gi * kl * d..][..kl * d],
                     );
-                    let p = self.probs(&dm, bi, qg, kg);
                     let dog = gather_group(go, &dm, bi, g);
-                    let mut dp = vec![0f32; rt * kl];
-                    // dV = Pᵀ dO ; dP = dO Vᵀ ; dS = P ⊙ (dP − rowsum(dP ⊙ P)) · scale
-                    mm(dvg, &p, &dog, kl, d, rt, true, false, false, 1.0);
-                    mm(&mut dp, &dog, vg, rt, kl, d, false, true, false, 1.0);
-                    for (dr, pr) in dp.chunks_exact_mut(kl).zip(p.chunks_exact(kl)) {
-                        let s: f32 = dr.iter().zip(pr).map(|(a, b)| a * b).sum();
-                        for (x, &pj) in dr.iter_mut().zip(pr) {
-                            *x = pj * (*x - s) * self.scale;
+                    // Per block of query rows, over its keys only (the others have P = 0, so
+                    // dS = 0 there): dV += Pᵀ dO ; dP = dO Vᵀ ;
+                    // dS = P ⊙ (dP − rowsum(dP ⊙ P)) · scale ; dQ = dS K ; dK += dSᵀ Q.
+                    // dQ, dK and dV start at zero (fresh buffers); blocks add in a fixed order.
+                    for b in self.probs(&dm, bi, qg, kg) {
+                        let (n, kb) = (b.rows, b.keys);
+                        if kb == 0 {
+                            continue;
                         }
+                        let dob = &dog[b.row0 * d..(b.row0 + n) * d];
+                        let qb = &qg[b.row0 * d..(b.row0 + n) * d];
+                        mm(
+                            &mut dvg[..kb * d],
+                            &b.p,
+                            dob,
+                            kb,
+                            d,
+                            n,
+                            true,
+                            false,
+                            true,
+                            1.0,
+                        );
+                        let mut dp = mm_new(dob, &vg[..kb * d], n, kb, d, false, true, 1.0);
+                        for (dr, pr) in dp.chunks_exact_mut(kb).zip(b.p.chunks_exact(kb)) {
+                            let s: f32 = dr.iter().zip(pr).map(|(a, b)| a * b).sum();
+                            for (x, &pj) in dr.iter_mut().zip(pr) {
+                                *x = pj * (*x - s) * self.scale;
+                            }
+                        }
+                        let dqb = &mut dqg[b.row0 * d..(b.row0 + n) * d];
+                        mm(dqb, &dp, &kg[..kb * d], n, d, kb, false, false, false, 1.0);
+                        mm(
+                            &mut dkg[..kb * d],
+                            &dp,
+                            qb,
+                            kb,
+                            d,
+                            n,
+                            true,
+                            false,
+                            true,
+                            1.0,
+                        );
                     }
-                    mm(dqg, &dp, kg, rt, d, kl, false, false, false, 1.0);
-                    mm(dkg, &dp, qg, kl, d, rt, true, false, false, 1.0);
                 });
             (dq, dk, dv)
         })?;

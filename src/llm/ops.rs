@@ -567,6 +567,46 @@ mod tests {
         close(&a, &b);
     }
 
+    /// The fused attention works in blocks of query rows that stop at their last attended key:
+    /// with several blocks per head (T > 32), a cached prefix (K > T), a padded row, a row whose
+    /// first block attends nothing but the cache, and grouped heads, its output and the gradients
+    /// of q, k and v equal the composed (full T × K) attention's.
+    #[test]
+    fn fused_attention_in_row_blocks_matches_composed() {
+        let (b, nh, nkv, t, d) = (2, 4, 2, 70, 8);
+        let (rep, past) = (nh / nkv, 5);
+        let kl = past + t;
+        let mut allowed = Vec::with_capacity(b * rep * t * kl);
+        for bi in 0..b {
+            // Row 1: its last 20 positions are padding (their keys are never attended).
+            let len = if bi == 0 { t } else { t - 20 };
+            for _ in 0..rep {
+                for i in 0..t {
+                    allowed.extend((0..kl).map(|j| {
+                        let key_ok = j < past || j - past < len;
+                        // Row 1 does not see the cache.
+                        let cache_ok = bi == 0 || j >= past;
+                        u8::from(key_ok && cache_ok && j <= past + i)
+                    }));
+                }
+            }
+        }
+        let mask = AttnMask::new(allowed, b, rep * t, kl);
+        let q = var(b * nh * t * d, &[b, nh, t, d], 0.31);
+        let k = var(b * nkv * kl * d, &[b, nkv, kl, d], 0.17);
+        let v = var(b * nkv * kl * d, &[b, nkv, kl, d], 0.23);
+        let c = coef(&[b, t, nh * d]);
+        let run = |fused_path: bool| {
+            crate::kernels::with_fused(fused_path, || {
+                let y =
+                    attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &mask, 0.35).unwrap();
+                let l = (y * &c).unwrap().sum_all().unwrap();
+                grads(&l, &[&q, &k, &v])
+            })
+        };
+        close(&run(true), &run(false));
+    }
+
     #[test]
     fn fused_frozen_linear_matches_composed() {
         let (b, g, q, k) = (2, 3, 4, 4);
