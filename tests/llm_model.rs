@@ -1,6 +1,7 @@
 //! The LLM engine on tiny random backbones (no shared files): gradients against finite
 //! differences, fused vs composed ops, padding, KV-cache generation, adapter round trips, merging.
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use llara::llm::generate::{generate, GenOptions};
 use llara::llm::llama::random_weights;
@@ -42,6 +43,24 @@ fn with_adapters(dt: DType) -> Llama {
         }
     }
     m
+}
+
+/// The loss, then the gradient of each of `vars` flattened (`what` names the run when one is
+/// missing).
+fn loss_and_grads(
+    l: &Tensor,
+    grads: &GradStore,
+    vars: Vec<(String, Var)>,
+    what: &str,
+) -> Vec<Vec<f32>> {
+    let mut out = vec![vec![l.to_scalar::<f32>().unwrap()]];
+    for (name, v) in vars {
+        let g = grads
+            .get(v.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no gradient ({what})"));
+        out.push(g.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    }
+    out
 }
 
 fn rows() -> Vec<Vec<u32>> {
@@ -387,16 +406,9 @@ fn activation_checkpointing_gives_the_same_loss_and_gradients() {
         let inject = inject_var(DType::F32);
         let l = loss_with_dropout(&m, &inject, 0.3);
         let grads = m.backward(&l).unwrap();
-        let mut out = vec![vec![l.to_scalar::<f32>().unwrap()]];
         let mut vars = adapter_vars(&m);
         vars.push(("inject".into(), inject));
-        for (name, v) in vars {
-            let g = grads
-                .get(v.as_tensor())
-                .unwrap_or_else(|| panic!("{name}: no gradient (checkpointing {ckpt})"));
-            out.push(g.flatten_all().unwrap().to_vec1::<f32>().unwrap());
-        }
-        out
+        loss_and_grads(&l, &grads, vars, &format!("checkpointing {ckpt}"))
     };
     let (a, b) = (run(false), run(true));
     assert_eq!(a.len(), b.len());
@@ -437,16 +449,9 @@ fn the_composed_path_gives_no_frozen_weight_a_gradient_and_matches_the_fused_one
                         );
                     }
                 }
-                let mut out = vec![vec![l.to_scalar::<f32>().unwrap()]];
                 let mut vars = adapter_vars(&m);
                 vars.push(("inject".into(), inject));
-                for (name, v) in vars {
-                    let g = grads
-                        .get(v.as_tensor())
-                        .unwrap_or_else(|| panic!("{name}: no gradient (fused {fused})"));
-                    out.push(g.flatten_all().unwrap().to_vec1::<f32>().unwrap());
-                }
-                out
+                loss_and_grads(&l, &grads, vars, &format!("fused {fused}"))
             })
         };
         let (a, b) = (run(true), run(false));
@@ -512,12 +517,12 @@ fn bf16_weights_under_f32_activations_match_the_f32_model_within_rounding() {
                     assert!(grads.get(&layer.proj(t).weight).is_none(), "{t:?}");
                 }
             }
-            let mut out = vec![vec![l.to_scalar::<f32>().unwrap()]];
-            for (name, v) in adapter_vars(&m) {
-                let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{name}"));
-                out.push(g.flatten_all().unwrap().to_vec1::<f32>().unwrap());
-            }
-            out
+            loss_and_grads(
+                &l,
+                &grads,
+                adapter_vars(&m),
+                &format!("{dt:?}, fused {fused}"),
+            )
         })
     };
     let f32_model = run(DType::F32, true);

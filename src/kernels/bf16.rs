@@ -235,21 +235,8 @@ impl Packed {
         Self::new(k, n, |kk, j| w[kk * n + j].to_bits())
     }
 
-    pub fn k(&self) -> usize {
-        self.k
-    }
-
-    pub fn n(&self) -> usize {
-        self.n
-    }
-
     pub fn kernel(&self) -> Kernel {
         self.kernel
-    }
-
-    /// Bytes held.
-    pub fn bytes(&self) -> usize {
-        self.pairs.len() * 4 + self.wide.len() * 4
     }
 }
 
@@ -273,35 +260,75 @@ fn mm_threads(
         c.len() >= m * n && a.len() >= m * k,
         "bf16 mm: slice too short"
     );
-    if m == 0 || n == 0 {
-        return;
-    }
     match b.kernel {
         Kernel::F32 => super::gemm::mm(c, a, &b.wide, m, n, k, false, false, acc, alpha),
-        #[cfg(target_arch = "x86_64")]
-        Kernel::Avx512Bf16 => x86::mm(threads, c, a, m, b, acc, alpha),
-        #[cfg(not(target_arch = "x86_64"))]
-        Kernel::Avx512Bf16 => unreachable!("AVX512-BF16 is detected on x86-64 only"),
+        // SAFETY: `c` holds at least m·n values (asserted above).
+        Kernel::Avx512Bf16 => unsafe { avx512(threads, c.as_mut_ptr(), a, m, b, acc, alpha) },
     }
 }
 
-/// A new row-major `[m, n] = alpha · A · B`.
+/// A new row-major `[m, n] = alpha · A · B`, written without zero-filling the buffer first.
 pub fn mm_new(a: &[f32], m: usize, b: &Packed, alpha: f32) -> Vec<f32> {
-    let mut c = vec![0f32; m * b.n];
-    mm(&mut c, a, m, b, false, alpha);
-    c
+    let (k, n) = (b.k, b.n);
+    assert!(a.len() >= m * k, "bf16 mm_new: slice too short");
+    match b.kernel {
+        Kernel::F32 => super::gemm::mm_new(a, &b.wide, m, n, k, false, false, alpha),
+        Kernel::Avx512Bf16 => {
+            let mut c = Vec::with_capacity(m * n);
+            // SAFETY: the buffer has capacity m·n; without `acc` the kernel writes every one of
+            // the m·n values (every row, every column of each panel) and reads none, so all are
+            // initialized before `set_len`.
+            unsafe {
+                avx512(
+                    super::gemm::pool_threads(),
+                    c.as_mut_ptr(),
+                    a,
+                    m,
+                    b,
+                    false,
+                    alpha,
+                );
+                c.set_len(m * n);
+            }
+            c
+        }
+    }
+}
+
+/// The AVX512-BF16 product into `c`.
+///
+/// # Safety
+/// `c` must be valid for writes (and, with `acc`, reads) of `m·n` values; `b` packed for
+/// [`Kernel::Avx512Bf16`] (which [`Packed::with_kernel`] chooses only where the CPU has it).
+unsafe fn avx512(
+    threads: usize,
+    c: *mut f32,
+    a: &[f32],
+    m: usize,
+    b: &Packed,
+    acc: bool,
+    alpha: f32,
+) {
+    if m == 0 || b.n == 0 {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    x86::mm(threads, c, a, m, b, acc, alpha);
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("AVX512-BF16 is detected on x86-64 only");
 }
 
 /// Rounds `a [m, k]` to bf16 rows of `ceil(k/2)` (k, k+1) pairs (a zero appended to an odd row).
-pub fn pack_rows(a: &[f32], m: usize, k: usize) -> Vec<u32> {
+fn pack_rows(a: &[f32], m: usize, k: usize) -> Vec<u32> {
     use rayon::prelude::*;
     let kp = k.div_ceil(2);
     let mut out = vec![0u32; m * kp];
+    let vector = cpu_has_avx512_bf16();
     let fill = |(i, dst): (usize, &mut [u32])| {
         let row = &a[i * k..][..k];
         #[cfg(target_arch = "x86_64")]
-        if cpu_has_avx512_bf16() {
-            // SAFETY: the CPU has AVX512-BF16 (checked just above).
+        if vector {
+            // SAFETY: the CPU has AVX512-BF16 (`vector`).
             return unsafe { x86::round_row(row, dst) };
         }
         round_row_scalar(row, dst, 0);
@@ -345,9 +372,11 @@ mod x86 {
         super::round_row_scalar(row, dst, full * 16);
     }
 
-    pub(super) fn mm(
+    /// # Safety
+    /// As [`super::avx512`]'s.
+    pub(super) unsafe fn mm(
         threads: usize,
-        c: &mut [f32],
+        c: *mut f32,
         a: &[f32],
         m: usize,
         b: &Packed,
@@ -368,7 +397,7 @@ mod x86 {
         // whole by one thread.
         let by_rows = parallel && m >= 2 * MR * threads && m >= n / 2;
         let groups = panels.div_ceil(NV);
-        let (c_ptr, ap_ptr) = (c.as_mut_ptr() as usize, ap.as_ptr() as usize);
+        let (c_ptr, ap_ptr) = (c as usize, ap.as_ptr() as usize);
         let block = |i0: usize, i1: usize, g0: usize, g1: usize| {
             // SAFETY: blocks write disjoint rows or disjoint panel groups of C (every row/column
             // index below is < m / < n, and C holds m·n values); the packed operands hold m·kp and

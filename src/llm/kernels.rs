@@ -120,14 +120,13 @@ impl Linear {
         Ok(y)
     }
 
-    /// `dx (+)= g · W` for `g [m, out]`.
-    fn input_grad(&self, dx: &mut [f32], g: &[f32], m: usize, acc: bool) -> Result<()> {
+    /// The input's gradient `g · W [m, in]` for `g [m, out]`.
+    fn input_grad(&self, g: &[f32], m: usize) -> Result<Vec<f32>> {
         let (o, i) = self.w.dims2()?;
-        match &self.frozen {
-            Some(Frozen::Bf16(p)) => bf16::mm(dx, g, m, p.bwd()?, acc, 1.0),
-            _ => with(&self.w, |w| mm(dx, g, w, m, i, o, false, false, acc, 1.0))?,
-        }
-        Ok(())
+        Ok(match &self.frozen {
+            Some(Frozen::Bf16(p)) => bf16::mm_new(g, m, p.bwd()?, 1.0),
+            _ => with(&self.w, |w| mm_new(g, w, m, i, o, false, false, 1.0))?,
+        })
     }
 
     fn dropped(&self, x: &[f32]) -> Option<Vec<f32>> {
@@ -149,8 +148,7 @@ impl CustomOp1 for Linear {
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let i = self.w.dims2()?.1;
         let m = x.elem_count() / i;
-        let mut dx = vec![0f32; m * i];
-        with(grad, |g| self.input_grad(&mut dx, g, m, false))??;
+        let dx = with(grad, |g| self.input_grad(g, m))??;
         Ok(Some(tensor(dx, x.shape())?))
     }
 }
@@ -196,8 +194,7 @@ impl CustomOp3 for Linear {
             let (xv, av, bv, gv) = (s[0], s[1], s[2], s[3]);
             let xd = self.dropped(xv);
             let xin = xd.as_deref().unwrap_or(xv);
-            let mut dx = vec![0f32; m * i];
-            self.input_grad(&mut dx, gv, m, false)?;
+            let mut dx = self.input_grad(gv, m)?;
             let u = mm_new(xin, av, m, r, i, false, true, 1.0);
             let db = mm_new(gv, &u, o, r, m, true, false, self.scale);
             let du = mm_new(gv, bv, m, r, o, false, false, self.scale);
