@@ -5,6 +5,7 @@
 //! input (frozen inputs must get none).
 
 use candle_core::{DType, Device, Result, Tensor, Var};
+use llara::kernels::weight::FrozenWeight;
 use llara::kernels::with_fused;
 use llara::llm::ops::{self, AttnMask, RopeTable};
 
@@ -168,14 +169,15 @@ fn cases() -> Vec<Case> {
             name: "frozen_linear",
             shapes: vec![vec![b, t, 16], vec![12, 16], vec![12]],
             trainable: vec![true, false, false],
-            run: Box::new(|x| ops::frozen_linear(&x[0], &x[1], None, Some(&x[2]))),
+            run: Box::new(|x| ops::linear(&x[0], &x[1], Some(&x[2]))),
         },
         Case {
             name: "lora_linear",
             shapes: vec![vec![b, t, 16], vec![12, 16], vec![3, 16], vec![12, 3]],
             trainable: vec![true, false, true, true],
             run: Box::new(|x| {
-                ops::lora_linear(&x[0], &x[1], None, None, &x[2], &x[3], 0.7, &mut None)
+                let w = FrozenWeight::plain(x[1].clone());
+                ops::lora_linear(&x[0], &w, None, &x[2], &x[3], 0.7, &mut None)
             }),
         },
     ]

@@ -238,6 +238,35 @@ impl Packed {
     pub fn kernel(&self) -> Kernel {
         self.kernel
     }
+
+    /// `(k, n)`: the shape of `B`.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.k, self.n)
+    }
+
+    /// Bytes held (the packing is the weight's only copy).
+    pub fn bytes(&self) -> usize {
+        self.pairs.len() * 4 + self.wide.len() * 4
+    }
+
+    /// The bf16 bits of `B[kk, j]`.
+    #[inline]
+    pub fn get(&self, kk: usize, j: usize) -> u16 {
+        match self.kernel {
+            Kernel::Avx512Bf16 => {
+                let kp = self.k.div_ceil(2);
+                let v = self.pairs[((j / LANES) * kp + kk / 2) * LANES + j % LANES];
+                (v >> (16 * (kk % 2))) as u16
+            }
+            Kernel::F32 => to_bf16(self.wide[kk * self.n + j]),
+        }
+    }
+
+    /// `Bᵀ [n, k]` packed for the same kernel, made from this packing (the other orientation of a
+    /// frozen weight, for the one call that needs it).
+    pub fn transposed(&self) -> Packed {
+        Self::with_kernel(self.kernel, self.n, self.k, |kk, j| self.get(j, kk))
+    }
 }
 
 /// `c[m, n] = (acc ? c : 0) + alpha · A · B` for a row-major `a [m, k]`.

@@ -25,6 +25,7 @@ pub mod simd;
 pub mod slice;
 
 pub mod frozen;
+pub mod weight;
 
 use candle_core::{DType, Tensor};
 use std::cell::Cell;

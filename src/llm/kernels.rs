@@ -5,14 +5,12 @@
 //! recomputes its probabilities instead of keeping `[B, heads, T, T]` scores and probabilities).
 //! [`super::ops`] chooses between these and differentiable compositions.
 
-use crate::kernels::bf16;
 use crate::kernels::gemm::{mm, mm_new};
 use crate::kernels::simd::{exp_in_place, masked_softmax_row};
-use crate::kernels::slice::{
-    cpu_tensor as tensor, f32_slice, par_blocks, with, with_all, with_bf16, BLOCK,
-};
+use crate::kernels::slice::{cpu_tensor as tensor, f32_slice, par_blocks, with, with_all, BLOCK};
+use crate::kernels::weight::FrozenWeight;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 // ---------------------------------------------------------------------------------------------
 
@@ -35,55 +33,13 @@ impl DropMask {
     }
 }
 
-/// A frozen bf16 weight `W [out, in]` packed for the bf16 GEMM ([`crate::kernels::bf16`]): `Wᵀ`
-/// for the forward pass at once, `W` for the input gradient on the first backward pass (evaluation
-/// never packs it).
-pub struct Bf16Weight {
-    w: Tensor,
-    fwd: bf16::Packed,
-    bwd: OnceLock<bf16::Packed>,
-}
-
-impl Bf16Weight {
-    /// Packs the forward orientation of a CPU bf16 weight `[out, in]`.
-    pub fn new(w: &Tensor) -> Result<Self> {
-        let (o, i) = w.dims2()?;
-        let fwd = with_bf16(w, |v| bf16::Packed::transposed_of(v, o, i))?;
-        Ok(Self {
-            w: w.clone(),
-            fwd,
-            bwd: OnceLock::new(),
-        })
-    }
-
-    fn bwd(&self) -> Result<&bf16::Packed> {
-        if let Some(p) = self.bwd.get() {
-            return Ok(p);
-        }
-        let (o, i) = self.w.dims2()?;
-        let p = with_bf16(&self.w, |v| bf16::Packed::of(v, o, i))?;
-        Ok(self.bwd.get_or_init(|| p))
-    }
-}
-
-/// What the fused kernels keep of a frozen weight besides the weight itself, made once per weight.
-#[derive(Clone)]
-pub enum Frozen {
-    /// An f32 weight transposed into a contiguous `[in, out]` copy (the GEMM packs a row-major
-    /// right-hand side with vector loads, a transposed one element by element).
-    Transposed(Tensor),
-    /// A bf16 weight packed for the bf16 GEMM.
-    Bf16(Arc<Bf16Weight>),
-}
-
 /// `y = x Wᵀ (+ b) [+ s · (drop(x) Aᵀ) Bᵀ]` over `x [M, in]` (leading dims flattened). The frozen
-/// `W` gets no gradient; with LoRA the op's inputs are `(x, A, B)`, else just `x`. `W` is f32, or
-/// bf16 with its [`Frozen::Bf16`] packing (activations, LoRA and gradients stay f32).
+/// `W` gets no gradient; with LoRA the op's inputs are `(x, A, B)`, else just `x`. `W` is any
+/// [`FrozenWeight`] whose format multiplies f32 activations on the CPU
+/// ([`FrozenWeight::cpu_kernels`]); activations, LoRA and gradients stay f32.
 #[derive(Clone)]
 pub struct Linear {
-    pub w: Tensor,
-    /// The transposed copy or the bf16 packing of `w` (a bf16 `w` needs its packing).
-    pub frozen: Option<Frozen>,
+    pub w: FrozenWeight,
     pub bias: Option<Tensor>,
     pub scale: f32,
     pub drop: Option<DropMask>,
@@ -91,7 +47,7 @@ pub struct Linear {
 
 impl Linear {
     fn dims(&self, x: &Layout) -> Result<(usize, usize, usize, Shape)> {
-        let (o, i) = self.w.dims2()?;
+        let (o, i) = self.w.dims();
         let dims = x.shape().dims();
         if dims.last() != Some(&i) {
             candle_core::bail!("linear: input {:?}, weight [{o}, {i}]", dims);
@@ -102,14 +58,8 @@ impl Linear {
         Ok((m, i, o, Shape::from(out)))
     }
 
-    fn base(&self, x: &[f32], m: usize, i: usize, o: usize) -> Result<Vec<f32>> {
-        let mut y = match &self.frozen {
-            Some(Frozen::Bf16(p)) => bf16::mm_new(x, m, &p.fwd, 1.0),
-            Some(Frozen::Transposed(wt)) => {
-                with(wt, |wt| mm_new(x, wt, m, o, i, false, false, 1.0))?
-            }
-            None => with(&self.w, |w| mm_new(x, w, m, o, i, false, true, 1.0))?,
-        };
+    fn base(&self, x: &[f32], m: usize, _i: usize, o: usize) -> Result<Vec<f32>> {
+        let mut y = self.w.forward(x, m)?;
         if let Some(b) = &self.bias {
             with(b, |b| {
                 for row in y.chunks_exact_mut(o) {
@@ -122,11 +72,7 @@ impl Linear {
 
     /// The input's gradient `g · W [m, in]` for `g [m, out]`.
     fn input_grad(&self, g: &[f32], m: usize) -> Result<Vec<f32>> {
-        let (o, i) = self.w.dims2()?;
-        Ok(match &self.frozen {
-            Some(Frozen::Bf16(p)) => bf16::mm_new(g, m, p.bwd()?, 1.0),
-            _ => with(&self.w, |w| mm_new(g, w, m, i, o, false, false, 1.0))?,
-        })
+        self.w.input_grad(g, m)
     }
 
     fn dropped(&self, x: &[f32]) -> Option<Vec<f32>> {
@@ -146,7 +92,7 @@ impl CustomOp1 for Linear {
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let i = self.w.dims2()?.1;
+        let i = self.w.dims().1;
         let m = x.elem_count() / i;
         let dx = with(grad, |g| self.input_grad(g, m))??;
         Ok(Some(tensor(dx, x.shape())?))
@@ -187,7 +133,7 @@ impl CustomOp3 for Linear {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (o, i) = self.w.dims2()?;
+        let (o, i) = self.w.dims();
         let r = a.dims2()?.0;
         let m = x.elem_count() / i;
         let (dx, da, db) = with_all(&[x, a, b, grad], |s| {

@@ -5,12 +5,12 @@
 
 use super::adapter::{Lora, LoraConfig, Target};
 use super::config::Config;
-use super::kernels::{Bf16Weight, Frozen};
 use super::ops::{self, AttnMask, RopeTable};
 use crate::kernels::dropout::Dropout;
+use crate::kernels::weight::FrozenWeight;
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, Var, D};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 /// Where the frozen weights come from: a name (Hugging Face naming) → tensor lookup.
 pub trait WeightSource {
@@ -24,63 +24,38 @@ impl WeightSource for std::collections::HashMap<String, Tensor> {
     }
 }
 
-/// A frozen projection with an optional bias and an optional LoRA adapter.
+/// A frozen projection with an optional bias and an optional LoRA adapter. The weight is held
+/// once, in the layout its GEMM multiplies ([`FrozenWeight`]: an f32 weight's transpose, a bf16
+/// weight's packing on the CPU; the tensor itself elsewhere).
 #[derive(Clone)]
 pub struct Proj {
-    pub weight: Tensor,
+    pub weight: FrozenWeight,
     pub bias: Option<Tensor>,
     pub lora: Option<Lora>,
-    /// What the fused kernels keep of `weight`, made on the first CPU forward pass: an f32
-    /// weight's contiguous `[in, out]` transpose (the GEMM packs a row-major `[in, out]`
-    /// right-hand side with vector loads, a `[out, in]` one element by element: a fifth of prefill
-    /// time), a bf16 weight's packing for the bf16 GEMM. Shared by clones; reset when `weight`
-    /// changes.
-    pub(crate) prepared: Arc<OnceLock<Option<Frozen>>>,
 }
 
 impl Proj {
-    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Proj {
-            weight,
+    /// A projection of `weight [out, in]`, turned into its format (the tensor is not kept).
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        Ok(Proj {
+            weight: FrozenWeight::new(weight)?,
             bias,
             lora: None,
-            prepared: Default::default(),
-        }
+        })
     }
 
-    /// Replaces the frozen weight (and forgets what was made of it).
-    pub fn set_weight(&mut self, w: Tensor) {
-        self.weight = w;
-        self.prepared = Default::default();
-    }
-
-    fn prepared(&self) -> Option<&Frozen> {
-        let w = &self.weight;
-        // Only the fused kernels (on, and on the CPU) take these.
-        if !crate::kernels::fused(&[]) || !w.device().is_cpu() || w.track_op() {
-            return None;
-        }
-        self.prepared
-            .get_or_init(|| match w.dtype() {
-                DType::F32 => w
-                    .t()
-                    .and_then(|t| t.contiguous())
-                    .ok()
-                    .map(Frozen::Transposed),
-                DType::BF16 => Bf16Weight::new(w).ok().map(|p| Frozen::Bf16(Arc::new(p))),
-                _ => None,
-            })
-            .as_ref()
+    /// Replaces the frozen weight (merging an adapter), in the format of its dtype and device.
+    pub fn set_weight(&mut self, w: Tensor) -> Result<()> {
+        self.weight = FrozenWeight::new(w)?;
+        Ok(())
     }
 
     fn forward(&self, x: &Tensor, dropout: &mut Option<&mut Dropout>) -> Result<Tensor> {
-        let wt = self.prepared();
         match &self.lora {
-            None => ops::frozen_linear(x, &self.weight, wt, self.bias.as_ref()),
+            None => ops::frozen_linear(x, &self.weight, self.bias.as_ref()),
             Some(l) => ops::lora_linear(
                 x,
                 &self.weight,
-                wt,
                 self.bias.as_ref(),
                 l.a.as_tensor(),
                 l.b.as_tensor(),
@@ -260,15 +235,16 @@ impl Llama {
             dt,
             dev,
         )?;
+        // Each weight goes into its final layout as it is read: no second copy of the model.
         let proj = |p: &str, out: usize, inp: usize, bias: bool| -> Result<Proj> {
-            Ok(Proj::new(
+            Proj::new(
                 get(src, &format!("{p}.weight"), &[out, inp], wdt, dev)?,
                 if bias {
                     Some(get(src, &format!("{p}.bias"), &[out], dt, dev)?)
                 } else {
                     None
                 },
-            ))
+            )
         };
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
@@ -299,12 +275,20 @@ impl Llama {
             _ => embed_tokens.clone(),
         };
         // The mean row, summed in a fixed order (candle's reductions may vary in the last bit).
-        let rows: Vec<Vec<f32>> = embed_tokens.to_dtype(DType::F32)?.to_vec2()?;
+        // Read in blocks of rows, so no second copy of the table is made.
         let mut acc = vec![0f64; h];
-        for r in &rows {
-            acc.iter_mut().zip(r).for_each(|(a, &v)| *a += v as f64);
+        let vocab = embed_tokens.dim(0)?;
+        for r0 in (0..vocab).step_by(4096) {
+            let n = (vocab - r0).min(4096);
+            let rows: Vec<Vec<f32>> = embed_tokens
+                .narrow(0, r0, n)?
+                .to_dtype(DType::F32)?
+                .to_vec2()?;
+            for r in &rows {
+                acc.iter_mut().zip(r).for_each(|(a, &v)| *a += v as f64);
+            }
         }
-        let mean: Vec<f32> = acc.iter().map(|a| (a / rows.len() as f64) as f32).collect();
+        let mean: Vec<f32> = acc.iter().map(|a| (a / vocab as f64) as f32).collect();
         let mean = Tensor::from_vec(mean, (1, h), dev)?.to_dtype(dt)?;
         let extra_embeddings = mean
             .repeat((extra_tokens.max(1), 1))?
@@ -333,6 +317,13 @@ impl Llama {
         self.layers
             .first()
             .map_or(self.dtype(), |l| l.q_proj.weight.dtype())
+    }
+
+    /// How the frozen projections are held, in words (`bf16, packed for the AVX512-BF16 GEMM`).
+    pub fn weight_format(&self) -> String {
+        self.layers
+            .first()
+            .map_or_else(|| "no layers".into(), |l| l.q_proj.weight.describe())
     }
 
     /// Which kernels multiply the frozen weights, in words (`llara llm info`, the logs).
@@ -574,7 +565,7 @@ impl Llama {
         }
         let idx = Tensor::from_vec(idx, flat_positions.len(), hidden.device())?;
         let rows = hidden.reshape((b * t, h))?.index_select(&idx, 0)?;
-        ops::frozen_linear(&rows, &self.lm_head, None, None)
+        ops::linear(&rows, &self.lm_head, None)
     }
 
     /// Cross-entropy (mean over the target tokens) of `targets` at flat positions of `hidden`,

@@ -39,7 +39,7 @@ pub fn add_adapters(model: &mut Llama, cfg: &LoraConfig, seed: u64) -> CResult<(
     for layer in model.layers.iter_mut() {
         for &t in &cfg.targets {
             let p = layer.proj_mut(t);
-            let (out, inp) = p.weight.dims2()?;
+            let (out, inp) = p.weight.dims();
             // kaiming_uniform_(a=√5): bound = √(6 / ((1 + 5)·fan_in)) = 1/√fan_in.
             let bound = 1.0 / (inp as f64).sqrt();
             let a: Vec<f64> = (0..cfg.r * inp)
@@ -228,7 +228,7 @@ pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<LoraConfig, LlmErro
             )));
         };
         let p = model.layers[layer].proj_mut(target);
-        let (out, inp) = p.weight.dims2().map_err(|e| bad(e.to_string()))?;
+        let (out, inp) = p.weight.dims();
         let r = a.dim(0).map_err(|e| bad(e.to_string()))?;
         if a.dims() != [r, inp] || b.dims() != [out, r] {
             return Err(bad(format!(
@@ -342,7 +342,11 @@ pub fn merge(model: &mut Llama) -> CResult<()> {
                         * l.scale)?;
                 // Detached: a merged weight must not carry the adapter's graph, or every
                 // activation computed from it would be kept for a backward pass that never comes.
-                p.set_weight((p.weight.to_dtype(acc)? + delta)?.to_dtype(dt)?.detach());
+                p.set_weight(
+                    (p.weight.tensor()?.to_dtype(acc)? + delta)?
+                        .to_dtype(dt)?
+                        .detach(),
+                )?;
             }
         }
     }

@@ -10,48 +10,41 @@ use crate::kernels::fused;
 use crate::kernels::nn::matmul_t;
 use crate::kernels::simd::dot;
 use crate::kernels::slice::{f32_slice, host_vec};
+use crate::kernels::weight::FrozenWeight;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 use std::sync::{Arc, OnceLock};
 
 // ---------------------------------------------------------------------------------------------
 // Projections: frozen `W` (no gradient), optional LoRA.
 
-/// Whether the fused kernel takes `x` and the frozen `w`: an f32 `w`, or a bf16 one with its
-/// packing for the bf16 GEMM.
-fn fused_weight(x: &Tensor, w: &Tensor, frozen: Option<&kernels::Frozen>) -> bool {
-    let packed = matches!(frozen, Some(kernels::Frozen::Bf16(_)));
-    fused(&[x])
-        && !w.track_op()
-        && (fused(&[w]) || (packed && w.dtype() == DType::BF16 && w.device().is_cpu()))
+/// Whether the fused kernel takes `x` and the frozen `w` (a format that multiplies f32
+/// activations on the CPU).
+fn fused_weight(x: &Tensor, w: &FrozenWeight) -> bool {
+    fused(&[x]) && w.cpu_kernels()
 }
 
-/// `x W^T (+ b)` for a frozen `W [out, in]` (a `W` that tracks gradients takes the plain path).
-/// `frozen` is what the fused kernel keeps of `W` ([`kernels::Frozen`]: an f32 `W`'s transposed
-/// copy, which it multiplies faster; a bf16 `W`'s packing). Off the fused path a `W` of another
-/// dtype than `x` is converted to `x`'s for the product.
-pub fn frozen_linear(
-    x: &Tensor,
-    w: &Tensor,
-    frozen: Option<&kernels::Frozen>,
-    b: Option<&Tensor>,
-) -> Result<Tensor> {
-    if fused_weight(x, w, frozen) && b.is_none_or(|b| fused(&[b])) {
+/// `x W^T (+ b)` for a frozen `W [out, in]` in any [`FrozenWeight`] format. Off the fused path
+/// `W` is taken as a tensor ([`FrozenWeight::tensor`]) and converted to `x`'s dtype.
+pub fn frozen_linear(x: &Tensor, w: &FrozenWeight, b: Option<&Tensor>) -> Result<Tensor> {
+    if fused_weight(x, w) && b.is_none_or(|b| fused(&[b])) {
         return x.contiguous()?.apply_op1(kernels::Linear {
             w: w.clone(),
-            frozen: frozen.cloned(),
             bias: b.cloned(),
             scale: 0.0,
             drop: None,
         });
     }
-    let (w, b) = (
-        &w.to_dtype(x.dtype())?,
-        b.map(|b| b.to_dtype(x.dtype())).transpose()?,
-    );
-    let b = b.as_ref();
+    let w = &w.tensor()?.to_dtype(x.dtype())?;
+    let b = b.map(|b| b.to_dtype(x.dtype())).transpose()?;
+    // Frozen: the input's gradient only (candle's matmul backward would also compute W's).
+    crate::kernels::frozen::linear(x, w, b.as_ref())
+}
+
+/// `x W^T (+ b)` for a `W` that may itself be trained (a tensor in the autograd graph): the plain
+/// differentiable product, or the frozen path when `W` tracks no gradient.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     if !w.track_op() && b.is_none_or(|b| !b.track_op()) {
-        // Frozen: the input's gradient only (candle's matmul backward would also compute W's).
-        return crate::kernels::frozen::linear(x, w, b);
+        return frozen_linear(x, &FrozenWeight::plain(w.clone()), b);
     }
     let y = matmul_t(x, w)?;
     match b {
@@ -65,8 +58,7 @@ pub fn frozen_linear(
 #[allow(clippy::too_many_arguments)]
 pub fn lora_linear(
     x: &Tensor,
-    w: &Tensor,
-    frozen: Option<&kernels::Frozen>,
+    w: &FrozenWeight,
     b: Option<&Tensor>,
     a: &Tensor,
     bm: &Tensor,
@@ -74,7 +66,7 @@ pub fn lora_linear(
     dropout: &mut Option<&mut Dropout>,
 ) -> Result<Tensor> {
     let active = dropout.as_deref().filter(|d| d.p > 0.0).is_some();
-    if fused_weight(x, w, frozen) && fused(&[a, bm]) && b.is_none_or(|b| fused(&[b])) {
+    if fused_weight(x, w) && fused(&[a, bm]) && b.is_none_or(|b| fused(&[b])) {
         let drop = match dropout {
             Some(d) if active => Some(kernels::DropMask {
                 keep: Arc::new(d.keep_flags_parallel(x.elem_count())),
@@ -84,14 +76,13 @@ pub fn lora_linear(
         };
         let op = kernels::Linear {
             w: w.clone(),
-            frozen: frozen.cloned(),
             bias: b.cloned(),
             scale: scale as f32,
             drop,
         };
         return x.contiguous()?.apply_op3(a, bm, op);
     }
-    let y = frozen_linear(x, w, frozen, b)?;
+    let y = frozen_linear(x, w, b)?;
     let dt = a.dtype();
     let xin = x.to_dtype(dt)?;
     let xin = match dropout {
@@ -623,10 +614,10 @@ mod tests {
         let run = |fused_path: bool| {
             let p = masked_softmax(&x, &mask, 0.5).unwrap();
             let y = if fused_path {
-                // The pre-transposed weight gives the same product as the plain one.
-                let wt = kernels::Frozen::Transposed(w.t().unwrap().contiguous().unwrap());
-                let a = frozen_linear(&p, &w, Some(&wt), None).unwrap();
-                let b = frozen_linear(&p, &w, None, None).unwrap();
+                // The weight kept transposed gives the same product as the plain one.
+                let wt = FrozenWeight::new(w.clone()).unwrap();
+                let a = frozen_linear(&p, &wt, None).unwrap();
+                let b = frozen_linear(&p, &FrozenWeight::plain(w.clone()), None).unwrap();
                 close(&[host_vec(&a).unwrap()], &[host_vec(&b).unwrap()]);
                 a
             } else {
@@ -643,10 +634,7 @@ mod tests {
         // A weight that is a variable still gets its gradient (the plain path).
         let wv = Var::from_tensor(&w).unwrap();
         let p = masked_softmax(&x, &mask, 0.5).unwrap();
-        let l = frozen_linear(&p, wv.as_tensor(), None, None)
-            .unwrap()
-            .sum_all()
-            .unwrap();
+        let l = linear(&p, wv.as_tensor(), None).unwrap().sum_all().unwrap();
         assert!(l.backward().unwrap().get(wv.as_tensor()).is_some());
     }
 }
