@@ -693,3 +693,59 @@ fn device_auto_says_what_it_chose_and_why() {
         );
     }
 }
+
+/// The streaming random source (`builtin:random`) gives the same weights as the all-at-once
+/// table, in whatever order the loader asks, and gives each tensor once.
+#[test]
+fn random_weights_streamed_in_load_order_equal_the_table() {
+    use llara::llm::llama::{RandomWeights, WeightSource};
+    let cfg = Config {
+        tie_word_embeddings: false,
+        qkv_bias: true,
+        ..Config::tiny(V)
+    };
+    for dt in [DType::F32, DType::BF16] {
+        let table = random_weights(&cfg, 5, dt, &Device::Cpu).unwrap();
+        let stream = RandomWeights::new(&cfg, 5, dt, &Device::Cpu);
+        // Ahead of the stream's order first (a layer's projections before its second norm).
+        let mut names: Vec<&String> = table.keys().collect();
+        names.sort_by_key(|n| (n.contains("norm"), n.to_string()));
+        for n in names {
+            let got = stream.tensor(n).unwrap().expect("present");
+            let want = &table[n];
+            assert_eq!(got.dims(), want.dims(), "{n}");
+            let d = (got.to_dtype(DType::F64).unwrap() - want.to_dtype(DType::F64).unwrap())
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            assert_eq!(d, 0.0, "{n} {dt:?}");
+        }
+        assert!(stream.tensor("model.norm.weight").unwrap().is_none());
+        assert!(stream.tensor("no.such.tensor").unwrap().is_none());
+        // Loading from the stream gives the table's model.
+        let a = Llama::load(
+            &RandomWeights::new(&cfg, 5, dt, &Device::Cpu),
+            &cfg,
+            2,
+            dt,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let b = Llama::load(&table, &cfg, 2, dt, &Device::Cpu).unwrap();
+        let rows = vec![vec![1u32, 2, 3, 4]];
+        let h = |m: &Llama| {
+            let x = m.embed(&rows, None).unwrap();
+            m.forward(&x, Step::padded(&[4], 4), None)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        assert_eq!(h(&a), h(&b), "{dt:?}");
+    }
+}

@@ -1,6 +1,7 @@
-//! GGUF (llama architecture): hyper-parameters from the metadata, every tensor dequantized with
-//! candle's quantized module and renamed to the Hugging Face layout, with the Q/K row permutation
-//! of llama.cpp's converter undone so the half-split rotary embedding applies.
+//! GGUF (llama architecture): hyper-parameters from the metadata, and each tensor read from the
+//! file when the loader asks for it ([`GgufWeights`]), dequantized with candle's quantized module
+//! under its Hugging Face name, with the Q/K row permutation of llama.cpp's converter undone so the
+//! half-split rotary embedding applies. The whole model is never dequantized at once.
 
 use super::config::Config;
 use super::tokenizer::{self, meta_u32, LlmTokenizer};
@@ -8,12 +9,13 @@ use super::LlmError;
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 pub struct GgufModel {
     pub config: Config,
-    /// Dequantized f32 tensors under Hugging Face names.
-    pub tensors: HashMap<String, Tensor>,
+    /// The tensors, read one at a time under Hugging Face names.
+    pub weights: GgufWeights,
     pub tokenizer: LlmTokenizer,
     /// `gpt2/smollm`, `llama/llama`: the tokenizer model and pre-tokenizer.
     pub tokenizer_kind: String,
@@ -29,7 +31,7 @@ fn num(md: &HashMap<String, Value>, key: &str) -> Option<f64> {
     })
 }
 
-/// Reads the metadata and dequantizes every tensor.
+/// Reads the metadata and the tensor index (the tensors are read when asked for).
 pub fn read(path: &Path) -> Result<GgufModel, LlmError> {
     let bad = |msg: String| LlmError::Weights {
         path: path.to_path_buf(),
@@ -97,46 +99,81 @@ pub fn read(path: &Path) -> Result<GgufModel, LlmError> {
             path: path.to_path_buf(),
             msg: m.0,
         })?;
-    let mut tensors = HashMap::new();
+    let mut names = HashMap::new();
     let mut quant_types = vec![];
     for (name, info) in &content.tensor_infos {
-        let q = content
-            .tensor(&mut f, name, &Device::Cpu)
-            .map_err(|e| bad(format!("tensor {name}: {e}")))?;
         let qt = format!("{:?}", info.ggml_dtype);
         if !quant_types.contains(&qt) {
             quant_types.push(qt);
         }
-        let t = q
-            .dequantize(&Device::Cpu)
-            .map_err(|e| bad(format!("tensor {name}: {e}")))?;
-        let Some(hf) = hf_name(name) else {
+        match hf_name(name) {
+            Some(hf) => {
+                names.insert(hf, name.clone());
+            }
             // rope_freqs and other auxiliary tensors are not weights of the model.
-            if name == "rope_freqs.weight" {
+            None if name == "rope_freqs.weight" => {
                 return Err(bad(
                     "rope_freqs (Llama 3.1 rope scaling) in GGUF is not supported".into(),
-                ));
+                ))
             }
-            continue;
-        };
-        let t = if name.ends_with("attn_q.weight") || name.ends_with("attn_q.bias") {
-            unpermute(&t, heads)
-        } else if name.ends_with("attn_k.weight") || name.ends_with("attn_k.bias") {
-            unpermute(&t, kv_heads)
-        } else {
-            Ok(t)
+            None => {}
         }
-        .map_err(|e| bad(format!("tensor {name}: {e}")))?;
-        tensors.insert(hf, t);
     }
     quant_types.sort();
     Ok(GgufModel {
         config,
-        tensors,
+        weights: GgufWeights {
+            path: path.to_path_buf(),
+            content,
+            file: Mutex::new(f),
+            names,
+            heads,
+            kv_heads,
+        },
         tokenizer,
         tokenizer_kind,
         quant_types,
     })
+}
+
+/// A GGUF file's tensors under Hugging Face names, each read and dequantized when asked for.
+pub struct GgufWeights {
+    path: PathBuf,
+    content: Content,
+    file: Mutex<std::fs::File>,
+    /// Hugging Face name → GGUF name.
+    names: HashMap<String, String>,
+    heads: usize,
+    kv_heads: usize,
+}
+
+impl GgufWeights {
+    /// The tensor stored under `gguf_name`, still in its block format.
+    fn qtensor(&self, gguf_name: &str) -> candle_core::Result<candle_core::quantized::QTensor> {
+        let mut f = self.file.lock().expect("gguf file lock");
+        self.content
+            .tensor(&mut *f, gguf_name, &Device::Cpu)
+            .map_err(|e| {
+                candle_core::Error::Msg(format!("{}: tensor {gguf_name}: {e}", self.path.display()))
+            })
+    }
+}
+
+impl super::llama::WeightSource for GgufWeights {
+    fn tensor(&self, name: &str) -> candle_core::Result<Option<Tensor>> {
+        let Some(g) = self.names.get(name) else {
+            return Ok(None);
+        };
+        let t = self.qtensor(g)?.dequantize(&Device::Cpu)?;
+        let t = if g.ends_with("attn_q.weight") || g.ends_with("attn_q.bias") {
+            unpermute(&t, self.heads)?
+        } else if g.ends_with("attn_k.weight") || g.ends_with("attn_k.bias") {
+            unpermute(&t, self.kv_heads)?
+        } else {
+            t
+        };
+        Ok(Some(t))
+    }
 }
 
 /// llama.cpp's converter stores Q/K rows as `w.reshape(heads, 2, d/2, in).swap(1, 2)`; undo it.

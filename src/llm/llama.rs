@@ -201,6 +201,11 @@ fn get(
     let t = src
         .tensor(name)?
         .ok_or_else(|| candle_core::Error::Msg(format!("tensor {name} is missing")))?;
+    convert(name, t, shape, dt, dev)
+}
+
+/// `t` (read as `name`) checked against `shape`, in `dt` on `dev`.
+fn convert(name: &str, t: Tensor, shape: &[usize], dt: DType, dev: &Device) -> Result<Tensor> {
     if t.dims() != shape {
         candle_core::bail!("tensor {name} has shape {:?}, expected {shape:?}", t.dims());
     }
@@ -268,9 +273,10 @@ impl Llama {
             });
         }
         let norm = get(src, "model.norm.weight", &[h], dt, dev)?;
+        // Read once: a streaming source gives each tensor once.
         let lm_head = match src.tensor("lm_head.weight")? {
-            Some(_) if !cfg.tie_word_embeddings => {
-                get(src, "lm_head.weight", &[cfg.vocab_size, h], dt, dev)?
+            Some(t) if !cfg.tie_word_embeddings => {
+                convert("lm_head.weight", t, &[cfg.vocab_size, h], dt, dev)?
             }
             _ => embed_tokens.clone(),
         };
@@ -707,66 +713,176 @@ impl CustomOp3 for CheckpointedLayer {
 }
 
 /// Random weights for `cfg` in Hugging Face naming (normal, std 0.2 for matrices, norms near 1),
-/// seeded: tiny backbones for tests and the offline demo.
+/// seeded: tiny backbones for tests and the offline demo. All of them at once; [`RandomWeights`]
+/// makes the same values one tensor at a time.
 pub fn random_weights(
     cfg: &Config,
     seed: u64,
     dt: DType,
     dev: &Device,
 ) -> Result<std::collections::HashMap<String, Tensor>> {
-    use rand::SeedableRng;
-    use rand_distr::{Distribution, Normal};
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let normal = Normal::new(0.0f64, 0.2).expect("valid std");
+    let src = RandomWeights::new(cfg, seed, dt, dev);
     let mut out = std::collections::HashMap::new();
-    let mut put = |name: String, shape: Vec<usize>, norm: bool| -> Result<()> {
-        let n: usize = shape.iter().product();
-        let v: Vec<f64> = (0..n)
-            .map(|_| {
-                let x = normal.sample(&mut rng);
-                if norm {
-                    1.0 + 0.5 * x
-                } else {
-                    x
-                }
-            })
-            .collect();
-        out.insert(name, Tensor::from_vec(v, shape, dev)?.to_dtype(dt)?);
-        Ok(())
-    };
-    let (h, f, d) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
-    let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
-    put(
-        "model.embed_tokens.weight".into(),
-        vec![cfg.vocab_size, h],
-        false,
-    )?;
-    for i in 0..cfg.num_hidden_layers {
-        let p = format!("model.layers.{i}");
-        put(format!("{p}.input_layernorm.weight"), vec![h], true)?;
-        put(
-            format!("{p}.post_attention_layernorm.weight"),
-            vec![h],
-            true,
-        )?;
-        for (m, out_dim, in_dim, bias) in [
-            ("self_attn.q_proj", nh * d, h, cfg.qkv_bias),
-            ("self_attn.k_proj", nkv * d, h, cfg.qkv_bias),
-            ("self_attn.v_proj", nkv * d, h, cfg.qkv_bias),
-            ("self_attn.o_proj", h, nh * d, cfg.o_bias),
-            ("mlp.gate_proj", f, h, cfg.mlp_bias),
-            ("mlp.up_proj", f, h, cfg.mlp_bias),
-            ("mlp.down_proj", h, f, cfg.mlp_bias),
-        ] {
-            put(format!("{p}.{m}.weight"), vec![out_dim, in_dim], false)?;
-            if bias {
-                put(format!("{p}.{m}.bias"), vec![out_dim], false)?;
-            }
-        }
-    }
-    put("model.norm.weight".into(), vec![h], true)?;
-    if !cfg.tie_word_embeddings {
-        put("lm_head.weight".into(), vec![cfg.vocab_size, h], false)?;
+    for (name, _, _) in &src.specs {
+        let t = src.tensor(name)?.expect("every listed tensor is made");
+        out.insert(name.clone(), t);
     }
     Ok(out)
+}
+
+/// The weights of [`random_weights`] made when the loader asks for them, so a real-size random
+/// backbone (`builtin:random:CONFIG`) never exists twice: the values come from one seeded stream in
+/// a fixed order, and a tensor asked for ahead of its turn makes the ones before it, which wait
+/// (at most one layer's) until they are asked for. Each tensor is given out once.
+pub struct RandomWeights {
+    /// (name, shape, whether a norm weight) in the stream's order.
+    specs: Vec<(String, Vec<usize>, bool)>,
+    dt: DType,
+    dev: Device,
+    state: Mutex<RandomState>,
+}
+
+struct RandomState {
+    rng: rand_chacha::ChaCha8Rng,
+    next: usize,
+    made: std::collections::HashMap<String, Tensor>,
+}
+
+impl RandomWeights {
+    pub fn new(cfg: &Config, seed: u64, dt: DType, dev: &Device) -> Self {
+        use rand::SeedableRng;
+        let (h, f, d) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
+        let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        let mut specs = vec![(
+            "model.embed_tokens.weight".to_string(),
+            vec![cfg.vocab_size, h],
+            false,
+        )];
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            specs.push((format!("{p}.input_layernorm.weight"), vec![h], true));
+            specs.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                vec![h],
+                true,
+            ));
+            for (m, out_dim, in_dim, bias) in [
+                ("self_attn.q_proj", nh * d, h, cfg.qkv_bias),
+                ("self_attn.k_proj", nkv * d, h, cfg.qkv_bias),
+                ("self_attn.v_proj", nkv * d, h, cfg.qkv_bias),
+                ("self_attn.o_proj", h, nh * d, cfg.o_bias),
+                ("mlp.gate_proj", f, h, cfg.mlp_bias),
+                ("mlp.up_proj", f, h, cfg.mlp_bias),
+                ("mlp.down_proj", h, f, cfg.mlp_bias),
+            ] {
+                specs.push((format!("{p}.{m}.weight"), vec![out_dim, in_dim], false));
+                if bias {
+                    specs.push((format!("{p}.{m}.bias"), vec![out_dim], false));
+                }
+            }
+        }
+        specs.push(("model.norm.weight".into(), vec![h], true));
+        if !cfg.tie_word_embeddings {
+            specs.push(("lm_head.weight".into(), vec![cfg.vocab_size, h], false));
+        }
+        RandomWeights {
+            specs,
+            dt,
+            dev: dev.clone(),
+            state: Mutex::new(RandomState {
+                rng: rand_chacha::ChaCha8Rng::seed_from_u64(seed),
+                next: 0,
+                made: Default::default(),
+            }),
+        }
+    }
+
+    /// The next tensor of the stream, made in blocks of values (each drawn in f64 and converted
+    /// to the dtype as one tensor would be: the same values as one conversion of the whole).
+    fn make(&self, st: &mut RandomState, shape: &[usize], norm: bool) -> Result<Tensor> {
+        use rand_distr::{Distribution, Normal};
+        let normal = Normal::new(0.0f64, 0.2).expect("valid std");
+        let n: usize = shape.iter().product();
+        const BLOCK: usize = 1 << 20;
+        let mut parts = TypedValues::new(self.dt, n)?;
+        let mut left = n;
+        while left > 0 {
+            let k = left.min(BLOCK);
+            let v: Vec<f64> = (0..k)
+                .map(|_| {
+                    let x = normal.sample(&mut st.rng);
+                    if norm {
+                        1.0 + 0.5 * x
+                    } else {
+                        x
+                    }
+                })
+                .collect();
+            parts.push(&Tensor::from_vec(v, k, &Device::Cpu)?.to_dtype(self.dt)?)?;
+            left -= k;
+        }
+        parts.into_tensor(shape)?.to_device(&self.dev)
+    }
+}
+
+/// Values of one dtype gathered block by block into one buffer.
+enum TypedValues {
+    F32(Vec<f32>),
+    F64(Vec<f64>),
+    BF16(Vec<half::bf16>),
+    F16(Vec<half::f16>),
+}
+
+impl TypedValues {
+    fn new(dt: DType, n: usize) -> Result<Self> {
+        Ok(match dt {
+            DType::F32 => Self::F32(Vec::with_capacity(n)),
+            DType::F64 => Self::F64(Vec::with_capacity(n)),
+            DType::BF16 => Self::BF16(Vec::with_capacity(n)),
+            DType::F16 => Self::F16(Vec::with_capacity(n)),
+            other => candle_core::bail!("random weights in {other:?}: a float dtype expected"),
+        })
+    }
+
+    fn push(&mut self, t: &Tensor) -> Result<()> {
+        match self {
+            Self::F32(v) => v.extend(t.to_vec1::<f32>()?),
+            Self::F64(v) => v.extend(t.to_vec1::<f64>()?),
+            Self::BF16(v) => v.extend(t.to_vec1::<half::bf16>()?),
+            Self::F16(v) => v.extend(t.to_vec1::<half::f16>()?),
+        }
+        Ok(())
+    }
+
+    fn into_tensor(self, shape: &[usize]) -> Result<Tensor> {
+        let dev = &Device::Cpu;
+        match self {
+            Self::F32(v) => Tensor::from_vec(v, shape, dev),
+            Self::F64(v) => Tensor::from_vec(v, shape, dev),
+            Self::BF16(v) => Tensor::from_vec(v, shape, dev),
+            Self::F16(v) => Tensor::from_vec(v, shape, dev),
+        }
+    }
+}
+
+impl WeightSource for RandomWeights {
+    fn tensor(&self, name: &str) -> Result<Option<Tensor>> {
+        let mut st = self.state.lock().expect("random weights lock");
+        if let Some(t) = st.made.remove(name) {
+            return Ok(Some(t));
+        }
+        if !self.specs[st.next..].iter().any(|(n, _, _)| n == name) {
+            return Ok(None);
+        }
+        while st.next < self.specs.len() {
+            let (n, shape, norm) = &self.specs[st.next];
+            st.next += 1;
+            let t = self.make(&mut st, shape, *norm)?;
+            if n == name {
+                return Ok(Some(t));
+            }
+            st.made.insert(n.clone(), t);
+        }
+        Ok(None)
+    }
 }

@@ -2,11 +2,10 @@
 //! standard cache (`HF_HOME`, `HF_TOKEN`, `HF_HUB_OFFLINE` honoured).
 
 use super::config::Config;
-use super::llama::{Llama, WeightSource};
+use super::llama::Llama;
 use super::tokenizer::{LlmTokenizer, ADDED_TOKENS};
 use super::{gguf, LlmError};
-use candle_core::safetensors::MmapedSafetensors;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use std::path::{Path, PathBuf};
 
 pub struct LlmOptions {
@@ -76,17 +75,6 @@ impl Loaded {
     }
 }
 
-struct Mmaped(MmapedSafetensors);
-
-impl WeightSource for Mmaped {
-    fn tensor(&self, name: &str) -> candle_core::Result<Option<Tensor>> {
-        if self.0.get(name).is_err() {
-            return Ok(None);
-        }
-        self.0.load(name, &Device::Cpu).map(Some)
-    }
-}
-
 fn looks_like_hub_id(spec: &str) -> bool {
     let parts: Vec<&str> = spec.split('/').collect();
     parts.len() == 2
@@ -109,7 +97,8 @@ pub const BUILTIN_RANDOM: &str = "builtin:random:";
 
 /// A backbone of shape `cfg` with seeded random weights and a byte-level tokenizer.
 fn random_backbone(spec: &str, cfg: &Config, opts: &LlmOptions) -> Result<Loaded, LlmError> {
-    let w = crate::llm::llama::random_weights(cfg, 0, opts.dtype(), &opts.device)?;
+    // Made one tensor at a time as the loader asks (never the whole model twice).
+    let w = crate::llm::llama::RandomWeights::new(cfg, 0, opts.dtype(), &opts.device);
     let model = Llama::load(&w, cfg, ADDED_TOKENS.len(), opts.dtype(), &opts.device)?;
     Ok(Loaded {
         model,
@@ -247,28 +236,22 @@ fn load_folder(
             });
         }
     }
-    let st = unsafe { MmapedSafetensors::multi(weights) }.map_err(|e| LlmError::Weights {
-        path: weights[0].clone(),
-        msg: e.to_string(),
-    })?;
-    let model = Llama::load(
-        &Mmaped(st),
-        &cfg,
-        ADDED_TOKENS.len(),
-        opts.dtype(),
-        &opts.device,
-    )
-    .map_err(|e| LlmError::Weights {
-        path: dir.to_path_buf(),
-        msg: e.to_string(),
-    })?;
+    let st = super::safetensors::Streamed::open(weights)
+        .map_err(|(path, msg)| LlmError::Weights { path, msg })?;
+    let model =
+        Llama::load(&st, &cfg, ADDED_TOKENS.len(), opts.dtype(), &opts.device).map_err(|e| {
+            LlmError::Weights {
+                path: dir.to_path_buf(),
+                msg: e.to_string(),
+            }
+        })?;
     Ok((model, tokenizer))
 }
 
 fn load_gguf(path: &Path, opts: &LlmOptions) -> Result<Loaded, LlmError> {
     let g = gguf::read(path)?;
     let model = Llama::load(
-        &g.tensors,
+        &g.weights,
         &g.config,
         ADDED_TOKENS.len(),
         opts.dtype(),

@@ -12,6 +12,7 @@ pub mod llama;
 pub mod load;
 pub mod lora;
 pub mod ops;
+pub mod safetensors;
 pub mod tokenizer;
 
 pub use adapter::{LoraConfig, Target};
