@@ -17,6 +17,7 @@
 //!   (differentiable, any device and dtype) version of an op; [`set_fused`] / [`with_fused`]
 //!   turn the fused kernels off.
 
+pub mod alloc;
 pub mod bf16;
 pub mod dropout;
 pub mod gemm;

@@ -111,6 +111,11 @@ fn random_backbone(spec: &str, cfg: &Config, opts: &LlmOptions) -> Result<Loaded
 
 /// Loads the backbone named by `spec`.
 pub fn load(spec: &str, opts: &LlmOptions) -> Result<Loaded, LlmError> {
+    // Each weight is read, turned into its format and dropped: give those buffers back as we go.
+    crate::kernels::alloc::releasing(|| load_spec(spec, opts))
+}
+
+fn load_spec(spec: &str, opts: &LlmOptions) -> Result<Loaded, LlmError> {
     if let Some(config) = spec.strip_prefix(BUILTIN_RANDOM) {
         let cfg = Config::from_hf_file(Path::new(config))?;
         return random_backbone(spec, &cfg, opts);
@@ -147,7 +152,7 @@ pub fn load(spec: &str, opts: &LlmOptions) -> Result<Loaded, LlmError> {
             return load_gguf(path, opts);
         }
         if path.file_name().is_some_and(|n| n == "config.json") {
-            return load(
+            return load_spec(
                 &path
                     .parent()
                     .unwrap_or(Path::new("."))

@@ -325,6 +325,11 @@ pub fn save_adapter(
 
 /// Folds every adapter into its base weight (`W + scale · B A`) and drops the adapters.
 pub fn merge(model: &mut Llama) -> CResult<()> {
+    // Every weight is unpacked, summed and packed again once: give those buffers back as we go.
+    crate::kernels::alloc::releasing(|| merge_all(model))
+}
+
+fn merge_all(model: &mut Llama) -> CResult<()> {
     for layer in model.layers.iter_mut() {
         for t in Target::ALL {
             let p = layer.proj_mut(t);

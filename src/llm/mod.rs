@@ -11,6 +11,7 @@ pub mod kernels;
 pub mod llama;
 pub mod load;
 pub mod lora;
+pub mod memory;
 pub mod ops;
 pub mod safetensors;
 pub mod tokenizer;

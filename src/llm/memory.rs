@@ -1,0 +1,284 @@
+//! The memory guard: before a backbone is loaded, the peak resident memory of the job is estimated
+//! from the config alone (weights in the format their dtype gives them, activations for the batch
+//! and sequence length, adapters with their optimizer state) and compared with the memory this
+//! process may use (`LLARA_MEMORY_LIMIT`, the cgroup's limit, or `MemAvailable`). A job that does
+//! not fit stops with the estimate and the settings that would fit, instead of being killed for
+//! memory after a long load.
+//!
+//! The estimate is for the CPU (host memory); on a GPU the host holds little of the model.
+
+use super::config::Config;
+use candle_core::DType;
+
+/// What the backbone will be used for.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Workload {
+    /// Rows per forward pass.
+    pub batch: usize,
+    /// Tokens per row (prompt and answer; for scoring, prompt and packed candidates).
+    pub seq_len: usize,
+    /// Training: activations kept for the backward pass, the adapters' gradients and optimizer
+    /// state; else inference (a KV cache of `seq_len` per row).
+    pub train: bool,
+    /// Activation checkpointing per decoder layer (training).
+    pub checkpoint: bool,
+    /// LoRA rank on all seven projections (0: none).
+    pub lora_r: usize,
+}
+
+/// The estimate, in bytes, by part.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Estimate {
+    /// The frozen projections in their format.
+    pub weights: u64,
+    /// Input embeddings and the LM head (f32 on the CPU).
+    pub embeddings: u64,
+    /// Activations kept at the peak of a step (and the KV cache in inference).
+    pub activations: u64,
+    /// Adapters: values, gradients and AdamW's two moments.
+    pub adapters: u64,
+    /// The program, tokenizer, allocator slack and per-call buffers.
+    pub overhead: u64,
+}
+
+impl Estimate {
+    pub fn total(&self) -> u64 {
+        self.weights + self.embeddings + self.activations + self.adapters + self.overhead
+    }
+}
+
+/// Bytes per frozen projection weight in `dt` on the CPU (the bf16 packing holds 2 where the
+/// AVX512-BF16 kernel runs; elsewhere the weights are widened to f32 once).
+fn weight_bytes(dt: DType) -> u64 {
+    match dt {
+        DType::BF16 => {
+            if crate::kernels::bf16::kernel() == crate::kernels::bf16::Kernel::Avx512Bf16 {
+                2
+            } else {
+                4
+            }
+        }
+        other => other.size_in_bytes() as u64,
+    }
+}
+
+/// The peak resident memory of `w` on a backbone of `cfg` with weights in `dt` on the CPU.
+pub fn estimate(cfg: &Config, dt: DType, w: &Workload) -> Estimate {
+    let (h, f, d) = (
+        cfg.hidden_size as u64,
+        cfg.intermediate_size as u64,
+        cfg.head_dim as u64,
+    );
+    let (nh, nkv, l) = (
+        cfg.num_attention_heads as u64,
+        cfg.num_key_value_heads as u64,
+        cfg.num_hidden_layers as u64,
+    );
+    let v = cfg.vocab_size as u64;
+    let per_layer_params = h * nh * d * 2 + h * nkv * d * 2 + 3 * h * f;
+    let weights = l * per_layer_params * weight_bytes(dt);
+    // Activations and embeddings stay f32 on the CPU under bf16 weights.
+    let act = if dt == DType::BF16 { 4 } else { dt.size_in_bytes() as u64 };
+    let embeddings = v * h * act * if cfg.tie_word_embeddings { 1 } else { 2 };
+    let n = (w.batch * w.seq_len) as u64;
+    let qkv = (nh + 2 * nkv) * d;
+    // What one decoder layer's forward pass keeps for its backward pass: its input, the two norms'
+    // outputs, q/k/v before and after rope, the attention output, the residual, gate/up and their
+    // product (dropout masks: a byte per input value of each adapted projection).
+    let layer_kept = n * (5 * h + 2 * qkv + nh * d + 3 * f) * act + n * (4 * h + 2 * f);
+    // A layer's backward: gradients of the same tensors, alive at once, and the input gradient's
+    // orientation of the largest projection.
+    let layer_bwd = layer_kept + h.max(nh * d) * f.max(qkv) * weight_bytes(dt);
+    let activations = if w.train {
+        if w.checkpoint {
+            l * n * h * act + layer_kept + layer_bwd
+        } else {
+            l * layer_kept + layer_bwd
+        }
+    } else {
+        // KV cache plus one layer's transient work.
+        2 * l * n * nkv * d * act + layer_kept
+    };
+    // Logits at the answer positions only; a prefill's last position: small beside the rest, but
+    // a vocabulary row per position of the batch is kept for the loss.
+    let logits = (w.batch as u64) * 32 * v * 4;
+    let lora = if w.lora_r > 0 {
+        let r = w.lora_r as u64;
+        let per = r * ((h + nh * d) + 2 * (h + nkv * d) + (nh * d + h) + 2 * (h + f) + (f + h));
+        l * per * 4 * if w.train { 4 } else { 1 }
+    } else {
+        0
+    };
+    Estimate {
+        weights,
+        embeddings,
+        activations: activations + logits,
+        adapters: lora,
+        overhead: 300 << 20,
+    }
+}
+
+/// The memory this process may use, and where that figure comes from: `LLARA_MEMORY_LIMIT`
+/// (bytes, or with a `K`/`M`/`G` suffix), the cgroup's limit less its current use, or the
+/// kernel's `MemAvailable`, whichever is smallest.
+pub fn available() -> Option<(u64, String)> {
+    let mut best: Option<(u64, String)> = None;
+    let mut offer = |bytes: u64, what: String| {
+        if best.as_ref().is_none_or(|(b, _)| bytes < *b) {
+            best = Some((bytes, what));
+        }
+    };
+    if let Ok(s) = std::env::var("LLARA_MEMORY_LIMIT") {
+        if let Some(b) = parse_bytes(&s) {
+            offer(b, format!("LLARA_MEMORY_LIMIT={s}"));
+        }
+    }
+    let read = |p: &str| std::fs::read_to_string(p).ok();
+    // cgroup v2, then v1.
+    if let (Some(max), Some(cur)) = (
+        read("/sys/fs/cgroup/memory.max"),
+        read("/sys/fs/cgroup/memory.current"),
+    ) {
+        if let (Ok(max), Ok(cur)) = (max.trim().parse::<u64>(), cur.trim().parse::<u64>()) {
+            offer(max.saturating_sub(cur), "the cgroup's memory.max".into());
+        }
+    } else if let (Some(max), Some(cur)) = (
+        read("/sys/fs/cgroup/memory/memory.limit_in_bytes"),
+        read("/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ) {
+        if let (Ok(max), Ok(cur)) = (max.trim().parse::<u64>(), cur.trim().parse::<u64>()) {
+            if max < 1 << 60 {
+                offer(max.saturating_sub(cur), "the cgroup's memory limit".into());
+            }
+        }
+    }
+    if let Some(mi) = read("/proc/meminfo") {
+        if let Some(kb) = mi
+            .lines()
+            .find(|l| l.starts_with("MemAvailable:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|x| x.parse::<u64>().ok())
+        {
+            offer(kb * 1024, "MemAvailable".into());
+        }
+    }
+    best
+}
+
+/// `123`, `512M`, `16G`, `1.5G` (binary units).
+pub fn parse_bytes(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (num, mul) = match s.chars().last()? {
+        'k' | 'K' => (&s[..s.len() - 1], 1u64 << 10),
+        'm' | 'M' => (&s[..s.len() - 1], 1 << 20),
+        'g' | 'G' => (&s[..s.len() - 1], 1 << 30),
+        't' | 'T' => (&s[..s.len() - 1], 1 << 40),
+        _ => (s, 1),
+    };
+    let x: f64 = num.trim().parse().ok()?;
+    (x.is_finite() && x >= 0.0).then(|| (x * mul as f64) as u64)
+}
+
+/// `12.3 GB` (10⁹ bytes, as the performance tables).
+pub fn gb(b: u64) -> String {
+    format!("{:.2} GB", b as f64 / 1e9)
+}
+
+/// Why a workload does not fit, with what would.
+#[derive(Debug, thiserror::Error)]
+#[error("estimated peak memory {} (weights {}, embeddings {}, activations {}, adapters {}) exceeds the {} available ({source_of}); {suggestion}",
+    gb(estimate.total()), gb(estimate.weights), gb(estimate.embeddings), gb(estimate.activations),
+    gb(estimate.adapters), gb(*available), source_of = from)]
+pub struct MemoryError {
+    pub estimate: Estimate,
+    pub available: u64,
+    pub from: String,
+    pub suggestion: String,
+}
+
+/// Checks `w` against the memory available (nothing to check where none is known).
+pub fn check(cfg: &Config, dt: DType, w: &Workload) -> Result<Estimate, MemoryError> {
+    let e = estimate(cfg, dt, w);
+    let Some((avail, from)) = available() else {
+        return Ok(e);
+    };
+    if e.total() <= avail {
+        return Ok(e);
+    }
+    Err(MemoryError {
+        estimate: e,
+        available: avail,
+        from,
+        suggestion: suggest(cfg, dt, w, avail),
+    })
+}
+
+/// The settings nearest to `w` that fit in `avail`: a smaller weight dtype, activation
+/// checkpointing, a smaller batch (in that order of preference), or that none does.
+fn suggest(cfg: &Config, dt: DType, w: &Workload, avail: u64) -> String {
+    let mut tries: Vec<(String, DType, Workload)> = vec![];
+    if dt == DType::F32 {
+        tries.push(("--dtype bf16".into(), DType::BF16, *w));
+    }
+    if w.train && !w.checkpoint {
+        let c = Workload {
+            checkpoint: true,
+            ..*w
+        };
+        tries.push(("--checkpoint-layers".into(), dt, c));
+        if dt == DType::F32 {
+            tries.push(("--dtype bf16 --checkpoint-layers".into(), DType::BF16, c));
+        }
+    }
+    let mut b = w.batch / 2;
+    while b >= 1 {
+        tries.push((format!("a batch of {b}"), dt, Workload { batch: b, ..*w }));
+        if w.train && !w.checkpoint {
+            tries.push((
+                format!("a batch of {b} with --checkpoint-layers"),
+                dt,
+                Workload {
+                    batch: b,
+                    checkpoint: true,
+                    ..*w
+                },
+            ));
+        }
+        b /= 2;
+    }
+    for (what, dt2, w2) in tries {
+        let e = estimate(cfg, dt2, &w2).total();
+        if e <= avail {
+            return format!("{what} would fit (estimated {})", gb(e));
+        }
+    }
+    let floor = estimate(
+        cfg,
+        DType::BF16,
+        &Workload {
+            batch: 1,
+            checkpoint: true,
+            ..*w
+        },
+    );
+    format!(
+        "no setting of --dtype, batch or --checkpoint-layers fits: the weights alone take {} in bf16 (at batch 1 with checkpointing {})",
+        gb(floor.weights + floor.embeddings),
+        gb(floor.total())
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_sizes_parse() {
+        assert_eq!(parse_bytes("123"), Some(123));
+        assert_eq!(parse_bytes("2K"), Some(2048));
+        assert_eq!(parse_bytes("1.5G"), Some(3 << 29));
+        assert_eq!(parse_bytes("16g"), Some(16 << 30));
+        assert_eq!(parse_bytes("x"), None);
+        assert_eq!(parse_bytes("-1"), None);
+    }
+}
