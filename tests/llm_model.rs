@@ -749,3 +749,72 @@ fn random_weights_streamed_in_load_order_equal_the_table() {
         assert_eq!(h(&a), h(&b), "{dt:?}");
     }
 }
+
+/// A backbone whose estimated peak does not fit the memory available is refused before any
+/// weight is made, with the estimate, what is available and a setting that fits (or that none
+/// does); one that fits runs.
+#[test]
+fn a_model_that_cannot_fit_is_refused_before_loading_with_a_suggestion() {
+    let cfg = concat!(env!("CARGO_MANIFEST_DIR"), "/configs/llama2-7b.json");
+    let run = |limit: &str, extra: &[&str], llm: &str| {
+        let mut args = vec![
+            "llm",
+            "bench",
+            "--llm",
+            llm,
+            "--batch",
+            "1",
+            "--seq-len",
+            "512",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--gen-prompt-len",
+            "4",
+            "--gen-new-tokens",
+            "2",
+            "--threads",
+            "1",
+        ];
+        args.extend(extra);
+        let started = std::time::Instant::now();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_llara"))
+            .args(&args)
+            .env("LLARA_MEMORY_LIMIT", limit)
+            .output()
+            .unwrap();
+        (out, started.elapsed())
+    };
+    let spec = format!("builtin:random:{cfg}");
+    // bf16 weights alone are 14 GB: nothing fits in 8 GiB.
+    let (out, took) = run("8G", &["--dtype", "bf16"], &spec);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("estimated peak memory"), "{err}");
+    assert!(
+        err.contains("exceeds the 8.59 GB available (LLARA_MEMORY_LIMIT=8G)"),
+        "{err}"
+    );
+    assert!(
+        err.contains("no setting of --dtype, batch or --checkpoint-layers fits"),
+        "{err}"
+    );
+    // Refused from the config alone: making 6.7 B random weights would take minutes.
+    assert!(took.as_secs() < 30, "{took:?}");
+    // f32 without checkpointing does not fit in 18 GiB; bf16 with checkpointing does.
+    let (out, _) = run("18G", &["--dtype", "f32"], &spec);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("--dtype bf16 --checkpoint-layers would fit"),
+        "{err}"
+    );
+    // The tiny backbone fits and runs.
+    let (out, _) = run("8G", &["--answer-len", "4"], "builtin:tiny");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

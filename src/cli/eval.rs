@@ -306,9 +306,12 @@ pub(super) fn open_run(
         &data,
         &info.sr,
         &spec,
-        None,
-        device,
-        dtype,
+        llara::llm::LlmOptions {
+            device: device.clone(),
+            dtype,
+            revision: None,
+            workload: None,
+        },
         prompts.as_deref(),
     )?;
     if sha256_file(&parts.sr_weights)? != info.sr_sha256 {

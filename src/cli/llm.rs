@@ -42,12 +42,19 @@ pub struct BackboneArgs {
 
 impl BackboneArgs {
     pub fn load(&self) -> Result<Loaded> {
+        self.load_for(None)
+    }
+
+    /// Loads for `workload`: refused before any weight is read when its estimated peak memory
+    /// does not fit ([`llm::memory::check`]).
+    pub fn load_for(&self, workload: Option<llm::memory::Workload>) -> Result<Loaded> {
         let device = self.dev.start(2)?;
         let dtype = self.dev.dtype()?;
         let opts = LlmOptions {
             device,
             dtype,
             revision: self.revision.clone(),
+            workload,
         };
         let started = std::time::Instant::now();
         let mut loaded = llm::load(&self.llm, &opts)?;
@@ -130,6 +137,36 @@ pub fn run(cmd: LlmCommand) -> Result<()> {
     }
 }
 
+/// The peak-memory estimates `llm info` prints: LoRA r 8 training on one 512-token row, with and
+/// without activation checkpointing, and inference on it.
+fn estimates(m: &llm::Llama) -> Vec<(String, llm::memory::Estimate)> {
+    let w = llm::memory::Workload {
+        batch: 1,
+        seq_len: 512,
+        train: true,
+        checkpoint: false,
+        lora_r: 8,
+    };
+    let dt = m.weight_dtype();
+    [
+        ("train, batch 1 x 512 tokens", w),
+        (
+            "train with --checkpoint-layers",
+            llm::memory::Workload {
+                checkpoint: true,
+                ..w
+            },
+        ),
+        (
+            "inference, batch 1 x 512",
+            llm::memory::Workload { train: false, ..w },
+        ),
+    ]
+    .into_iter()
+    .map(|(s, w)| (s.to_string(), llm::memory::estimate(&m.cfg, dt, &w)))
+    .collect()
+}
+
 fn info(a: InfoArgs) -> Result<()> {
     let l = a.backbone.load()?;
     let c = &l.model.cfg;
@@ -157,6 +194,8 @@ fn info(a: InfoArgs) -> Result<()> {
         "dtype": format!("{:?}", l.model.weight_dtype()).to_lowercase(),
         "activations": format!("{:?}", l.model.dtype()).to_lowercase(),
         "gemm": l.model.gemm_path(),
+        "weight_format": l.model.weight_format(),
+        "memory_estimate": estimates(&l.model),
         "device": format!("{:?}", l.model.device()),
         "source": l.source,
         "lora": l.model.lora,
@@ -197,6 +236,16 @@ fn info(a: InfoArgs) -> Result<()> {
         c.rope_theta, c.rms_norm_eps as f32
     );
     println!("gemm           {}", l.model.gemm_path());
+    println!("weights        {}", l.model.weight_format());
+    for (what, e) in estimates(&l.model) {
+        println!(
+            "memory         {what}: {} estimated peak (weights {}, embeddings {}, activations {})",
+            llm::memory::gb(e.total()),
+            llm::memory::gb(e.weights),
+            llm::memory::gb(e.embeddings),
+            llm::memory::gb(e.activations)
+        );
+    }
     println!(
         "dtype, device  {}, {}",
         v["dtype"].as_str().unwrap_or(""),
@@ -348,7 +397,13 @@ fn bench(a: BenchArgs) -> Result<()> {
     if a.seq_len < 2 || a.batch == 0 || a.steps == 0 || a.gen_prompt_len == 0 {
         bail!("--batch, --steps, --gen-prompt-len must be at least 1 and --seq-len at least 2");
     }
-    let mut l = a.backbone.load()?;
+    let mut l = a.backbone.load_for(Some(llm::memory::Workload {
+        batch: a.batch,
+        seq_len: a.seq_len.max(a.gen_prompt_len + a.gen_new_tokens),
+        train: true,
+        checkpoint: a.checkpoint,
+        lora_r: a.lora_r,
+    }))?;
     let cfg = llm::bench::BenchConfig {
         batch: a.batch,
         seq_len: a.seq_len,

@@ -252,11 +252,10 @@ pub(super) fn load_parts(
     data: &Path,
     sr: &Path,
     spec: &str,
-    revision: Option<String>,
-    device: &candle_core::Device,
-    dtype: Option<candle_core::DType>,
+    opts: LlmOptions,
     prompts: Option<&Path>,
 ) -> Result<Loaded> {
+    let device = &opts.device;
     let ds = Dataset::open(data).with_context(|| format!("--data {}", data.display()))?;
     let (sr_weights, _) =
         llara::sr::resolve_model_path(sr).with_context(|| format!("--sr {}", sr.display()))?;
@@ -272,11 +271,6 @@ pub(super) fn load_parts(
         );
     }
     let rec = Recommender::new(model, sr_cfg)?;
-    let opts = LlmOptions {
-        device: device.clone(),
-        dtype,
-        revision,
-    };
     let llm = llm::load(spec, &opts).with_context(|| format!("--llm {spec}"))?;
     tracing::info!("frozen weights: {}", llm.model.gemm_path());
     let templates = match prompts {
@@ -350,9 +344,19 @@ fn tune_in(a: TuneArgs, resume: bool, quiet: bool) -> Result<()> {
         &data,
         &sr,
         &spec,
-        a.revision.clone(),
-        &device,
-        a.dev.dtype()?,
+        LlmOptions {
+            device: device.clone(),
+            dtype: a.dev.dtype()?,
+            revision: a.revision.clone(),
+            // LLaRA's prompts run to a few hundred tokens: the estimate takes 512 per row.
+            workload: Some(llara::llm::memory::Workload {
+                batch: a.batch_size,
+                seq_len: 512,
+                train: true,
+                checkpoint: a.checkpoint_layers,
+                lora_r: a.lora_r,
+            }),
+        },
         a.prompts.as_deref(),
     )?;
     let sr_hash = sha256_file(&parts.sr_weights)?;

@@ -14,6 +14,10 @@ pub struct LlmOptions {
     pub dtype: Option<DType>,
     /// Hub revision (branch, tag or commit) for hub ids.
     pub revision: Option<String>,
+    /// What the model will run: when set (and on the CPU), the peak memory is estimated from the
+    /// config before any weight is read, and a job that does not fit is refused
+    /// ([`super::memory::check`]).
+    pub workload: Option<super::memory::Workload>,
 }
 
 impl LlmOptions {
@@ -22,6 +26,7 @@ impl LlmOptions {
             device: Device::Cpu,
             dtype: None,
             revision: None,
+            workload: None,
         }
     }
 
@@ -96,7 +101,30 @@ pub const BUILTIN_TINY: &str = "builtin:tiny";
 pub const BUILTIN_RANDOM: &str = "builtin:random:";
 
 /// A backbone of shape `cfg` with seeded random weights and a byte-level tokenizer.
+/// Refuses a workload that would not fit (see [`LlmOptions::workload`]).
+fn guard(spec: &str, cfg: &Config, opts: &LlmOptions) -> Result<(), LlmError> {
+    let Some(w) = &opts.workload else {
+        return Ok(());
+    };
+    if !opts.device.is_cpu() {
+        return Ok(());
+    }
+    let e = super::memory::check(cfg, opts.dtype(), w).map_err(|e| LlmError::Memory {
+        spec: spec.to_string(),
+        source: Box::new(e),
+    })?;
+    tracing::info!(
+        "estimated peak memory {} (weights {}, embeddings {}, activations {})",
+        super::memory::gb(e.total()),
+        super::memory::gb(e.weights),
+        super::memory::gb(e.embeddings),
+        super::memory::gb(e.activations)
+    );
+    Ok(())
+}
+
 fn random_backbone(spec: &str, cfg: &Config, opts: &LlmOptions) -> Result<Loaded, LlmError> {
+    guard(spec, cfg, opts)?;
     // Made one tensor at a time as the loader asks (never the whole model twice).
     let w = crate::llm::llama::RandomWeights::new(cfg, 0, opts.dtype(), &opts.device);
     let model = Llama::load(&w, cfg, ADDED_TOKENS.len(), opts.dtype(), &opts.device)?;
@@ -220,6 +248,7 @@ fn load_folder(
     opts: &LlmOptions,
 ) -> Result<(Llama, LlmTokenizer), LlmError> {
     let cfg = Config::from_hf_file(&dir.join("config.json"))?;
+    guard(&dir.display().to_string(), &cfg, opts)?;
     let tok_path = dir.join("tokenizer.json");
     if !tok_path.is_file() {
         return Err(LlmError::Tokenizer {
@@ -255,6 +284,7 @@ fn load_folder(
 
 fn load_gguf(path: &Path, opts: &LlmOptions) -> Result<Loaded, LlmError> {
     let g = gguf::read(path)?;
+    guard(&path.display().to_string(), &g.config, opts)?;
     let model = Llama::load(
         &g.weights,
         &g.config,

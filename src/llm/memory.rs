@@ -78,7 +78,11 @@ pub fn estimate(cfg: &Config, dt: DType, w: &Workload) -> Estimate {
     let per_layer_params = h * nh * d * 2 + h * nkv * d * 2 + 3 * h * f;
     let weights = l * per_layer_params * weight_bytes(dt);
     // Activations and embeddings stay f32 on the CPU under bf16 weights.
-    let act = if dt == DType::BF16 { 4 } else { dt.size_in_bytes() as u64 };
+    let act = if dt == DType::BF16 {
+        4
+    } else {
+        dt.size_in_bytes() as u64
+    };
     let embeddings = v * h * act * if cfg.tie_word_embeddings { 1 } else { 2 };
     let n = (w.batch * w.seq_len) as u64;
     let qkv = (nh + 2 * nkv) * d;
@@ -176,7 +180,7 @@ pub fn parse_bytes(s: &str) -> Option<u64> {
         _ => (s, 1),
     };
     let x: f64 = num.trim().parse().ok()?;
-    (x.is_finite() && x >= 0.0).then(|| (x * mul as f64) as u64)
+    (x.is_finite() && x >= 0.0).then_some((x * mul as f64) as u64)
 }
 
 /// `12.3 GB` (10⁹ bytes, as the performance tables).

@@ -41,6 +41,11 @@ pub enum LlmError {
     Adapter { path: PathBuf, msg: String },
     #[error("--llm {spec}: {msg}")]
     Spec { spec: String, msg: String },
+    #[error("--llm {spec}: {source}")]
+    Memory {
+        spec: String,
+        source: Box<memory::MemoryError>,
+    },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
