@@ -176,7 +176,7 @@ fn cases() -> Vec<Case> {
             shapes: vec![vec![b, t, 16], vec![12, 16], vec![3, 16], vec![12, 3]],
             trainable: vec![true, false, true, true],
             run: Box::new(|x| {
-                let w = FrozenWeight::plain(x[1].clone());
+                let w = FrozenWeight::plain(x[1].clone())?;
                 ops::lora_linear(&x[0], &w, None, &x[2], &x[3], 0.7, &mut None)
             }),
         },

@@ -58,7 +58,7 @@ impl Linear {
         Ok((m, i, o, Shape::from(out)))
     }
 
-    fn base(&self, x: &[f32], m: usize, _i: usize, o: usize) -> Result<Vec<f32>> {
+    fn base(&self, x: &[f32], m: usize, o: usize) -> Result<Vec<f32>> {
         let mut y = self.w.forward(x, m)?;
         if let Some(b) = &self.bias {
             with(b, |b| {
@@ -68,11 +68,6 @@ impl Linear {
             })?;
         }
         Ok(y)
-    }
-
-    /// The input's gradient `g · W [m, in]` for `g [m, out]`.
-    fn input_grad(&self, g: &[f32], m: usize) -> Result<Vec<f32>> {
-        self.w.input_grad(g, m)
     }
 
     fn dropped(&self, x: &[f32]) -> Option<Vec<f32>> {
@@ -86,15 +81,15 @@ impl CustomOp1 for Linear {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (m, i, o, shape) = self.dims(l)?;
-        let y = self.base(f32_slice(s, l, "frozen-linear")?, m, i, o)?;
+        let (m, _, o, shape) = self.dims(l)?;
+        let y = self.base(f32_slice(s, l, "frozen-linear")?, m, o)?;
         Ok((CpuStorage::F32(y), shape))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let i = self.w.dims().1;
         let m = x.elem_count() / i;
-        let dx = with(grad, |g| self.input_grad(g, m))??;
+        let dx = with(grad, |g| self.w.input_grad(g, m))??;
         Ok(Some(tensor(dx, x.shape())?))
     }
 }
@@ -118,7 +113,7 @@ impl CustomOp3 for Linear {
         let a = f32_slice(s2, l2, "lora-linear")?;
         let b = f32_slice(s3, l3, "lora-linear")?;
         let r = a.len() / i;
-        let mut y = self.base(x, m, i, o)?;
+        let mut y = self.base(x, m, o)?;
         let xd = self.dropped(x);
         let u = mm_new(xd.as_deref().unwrap_or(x), a, m, r, i, false, true, 1.0);
         mm(&mut y, &u, b, m, o, r, false, true, true, self.scale);
@@ -140,7 +135,7 @@ impl CustomOp3 for Linear {
             let (xv, av, bv, gv) = (s[0], s[1], s[2], s[3]);
             let xd = self.dropped(xv);
             let xin = xd.as_deref().unwrap_or(xv);
-            let mut dx = self.input_grad(gv, m)?;
+            let mut dx = self.w.input_grad(gv, m)?; // g · W
             let u = mm_new(xin, av, m, r, i, false, true, 1.0);
             let db = mm_new(gv, &u, o, r, m, true, false, self.scale);
             let du = mm_new(gv, bv, m, r, o, false, false, self.scale);

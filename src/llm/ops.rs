@@ -44,7 +44,7 @@ pub fn frozen_linear(x: &Tensor, w: &FrozenWeight, b: Option<&Tensor>) -> Result
 /// differentiable product, or the frozen path when `W` tracks no gradient.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     if !w.track_op() && b.is_none_or(|b| !b.track_op()) {
-        return frozen_linear(x, &FrozenWeight::plain(w.clone()), b);
+        return frozen_linear(x, &FrozenWeight::plain(w.clone())?, b);
     }
     let y = matmul_t(x, w)?;
     match b {
@@ -617,7 +617,7 @@ mod tests {
                 // The weight kept transposed gives the same product as the plain one.
                 let wt = FrozenWeight::new(w.clone()).unwrap();
                 let a = frozen_linear(&p, &wt, None).unwrap();
-                let b = frozen_linear(&p, &FrozenWeight::plain(w.clone()), None).unwrap();
+                let b = frozen_linear(&p, &FrozenWeight::plain(w.clone()).unwrap(), None).unwrap();
                 close(&[host_vec(&a).unwrap()], &[host_vec(&b).unwrap()]);
                 a
             } else {

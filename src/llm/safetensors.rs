@@ -7,12 +7,22 @@ use super::llama::WeightSource;
 use candle_core::safetensors::Load;
 use candle_core::{Device, Result, Tensor};
 use memmap2::{Mmap, UncheckedAdvice};
+use safetensors::tensor::{Metadata, TensorView};
 use safetensors::SafeTensors;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
+/// One mapped file and its parsed header.
+struct File {
+    path: PathBuf,
+    map: Mmap,
+    /// Where the tensor data starts (after the 8-byte length and the header).
+    data_start: usize,
+    meta: Metadata,
+}
+
 pub struct Streamed {
-    files: Vec<(PathBuf, Mmap)>,
+    files: Vec<File>,
     /// Tensor name → index into `files`.
     index: HashMap<String, usize>,
 }
@@ -27,13 +37,17 @@ impl Streamed {
             // SAFETY: the map is read only; a file changed under a running process is outside
             // what any memory-mapped reader (candle's, PyTorch's) can guard against.
             let m = unsafe { Mmap::map(&f) }.map_err(|e| (p.clone(), e.to_string()))?;
-            let st = SafeTensors::deserialize(&m)
+            let (n, meta) = SafeTensors::read_metadata(&m)
                 .map_err(|e| (p.clone(), format!("not a readable safetensors file: {e}")))?;
-            for name in st.names() {
-                index.insert(name.to_string(), files.len());
+            for name in meta.tensors().keys() {
+                index.insert(name.clone(), files.len());
             }
-            drop(st);
-            files.push((p.clone(), m));
+            files.push(File {
+                path: p.clone(),
+                map: m,
+                data_start: 8 + n,
+                meta,
+            });
         }
         Ok(Self { files, index })
     }
@@ -44,20 +58,28 @@ impl WeightSource for Streamed {
         let Some(&f) = self.index.get(name) else {
             return Ok(None);
         };
-        let (path, map) = &self.files[f];
-        let st = SafeTensors::deserialize(map)
-            .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))?;
-        let view = st
-            .tensor(name)
-            .map_err(|e| candle_core::Error::Msg(format!("{}: {name}: {e}", path.display())))?;
+        let File {
+            path,
+            map,
+            data_start,
+            meta,
+        } = &self.files[f];
+        let bad = |e: String| candle_core::Error::Msg(format!("{}: {name}: {e}", path.display()));
+        let info = meta
+            .info(name)
+            .ok_or_else(|| bad("not in the header".into()))?;
+        let (start, end) = (
+            data_start + info.data_offsets.0,
+            data_start + info.data_offsets.1,
+        );
+        // The header was validated against the file's length when it was read.
+        let data = &map[start..end];
+        let view = TensorView::new(info.dtype, info.shape.clone(), data)
+            .map_err(|e| bad(e.to_string()))?;
         let t = view.load(&Device::Cpu)?;
         // Give the map's pages of this tensor back (whole pages inside its byte range).
-        let start = view.data().as_ptr() as usize - map.as_ptr() as usize;
         let page = 4096;
-        let (a, b) = (
-            start.div_ceil(page) * page,
-            (start + view.data().len()) / page * page,
-        );
+        let (a, b) = (start.div_ceil(page) * page, end / page * page);
         if b > a {
             // SAFETY: the range lies inside the map, and nothing borrows these bytes any more
             // (the tensor was copied out); on a read-only file map the pages are simply re-read

@@ -15,19 +15,17 @@ pub struct Dense {
     /// [`Format::tensor`] call).
     view: Tensor,
     transposed: bool,
-    dims: (usize, usize),
 }
 
 impl Dense {
-    /// `w` as it is.
-    pub fn plain(w: Tensor) -> Self {
-        let dims = w.dims2().unwrap_or((0, 0));
-        Dense {
+    /// `w [out, in]` as it is.
+    pub fn plain(w: Tensor) -> Result<Self> {
+        w.dims2()?;
+        Ok(Dense {
             view: w.clone(),
             t: w,
             transposed: false,
-            dims,
-        }
+        })
     }
 
     /// A CPU f32 `w [out, in]` kept as its contiguous transpose (the only copy once `w` is
@@ -43,7 +41,6 @@ impl Dense {
             view: t.t()?,
             t,
             transposed: true,
-            dims: (o, i),
         })
     }
 }
@@ -77,7 +74,8 @@ pub fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 
 impl Format for Dense {
     fn dims(&self) -> (usize, usize) {
-        self.dims
+        let d = self.view.dims();
+        (d[0], d[1])
     }
 
     fn dtype(&self) -> DType {
@@ -106,14 +104,14 @@ impl Format for Dense {
     }
 
     fn forward(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
-        let (o, i) = self.dims;
+        let (o, i) = self.dims();
         with(&self.t, |w| {
             mm_new(x, w, m, o, i, false, !self.transposed, 1.0)
         })
     }
 
     fn input_grad(&self, g: &[f32], m: usize) -> Result<Vec<f32>> {
-        let (o, i) = self.dims;
+        let (o, i) = self.dims();
         with(&self.t, |w| {
             if self.transposed {
                 let w = transpose(w, i, o);

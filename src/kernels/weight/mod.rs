@@ -57,13 +57,13 @@ impl FrozenWeight {
         Ok(match (w.device().is_cpu(), w.dtype()) {
             (true, DType::F32) => Self::from(dense::Dense::transposed(&w)?),
             (true, DType::BF16) => Self::from(packed::PackedBf16::new(&w)?),
-            _ => Self::from(dense::Dense::plain(w)),
+            _ => Self::from(dense::Dense::plain(w)?),
         })
     }
 
     /// `w [out, in]` kept as it is (an LM head tied to the input embeddings shares their storage).
-    pub fn plain(w: Tensor) -> Self {
-        Self::from(dense::Dense::plain(w))
+    pub fn plain(w: Tensor) -> Result<Self> {
+        Ok(Self::from(dense::Dense::plain(w)?))
     }
 
     pub fn from<F: Format + 'static>(f: F) -> Self {
@@ -118,6 +118,7 @@ impl std::fmt::Debug for FrozenWeight {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::slice::host_vec;
 
     fn weight(o: usize, i: usize, dt: DType) -> Tensor {
         let v: Vec<f32> = (0..o * i)
@@ -139,22 +140,9 @@ mod tests {
                 let f = FrozenWeight::new(w.clone()).unwrap();
                 assert_eq!(f.dims(), (o, i));
                 assert_eq!(f.dtype(), dt);
-                let back: Vec<f32> = f
-                    .tensor()
-                    .unwrap()
-                    .to_dtype(DType::F32)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
-                let want: Vec<f32> = w
-                    .to_dtype(DType::F32)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
+                let f32s = |t: &Tensor| host_vec(&t.to_dtype(DType::F32).unwrap()).unwrap();
+                let back = f32s(&f.tensor().unwrap());
+                let want = f32s(&w);
                 assert_eq!(back, want, "{o}x{i} {dt:?}: W back");
                 let m = 9;
                 let x: Vec<f32> = (0..m * i).map(|v| ((v % 13) as f32 - 6.0) / 8.0).collect();
