@@ -787,7 +787,7 @@ fn a_model_that_cannot_fit_is_refused_before_loading_with_a_suggestion() {
         (out, started.elapsed())
     };
     let spec = format!("builtin:random:{cfg}");
-    // bf16 weights alone are 14 GB: nothing fits in 8 GiB.
+    // bf16 weights alone are 14 GB: in 8 GiB only 4-bit blocks with checkpointing fit.
     let (out, took) = run("8G", &["--dtype", "bf16"], &spec);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
@@ -796,6 +796,14 @@ fn a_model_that_cannot_fit_is_refused_before_loading_with_a_suggestion() {
         err.contains("exceeds the 8.59 GB available (LLARA_MEMORY_LIMIT=8G)"),
         "{err}"
     );
+    assert!(
+        err.contains("--dtype q4_k --checkpoint-layers at batch 1 would fit"),
+        "{err}"
+    );
+    // Nothing fits in 3 GiB.
+    let (out, _) = run("3G", &["--dtype", "bf16"], &spec);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
     assert!(
         err.contains("no setting of --dtype, batch or --checkpoint-layers fits"),
         "{err}"

@@ -559,6 +559,80 @@ fn a_bf16_run_follows_the_f32_losses_and_repeats_bit_for_bit() {
     assert_eq!(eval(&["--dtype", "f32"])["dtype"], "f32");
 }
 
+/// `--dtype q8_0` / `q4_0`: the projections kept in GGUF blocks (the rest in bf16), the adapters
+/// trained through the tiles' input gradient: the losses follow the f32 run's, two runs write the
+/// same bytes, and evaluation (both modes: the adapters stay unmerged) names the format. `gguf`
+/// on a backbone that is not a GGUF file is refused by flag.
+#[test]
+fn a_block_format_run_follows_the_f32_losses_and_repeats_bit_for_bit() {
+    let (data, sr) = fixture();
+    let tmp = tempfile::tempdir().unwrap();
+    let (d, s) = (data.to_str().unwrap(), sr.to_str().unwrap());
+    let run = |name: &str, extra: &[&str]| {
+        let out = tmp.path().join(name);
+        ok(&tune_args(d, s, out.to_str().unwrap(), extra));
+        out
+    };
+    let loss = |run: &Path| -> Vec<f64> {
+        log_lines(run)
+            .iter()
+            .map(|v| v["loss"].as_f64().unwrap())
+            .collect()
+    };
+    let x = loss(&run("f32", &[]));
+    for (fmt, tol) in [("q8_0", 0.03), ("q4_0", 0.10)] {
+        let a = run(&format!("{fmt}-a"), &["--dtype", fmt]);
+        let b = run(&format!("{fmt}-b"), &["--dtype", fmt]);
+        for f in ["adapter/adapter_model.safetensors", "projector.safetensors"] {
+            assert_eq!(
+                std::fs::read(a.join(f)).unwrap(),
+                std::fs::read(b.join(f)).unwrap(),
+                "{fmt}: {f}"
+            );
+        }
+        assert_eq!(log_lines(&a), log_lines(&b), "{fmt}: logs");
+        let y = loss(&a);
+        assert_eq!(x.len(), y.len());
+        for (p, q) in x.iter().zip(&y) {
+            assert!(
+                (p - q).abs() <= tol * p.abs(),
+                "{fmt}: f32 {x:?}\n{fmt} {y:?}"
+            );
+        }
+        for mode in ["score", "generate"] {
+            let args = [
+                "eval",
+                "--run",
+                a.to_str().unwrap(),
+                "--split",
+                "test",
+                "--limit",
+                "2",
+                "--mode",
+                mode,
+                "--json",
+            ];
+            let v: serde_json::Value =
+                serde_json::from_str(ok(&args).lines().last().unwrap()).unwrap();
+            assert_eq!(v["dtype"], fmt, "{mode}: {v}");
+        }
+    }
+    let out = tmp.path().join("gguf");
+    let e = fails(&tune_args(
+        d,
+        s,
+        out.to_str().unwrap(),
+        &["--dtype", "gguf"],
+    ));
+    assert!(
+        e.contains("--dtype gguf") && e.contains("not a GGUF file"),
+        "{e}"
+    );
+    let out = tmp.path().join("bad");
+    let e = fails(&tune_args(d, s, out.to_str().unwrap(), &["--dtype", "q3"]));
+    assert!(e.contains("--dtype q3") && e.contains("q4_k"), "{e}");
+}
+
 #[test]
 fn eval_writes_predictions_and_metrics() {
     let (data, sr) = fixture();

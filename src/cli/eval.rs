@@ -215,7 +215,7 @@ pub fn run_eval(a: EvalArgs, quiet: bool) -> Result<()> {
 
 /// The frozen weights' dtype of the loaded backbone, as the reports write it (`f32`, `bf16`).
 fn dtype_name(parts: &Loaded) -> String {
-    format!("{:?}", parts.llm.model.weight_dtype()).to_lowercase()
+    parts.llm.model.weight_name()
 }
 
 /// Writes `lines` (one JSON object each) and `metrics.json` into `out`, atomically.
@@ -284,7 +284,7 @@ pub(super) fn open_run(
     data: Option<&Path>,
     llm_spec: Option<&str>,
     device: &candle_core::Device,
-    dtype: Option<candle_core::DType>,
+    dtype: Option<llara::kernels::weight::Precision>,
 ) -> Result<OpenRun> {
     let info_path = run.join("run.json");
     let info: RunInfo = serde_json::from_str(

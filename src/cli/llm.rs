@@ -147,7 +147,8 @@ fn estimates(m: &llm::Llama) -> Vec<(String, llm::memory::Estimate)> {
         checkpoint: false,
         lora_r: 8,
     };
-    let dt = m.weight_dtype();
+    let dt = llara::kernels::weight::Precision::parse(&m.weight_name())
+        .unwrap_or_else(|| m.weight_dtype().into());
     [
         ("train, batch 1 x 512 tokens", w),
         (
@@ -191,7 +192,7 @@ fn info(a: InfoArgs) -> Result<()> {
         "rms_norm_eps": c.rms_norm_eps,
         "bos": l.tokenizer.bos,
         "eos": l.tokenizer.eos,
-        "dtype": format!("{:?}", l.model.weight_dtype()).to_lowercase(),
+        "dtype": l.model.weight_name(),
         "activations": format!("{:?}", l.model.dtype()).to_lowercase(),
         "gemm": l.model.gemm_path(),
         "weight_format": l.model.weight_format(),
@@ -428,7 +429,7 @@ fn bench(a: BenchArgs) -> Result<()> {
     println!(
         "{}",
         serde_json::json!({"impl": "llara", "llm": l.name(), "threads": threads,
-            "dtype": format!("{:?}", l.model.weight_dtype()).to_lowercase(),
+            "dtype": l.model.weight_name(),
             "gemm": l.model.gemm_path(), "config": cfg, "report": report})
     );
     Ok(())

@@ -14,6 +14,7 @@ pub mod tune;
 
 use anyhow::Result;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use llara::kernels::weight::Precision;
 use std::ffi::OsString;
 use std::path::PathBuf;
 
@@ -69,7 +70,10 @@ pub struct DeviceArgs {
     pub device: String,
     /// Frozen weights' dtype: f32, bf16 or f16 (default f32 on CPU, bf16 on CUDA). bf16 on the
     /// CPU: the projections' weights in bf16, multiplied by the bf16 GEMM (AVX512-BF16 where the
-    /// CPU has it) under f32 activations. The recommenders (train-sr, eval-sr) run in f32 only.
+    /// CPU has it) under f32 activations. A GGUF block format (q8_0, q6_k, q5_k, q4_k, q4_0, …)
+    /// keeps the projections quantized (a 7B model in q4_k: ~3.8 GB), the rest in bf16; gguf
+    /// keeps a GGUF file's own blocks. Adapters on blocks are not merged. The recommenders
+    /// (train-sr, eval-sr) run in f32 only.
     #[arg(long)]
     pub dtype: Option<String>,
     /// CPU threads for tensor ops [default: 2; train-sr and eval-sr: 1, their models are small].
@@ -94,14 +98,15 @@ impl DeviceArgs {
     }
 
     /// `--dtype`, parsed.
-    pub fn dtype(&self) -> Result<Option<candle_core::DType>> {
+    pub fn dtype(&self) -> Result<Option<Precision>> {
         self.dtype.as_deref().map(parse_dtype).transpose()
     }
 
     /// Refuses a `--dtype` other than f32 (the recommenders' commands).
     pub fn f32_only(&self) -> Result<()> {
         match self.dtype()? {
-            None | Some(candle_core::DType::F32) => Ok(()),
+            None => Ok(()),
+            Some(p) if p == candle_core::DType::F32.into() => Ok(()),
             Some(_) => anyhow::bail!(
                 "--dtype {}: the recommenders run in f32 only",
                 self.dtype.as_deref().unwrap_or_default()
@@ -110,13 +115,16 @@ impl DeviceArgs {
     }
 }
 
-fn parse_dtype(s: &str) -> Result<candle_core::DType> {
-    use candle_core::DType;
-    Ok(match s.to_ascii_lowercase().as_str() {
-        "f32" | "float32" => DType::F32,
-        "bf16" | "bfloat16" => DType::BF16,
-        "f16" | "float16" => DType::F16,
-        other => anyhow::bail!("--dtype {other}: expected f32, bf16 or f16"),
+fn parse_dtype(s: &str) -> Result<Precision> {
+    Precision::parse(s).ok_or_else(|| {
+        let blocks: Vec<&str> = llara::kernels::weight::quantized::FORMATS
+            .iter()
+            .map(|(n, _)| *n)
+            .collect();
+        anyhow::anyhow!(
+            "--dtype {s}: expected f32, bf16, f16, a block format ({}) or gguf (a GGUF file's own blocks)",
+            blocks.join(", ")
+        )
     })
 }
 

@@ -223,6 +223,54 @@ impl Packed {
         p
     }
 
+    /// Packs `B [k, n]` from f32 values rounded to bf16 ([`to_bf16`]): `src` is `B` row-major
+    /// `[k, n]`, or with `transposed` `Bᵀ` row-major `[n, k]` (a weight `W [n, k]` for the forward
+    /// `x · Wᵀ`). The same packing as [`Packed::new`] on those values, with loops the compiler
+    /// vectorizes (a dequantized tile of a block-format weight is packed on every product).
+    pub fn from_f32(src: &[f32], k: usize, n: usize, transposed: bool) -> Packed {
+        use rayon::prelude::*;
+        assert_eq!(src.len(), k * n, "Packed::from_f32: source size");
+        let kernel = kernel();
+        if kernel != Kernel::Avx512Bf16 || !k.is_multiple_of(2) || !n.is_multiple_of(LANES) {
+            return if transposed {
+                Self::new(k, n, |kk, j| to_bf16(src[j * k + kk]))
+            } else {
+                Self::new(k, n, |kk, j| to_bf16(src[kk * n + j]))
+            };
+        }
+        let kp = k / 2;
+        let pair = |a: f32, b: f32| to_bf16(a) as u32 | (to_bf16(b) as u32) << 16;
+        let mut pairs = vec![0u32; (n / LANES) * kp * LANES];
+        pairs
+            .par_chunks_mut((kp * LANES).max(1))
+            .enumerate()
+            .for_each(|(panel, dst)| {
+                if transposed {
+                    for l in 0..LANES {
+                        let row = &src[(panel * LANES + l) * k..][..k];
+                        for (q, two) in row.chunks_exact(2).enumerate() {
+                            dst[q * LANES + l] = pair(two[0], two[1]);
+                        }
+                    }
+                } else {
+                    for (q, d) in dst.chunks_exact_mut(LANES).enumerate() {
+                        let r0 = &src[2 * q * n + panel * LANES..][..LANES];
+                        let r1 = &src[(2 * q + 1) * n + panel * LANES..][..LANES];
+                        for l in 0..LANES {
+                            d[l] = pair(r0[l], r1[l]);
+                        }
+                    }
+                }
+            });
+        Packed {
+            k,
+            n,
+            kernel,
+            pairs,
+            wide: Vec::new(),
+        }
+    }
+
     /// `B = Wᵀ` for a row-major bf16 weight `W [n, k]` (the forward `x · Wᵀ`).
     pub fn transposed_of(w: &[half::bf16], n: usize, k: usize) -> Packed {
         assert_eq!(w.len(), n * k, "Packed::transposed_of: weight size");

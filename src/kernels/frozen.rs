@@ -57,7 +57,7 @@ impl<F: Fn(&Tensor) -> Result<Tensor> + Send + Sync> CustomOp2 for InputGradOnly
 }
 
 /// `y` with `x`'s gradient `input_grad(dy)`; `y` as is when `x` is not part of a graph.
-fn join(
+pub(crate) fn join(
     x: &Tensor,
     y: Tensor,
     name: &'static str,
@@ -142,10 +142,13 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         .contiguous()?
         .apply_op1(FrozenMatmul { w: w.clone() })?;
     dims.push(w.dim(0)?);
-    let y = y.reshape(dims)?;
+    add_bias(y.reshape(dims)?, b)
+}
+
+/// `y + b` for a frozen bias `b [out]` (Qwen2's q/k/v): added outside the graph and joined back,
+/// so that it gets no gradient.
+pub fn add_bias(y: Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     match b {
-        // The bias (Qwen2's q/k/v): added outside the graph and joined back, so that it gets no
-        // gradient either.
         Some(b) => {
             let z = y.detach().broadcast_add(b)?;
             join(&y, z, "frozen-bias", |g| Ok(g.clone()))

@@ -6,7 +6,9 @@
 use super::config::Config;
 use super::tokenizer::{self, meta_u32, LlmTokenizer};
 use super::LlmError;
+use crate::kernels::weight::quantized;
 use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -159,7 +161,50 @@ impl GgufWeights {
     }
 }
 
+impl GgufWeights {
+    /// The block format of the first layer's `ffn_up` projection (the bulk of the weights), when
+    /// it is one llara keeps projections in.
+    pub fn projection_blocks(&self) -> Option<GgmlDType> {
+        let info = self.content.tensor_infos.get("blk.0.ffn_up.weight")?;
+        quantized::is_block_format(info.ggml_dtype).then_some(info.ggml_dtype)
+    }
+}
+
 impl super::llama::WeightSource for GgufWeights {
+    fn stored_blocks(&self, name: &str) -> candle_core::Result<Option<QTensor>> {
+        let Some(g) = self.names.get(name) else {
+            return Ok(None);
+        };
+        let q = self.qtensor(g)?;
+        if !quantized::is_block_format(q.dtype()) {
+            return Ok(None);
+        }
+        let heads = if g.ends_with("attn_q.weight") {
+            self.heads
+        } else if g.ends_with("attn_k.weight") {
+            self.kv_heads
+        } else {
+            return Ok(Some(q));
+        };
+        let (out, _) = q.shape().dims2()?;
+        let bytes = q.data()?;
+        let row = bytes.len() / out.max(1);
+        let mut rows = vec![0u8; bytes.len()];
+        // Hugging Face row (h, s, j) is GGUF row (h, j, s), s < 2, j < d/2 (see `unpermute`).
+        let d = out / heads;
+        for h in 0..heads {
+            for s in 0..2 {
+                for j in 0..d / 2 {
+                    let hf = h * d + s * (d / 2) + j;
+                    let gg = h * d + j * 2 + s;
+                    rows[hf * row..][..row].copy_from_slice(&bytes[gg * row..][..row]);
+                }
+            }
+        }
+        let storage = QStorage::from_data(std::borrow::Cow::Owned(rows), &Device::Cpu, q.dtype())?;
+        Ok(Some(QTensor::new(storage, q.shape().clone())?))
+    }
+
     fn tensor(&self, name: &str) -> candle_core::Result<Option<Tensor>> {
         let Some(g) = self.names.get(name) else {
             return Ok(None);

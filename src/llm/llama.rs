@@ -7,7 +7,8 @@ use super::adapter::{Lora, LoraConfig, Target};
 use super::config::Config;
 use super::ops::{self, AttnMask, RopeTable};
 use crate::kernels::dropout::Dropout;
-use crate::kernels::weight::FrozenWeight;
+use crate::kernels::weight::quantized::Quantized;
+use crate::kernels::weight::{Blocks, FrozenWeight, Precision};
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, Var, D};
 use std::sync::{Arc, Mutex};
@@ -16,6 +17,13 @@ use std::sync::{Arc, Mutex};
 pub trait WeightSource {
     /// The tensor called `name`, or `None` when absent.
     fn tensor(&self, name: &str) -> Result<Option<Tensor>>;
+
+    /// The tensor called `name` as the source stores it, where that is one of the block formats
+    /// of [`crate::kernels::weight::quantized`] (a GGUF file's quantized tensors); `None` for a
+    /// tensor stored as floats, or a source that stores none in blocks.
+    fn stored_blocks(&self, _name: &str) -> Result<Option<candle_core::quantized::QTensor>> {
+        Ok(None)
+    }
 }
 
 impl WeightSource for std::collections::HashMap<String, Tensor> {
@@ -204,6 +212,40 @@ fn get(
     convert(name, t, shape, dt, dev)
 }
 
+/// The frozen projection weight `name [out, inp]` in the storage `blocks` asks for: a GGUF's own
+/// blocks, blocks quantized at load, else a float `wdt` weight (see [`FrozenWeight::new`]).
+fn frozen(
+    src: &dyn WeightSource,
+    name: &str,
+    (out, inp): (usize, usize),
+    blocks: Option<Blocks>,
+    wdt: DType,
+    dev: &Device,
+) -> Result<FrozenWeight> {
+    match blocks {
+        Some(Blocks::Native) => {
+            if let Some(q) = src.stored_blocks(name)? {
+                if q.shape().dims() != [out, inp] {
+                    candle_core::bail!(
+                        "tensor {name} has shape {:?}, expected {:?}",
+                        q.shape().dims(),
+                        [out, inp]
+                    );
+                }
+                return Ok(FrozenWeight::from(Quantized::new_on(q, dev)?));
+            }
+        }
+        Some(Blocks::To(dt)) => {
+            if let Some(dt) = Precision::fit(dt, inp) {
+                let w = get(src, name, &[out, inp], DType::F32, &Device::Cpu)?;
+                return Ok(FrozenWeight::from(Quantized::quantize(&w, dt, dev)?));
+            }
+        }
+        None => {}
+    }
+    FrozenWeight::new(get(src, name, &[out, inp], wdt, dev)?)
+}
+
 /// `t` (read as `name`) checked against `shape`, in `dt` on `dev`.
 fn convert(name: &str, t: Tensor, shape: &[usize], dt: DType, dev: &Device) -> Result<Tensor> {
     if t.dims() != shape {
@@ -213,17 +255,20 @@ fn convert(name: &str, t: Tensor, shape: &[usize], dt: DType, dev: &Device) -> R
 }
 
 impl Llama {
-    /// Loads the frozen weights in `dt`; `extra_tokens` added-token rows are initialised to the mean
-    /// input embedding (as transformers' `resize_token_embeddings` does). On the CPU, bf16 applies to
-    /// the projections' weights only (the bf16 GEMM of [`crate::kernels::bf16`]); activations,
-    /// norms, embeddings and the LM head stay f32.
+    /// Loads the frozen weights in `precision` (a dtype, or with the projections in GGUF blocks);
+    /// `extra_tokens` added-token rows are initialised to the mean input embedding (as
+    /// transformers' `resize_token_embeddings` does). On the CPU, bf16 applies to the projections'
+    /// weights only (the bf16 GEMM of [`crate::kernels::bf16`]); activations, norms, embeddings
+    /// and the LM head stay f32.
     pub fn load(
         src: &dyn WeightSource,
         cfg: &Config,
         extra_tokens: usize,
-        dt: DType,
+        precision: impl Into<Precision>,
         dev: &Device,
     ) -> Result<Self> {
+        let precision = precision.into();
+        let dt = precision.dtype;
         let (h, f, d) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
         let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
         // On the CPU, bf16 is the projections' weights only: activations, norms, embeddings and
@@ -242,14 +287,16 @@ impl Llama {
         )?;
         // Each weight goes into its final layout as it is read: no second copy of the model.
         let proj = |p: &str, out: usize, inp: usize, bias: bool| -> Result<Proj> {
-            Proj::new(
-                get(src, &format!("{p}.weight"), &[out, inp], wdt, dev)?,
-                if bias {
+            let name = format!("{p}.weight");
+            Ok(Proj {
+                weight: frozen(src, &name, (out, inp), precision.blocks, wdt, dev)?,
+                bias: if bias {
                     Some(get(src, &format!("{p}.bias"), &[out], dt, dev)?)
                 } else {
                     None
                 },
-            )
+                lora: None,
+            })
         };
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
@@ -325,6 +372,14 @@ impl Llama {
             .map_or(self.dtype(), |l| l.q_proj.weight.dtype())
     }
 
+    /// The frozen projections' storage as `--dtype` names it (`f32`, `bf16`, `q4_k`).
+    pub fn weight_name(&self) -> String {
+        self.layers.first().map_or_else(
+            || format!("{:?}", self.dtype()).to_lowercase(),
+            |l| l.q_proj.weight.name(),
+        )
+    }
+
     /// How the frozen projections are held, in words (`bf16, packed for the AVX512-BF16 GEMM`).
     pub fn weight_format(&self) -> String {
         self.layers
@@ -335,8 +390,15 @@ impl Llama {
     /// Which kernels multiply the frozen weights, in words (`llara llm info`, the logs).
     pub fn gemm_path(&self) -> String {
         let (w, a) = (self.weight_dtype(), self.dtype());
+        let name = self.weight_name();
         if !self.device().is_cpu() {
-            return format!("{w:?} on {:?}", self.device()).to_lowercase();
+            return format!("{name} on {:?}", self.device()).to_lowercase();
+        }
+        if name.starts_with('q') {
+            return format!(
+                "{} weights, f32 activations quantized per row for the block dot products; input gradient through dequantized tiles and the f32 GEMM",
+                self.weight_format()
+            );
         }
         if !crate::kernels::fused(&[]) {
             return format!("{w:?} weights, {a:?} activations, composed ops (--fused off)")

@@ -5,13 +5,15 @@ use super::config::Config;
 use super::llama::Llama;
 use super::tokenizer::{LlmTokenizer, ADDED_TOKENS};
 use super::{gguf, LlmError};
+use crate::kernels::weight::{Blocks, Precision};
 use candle_core::{DType, Device};
 use std::path::{Path, PathBuf};
 
 pub struct LlmOptions {
     pub device: Device,
-    /// The frozen weights' dtype; `None`: f32 on the CPU, bf16 on CUDA.
-    pub dtype: Option<DType>,
+    /// The frozen weights' dtype, optionally with the projections in GGUF blocks; `None`: f32 on
+    /// the CPU, bf16 on CUDA.
+    pub dtype: Option<Precision>,
     /// Hub revision (branch, tag or commit) for hub ids.
     pub revision: Option<String>,
     /// What the model will run: when set (and on the CPU), the peak memory is estimated from the
@@ -30,11 +32,19 @@ impl LlmOptions {
         }
     }
 
+    /// The float dtype of the weights (of those not in blocks).
     pub fn dtype(&self) -> DType {
-        self.dtype.unwrap_or(if self.device.is_cpu() {
-            DType::F32
-        } else {
-            DType::BF16
+        self.precision().dtype
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.dtype.unwrap_or_else(|| {
+            if self.device.is_cpu() {
+                DType::F32
+            } else {
+                DType::BF16
+            }
+            .into()
         })
     }
 }
@@ -102,14 +112,33 @@ pub const BUILTIN_RANDOM: &str = "builtin:random:";
 
 /// A backbone of shape `cfg` with seeded random weights and a byte-level tokenizer.
 /// Refuses a workload that would not fit (see [`LlmOptions::workload`]).
-fn guard(spec: &str, cfg: &Config, opts: &LlmOptions) -> Result<(), LlmError> {
+/// `native`: the block format a GGUF file stores its projections in (`None` for other sources,
+/// which `--dtype gguf` refuses).
+fn guard(
+    spec: &str,
+    cfg: &Config,
+    opts: &LlmOptions,
+    native: Option<candle_core::quantized::GgmlDType>,
+) -> Result<(), LlmError> {
+    let mut p = opts.precision();
+    if p.blocks == Some(Blocks::Native) {
+        match native {
+            Some(dt) => p.blocks = Some(Blocks::To(dt)),
+            None => {
+                return Err(LlmError::Spec {
+                    spec: spec.to_string(),
+                    msg: "--dtype gguf keeps a GGUF file's own blocks, and this is not a GGUF file (quantize it at load with --dtype q4_k, q8_0, …)".into(),
+                })
+            }
+        }
+    }
     let Some(w) = &opts.workload else {
         return Ok(());
     };
     if !opts.device.is_cpu() {
         return Ok(());
     }
-    let e = super::memory::check(cfg, opts.dtype(), w).map_err(|e| LlmError::Memory {
+    let e = super::memory::check(cfg, p, w).map_err(|e| LlmError::Memory {
         spec: spec.to_string(),
         source: Box::new(e),
     })?;
@@ -124,10 +153,10 @@ fn guard(spec: &str, cfg: &Config, opts: &LlmOptions) -> Result<(), LlmError> {
 }
 
 fn random_backbone(spec: &str, cfg: &Config, opts: &LlmOptions) -> Result<Loaded, LlmError> {
-    guard(spec, cfg, opts)?;
+    guard(spec, cfg, opts, None)?;
     // Made one tensor at a time as the loader asks (never the whole model twice).
     let w = crate::llm::llama::RandomWeights::new(cfg, 0, opts.dtype(), &opts.device);
-    let model = Llama::load(&w, cfg, ADDED_TOKENS.len(), opts.dtype(), &opts.device)?;
+    let model = Llama::load(&w, cfg, ADDED_TOKENS.len(), opts.precision(), &opts.device)?;
     Ok(Loaded {
         model,
         tokenizer: crate::llm::tokenizer::byte_level_tokenizer(cfg.vocab_size),
@@ -248,7 +277,7 @@ fn load_folder(
     opts: &LlmOptions,
 ) -> Result<(Llama, LlmTokenizer), LlmError> {
     let cfg = Config::from_hf_file(&dir.join("config.json"))?;
-    guard(&dir.display().to_string(), &cfg, opts)?;
+    guard(&dir.display().to_string(), &cfg, opts, None)?;
     let tok_path = dir.join("tokenizer.json");
     if !tok_path.is_file() {
         return Err(LlmError::Tokenizer {
@@ -272,24 +301,33 @@ fn load_folder(
     }
     let st = super::safetensors::Streamed::open(weights)
         .map_err(|(path, msg)| LlmError::Weights { path, msg })?;
-    let model =
-        Llama::load(&st, &cfg, ADDED_TOKENS.len(), opts.dtype(), &opts.device).map_err(|e| {
-            LlmError::Weights {
-                path: dir.to_path_buf(),
-                msg: e.to_string(),
-            }
-        })?;
+    let model = Llama::load(
+        &st,
+        &cfg,
+        ADDED_TOKENS.len(),
+        opts.precision(),
+        &opts.device,
+    )
+    .map_err(|e| LlmError::Weights {
+        path: dir.to_path_buf(),
+        msg: e.to_string(),
+    })?;
     Ok((model, tokenizer))
 }
 
 fn load_gguf(path: &Path, opts: &LlmOptions) -> Result<Loaded, LlmError> {
     let g = gguf::read(path)?;
-    guard(&path.display().to_string(), &g.config, opts)?;
+    guard(
+        &path.display().to_string(),
+        &g.config,
+        opts,
+        g.weights.projection_blocks(),
+    )?;
     let model = Llama::load(
         &g.weights,
         &g.config,
         ADDED_TOKENS.len(),
-        opts.dtype(),
+        opts.precision(),
         &opts.device,
     )
     .map_err(|e| LlmError::Weights {

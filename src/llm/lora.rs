@@ -323,7 +323,8 @@ pub fn save_adapter(
     Ok(())
 }
 
-/// Folds every adapter into its base weight (`W + scale · B A`) and drops the adapters.
+/// Folds every adapter into its base weight (`W + scale · B A`) and drops the adapters; an
+/// adapter on a weight kept in blocks stays unmerged (the sum would be rounded to the blocks).
 pub fn merge(model: &mut Llama) -> CResult<()> {
     // Every weight is unpacked, summed and packed again once: give those buffers back as we go.
     crate::kernels::alloc::releasing(|| merge_all(model))
@@ -333,6 +334,10 @@ fn merge_all(model: &mut Llama) -> CResult<()> {
     for layer in model.layers.iter_mut() {
         for t in Target::ALL {
             let p = layer.proj_mut(t);
+            if !p.weight.mergeable() {
+                // Blocks would round the adapter's product away: it stays beside the weight.
+                continue;
+            }
             if let Some(l) = p.lora.take() {
                 let dt = p.weight.dtype();
                 let acc = if dt == DType::F64 {
@@ -355,6 +360,12 @@ fn merge_all(model: &mut Llama) -> CResult<()> {
             }
         }
     }
-    model.lora = None;
+    let kept = model
+        .layers
+        .iter()
+        .any(|l| Target::ALL.iter().any(|&t| l.proj(t).lora.is_some()));
+    if !kept {
+        model.lora = None;
+    }
     Ok(())
 }

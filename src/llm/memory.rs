@@ -8,6 +8,8 @@
 //! The estimate is for the CPU (host memory); on a GPU the host holds little of the model.
 
 use super::config::Config;
+use crate::kernels::weight::{quantized, Blocks, Precision};
+use candle_core::quantized::GgmlDType;
 use candle_core::DType;
 
 /// What the backbone will be used for.
@@ -62,8 +64,24 @@ fn weight_bytes(dt: DType) -> u64 {
     }
 }
 
-/// The peak resident memory of `w` on a backbone of `cfg` with weights in `dt` on the CPU.
-pub fn estimate(cfg: &Config, dt: DType, w: &Workload) -> Estimate {
+/// Bytes of a frozen projection `[out, inp]` stored as `p` says on the CPU (a GGUF file's own
+/// blocks, unknown here, are taken as q4_k: the loader passes the file's format instead).
+fn proj_bytes(p: Precision, out: u64, inp: u64) -> u64 {
+    let dt = match p.blocks {
+        None => return out * inp * weight_bytes(p.dtype),
+        Some(Blocks::To(dt)) => dt,
+        Some(Blocks::Native) => GgmlDType::Q4K,
+    };
+    match Precision::fit(dt, inp as usize) {
+        Some(dt) => (out as f64 * inp as f64 * quantized::bytes_per_weight(dt)) as u64,
+        None => out * inp * weight_bytes(p.dtype),
+    }
+}
+
+/// The peak resident memory of `w` on a backbone of `cfg` with weights stored as `p` on the CPU.
+pub fn estimate(cfg: &Config, p: impl Into<Precision>, w: &Workload) -> Estimate {
+    let p = p.into();
+    let dt = p.dtype;
     let (h, f, d) = (
         cfg.hidden_size as u64,
         cfg.intermediate_size as u64,
@@ -75,9 +93,13 @@ pub fn estimate(cfg: &Config, dt: DType, w: &Workload) -> Estimate {
         cfg.num_hidden_layers as u64,
     );
     let v = cfg.vocab_size as u64;
-    let per_layer_params = h * nh * d * 2 + h * nkv * d * 2 + 3 * h * f;
-    let weights = l * per_layer_params * weight_bytes(dt);
-    // Activations and embeddings stay f32 on the CPU under bf16 weights.
+    let weights = l
+        * (proj_bytes(p, nh * d, h)
+            + 2 * proj_bytes(p, nkv * d, h)
+            + proj_bytes(p, h, nh * d)
+            + 2 * proj_bytes(p, f, h)
+            + proj_bytes(p, h, f));
+    // Activations and embeddings stay f32 on the CPU under bf16 or block weights.
     let act = if dt == DType::BF16 {
         4
     } else {
@@ -92,7 +114,12 @@ pub fn estimate(cfg: &Config, dt: DType, w: &Workload) -> Estimate {
     let layer_kept = n * (5 * h + 2 * qkv + nh * d + 3 * f) * act + n * (4 * h + 2 * f);
     // A layer's backward: gradients of the same tensors, alive at once, and the input gradient's
     // orientation of the largest projection.
-    let layer_bwd = layer_kept + h.max(nh * d) * f.max(qkv) * weight_bytes(dt);
+    // (Weights in blocks: a tile of dequantized rows.)
+    let orientation = match p.blocks {
+        None => h.max(nh * d) * f.max(qkv) * weight_bytes(dt),
+        Some(_) => 256 * f.max(h).max(nh * d) * 4 + n * f.max(qkv) * 4,
+    };
+    let layer_bwd = layer_kept + orientation;
     let activations = if w.train {
         if w.checkpoint {
             l * n * h * act + layer_kept + layer_bwd
@@ -201,8 +228,8 @@ pub struct MemoryError {
 }
 
 /// Checks `w` against the memory available (nothing to check where none is known).
-pub fn check(cfg: &Config, dt: DType, w: &Workload) -> Result<Estimate, MemoryError> {
-    let e = estimate(cfg, dt, w);
+pub fn check(cfg: &Config, p: Precision, w: &Workload) -> Result<Estimate, MemoryError> {
+    let e = estimate(cfg, p, w);
     let Some((avail, from)) = available() else {
         return Ok(e);
     };
@@ -213,34 +240,41 @@ pub fn check(cfg: &Config, dt: DType, w: &Workload) -> Result<Estimate, MemoryEr
         estimate: e,
         available: avail,
         from,
-        suggestion: suggest(cfg, dt, w, avail),
+        suggestion: suggest(cfg, p, w, avail),
     })
 }
 
 /// The settings nearest to `w` that fit in `avail`: a smaller weight dtype, activation
-/// checkpointing, a smaller batch (in that order of preference), or that none does.
-fn suggest(cfg: &Config, dt: DType, w: &Workload, avail: u64) -> String {
-    let mut tries: Vec<(String, DType, Workload)> = vec![];
-    if dt == DType::F32 {
-        tries.push(("--dtype bf16".into(), DType::BF16, *w));
+/// checkpointing, a smaller batch, weights in 4-bit blocks (in that order of preference), or that
+/// none does.
+fn suggest(cfg: &Config, p: Precision, w: &Workload, avail: u64) -> String {
+    let dt = p.dtype;
+    let bf16 = Precision::from(DType::BF16);
+    let q4 = Precision {
+        dtype: DType::BF16,
+        blocks: Some(Blocks::To(GgmlDType::Q4K)),
+    };
+    let mut tries: Vec<(String, Precision, Workload)> = vec![];
+    if dt == DType::F32 && p.blocks.is_none() {
+        tries.push(("--dtype bf16".into(), bf16, *w));
     }
     if w.train && !w.checkpoint {
         let c = Workload {
             checkpoint: true,
             ..*w
         };
-        tries.push(("--checkpoint-layers".into(), dt, c));
-        if dt == DType::F32 {
-            tries.push(("--dtype bf16 --checkpoint-layers".into(), DType::BF16, c));
+        tries.push(("--checkpoint-layers".into(), p, c));
+        if dt == DType::F32 && p.blocks.is_none() {
+            tries.push(("--dtype bf16 --checkpoint-layers".into(), bf16, c));
         }
     }
     let mut b = w.batch / 2;
     while b >= 1 {
-        tries.push((format!("a batch of {b}"), dt, Workload { batch: b, ..*w }));
+        tries.push((format!("a batch of {b}"), p, Workload { batch: b, ..*w }));
         if w.train && !w.checkpoint {
             tries.push((
                 format!("a batch of {b} with --checkpoint-layers"),
-                dt,
+                p,
                 Workload {
                     batch: b,
                     checkpoint: true,
@@ -250,24 +284,32 @@ fn suggest(cfg: &Config, dt: DType, w: &Workload, avail: u64) -> String {
         }
         b /= 2;
     }
-    for (what, dt2, w2) in tries {
-        let e = estimate(cfg, dt2, &w2).total();
+    let one = Workload {
+        batch: 1,
+        checkpoint: w.train,
+        ..*w
+    };
+    if p.blocks.is_none() {
+        tries.push(("--dtype q4_k".into(), q4, *w));
+        if w.train {
+            tries.push((
+                "--dtype q4_k --checkpoint-layers at batch 1".into(),
+                q4,
+                one,
+            ));
+        }
+    }
+    for (what, p2, w2) in tries {
+        let e = estimate(cfg, p2, &w2).total();
         if e <= avail {
             return format!("{what} would fit (estimated {})", gb(e));
         }
     }
-    let floor = estimate(
-        cfg,
-        DType::BF16,
-        &Workload {
-            batch: 1,
-            checkpoint: true,
-            ..*w
-        },
-    );
+    let floor = estimate(cfg, q4, &one);
     format!(
-        "no setting of --dtype, batch or --checkpoint-layers fits: the weights alone take {} in bf16 (at batch 1 with checkpointing {})",
+        "no setting of --dtype, batch or --checkpoint-layers fits: the weights alone take {} in q4_k (at batch 1{} {})",
         gb(floor.weights + floor.embeddings),
+        if w.train { " with checkpointing" } else { "" },
         gb(floor.total())
     )
 }

@@ -34,10 +34,9 @@ pub fn frozen_linear(x: &Tensor, w: &FrozenWeight, b: Option<&Tensor>) -> Result
             drop: None,
         });
     }
-    let w = &w.tensor()?.to_dtype(x.dtype())?;
     let b = b.map(|b| b.to_dtype(x.dtype())).transpose()?;
     // Frozen: the input's gradient only (candle's matmul backward would also compute W's).
-    crate::kernels::frozen::linear(x, w, b.as_ref())
+    w.linear(x, b.as_ref())
 }
 
 /// `x W^T (+ b)` for a `W` that may itself be trained (a tensor in the autograd graph): the plain

@@ -10,6 +10,8 @@
 //!   where it is kept as its transpose `Wᵀ [in, out]`, the layout the f32 GEMM multiplies fastest).
 //! - [`packed`]: a CPU bf16 weight packed for the bf16 GEMM of [`super::bf16`] (the packing is
 //!   the only copy).
+//! - [`quantized`]: a GGUF block format (`q8_0`, `q4_k`, …), multiplied block by block; the input
+//!   gradient dequantizes a tile of rows at a time (`--dtype q4_k`, or a GGUF's own blocks).
 //!
 //! Callers never branch on the format: the fused CPU kernels ask [`FrozenWeight::cpu_kernels`]
 //! and call [`FrozenWeight::forward`] / [`FrozenWeight::input_grad`] on f32 slices; the composed
@@ -17,6 +19,7 @@
 
 pub mod dense;
 pub mod packed;
+pub mod quantized;
 
 use candle_core::{DType, Device, Result, Tensor};
 use std::sync::Arc;
@@ -32,6 +35,16 @@ pub trait Format: Send + Sync {
     fn bytes(&self) -> usize;
     /// A short name of the layout, for logs and `llara llm info`.
     fn describe(&self) -> String;
+    /// The name of the stored values' type, as `--dtype` and the reports write it (`bf16`, `q4_k`).
+    fn name(&self) -> String {
+        format!("{:?}", self.dtype()).to_lowercase()
+    }
+    /// Whether an adapter may be merged into it ([`Format::tensor`] plus the adapter's product,
+    /// stored back in this format); a block format would round the adapter away, so it keeps its
+    /// adapter beside it.
+    fn mergeable(&self) -> bool {
+        true
+    }
     /// Whether [`Format::forward`] and [`Format::input_grad`] run (CPU, f32 activations).
     fn cpu_kernels(&self) -> bool;
     /// `x · Wᵀ`: a new row-major `[m, out]` from a row-major `x [m, in]`.
@@ -41,6 +54,85 @@ pub trait Format: Send + Sync {
     /// `W [out, in]` as a tensor of [`Format::dtype`] on [`Format::device`]: a view where the
     /// format holds one, else made on the fly (the composed path, merging an adapter).
     fn tensor(&self) -> Result<Tensor>;
+    /// `x [.., in] · Wᵀ (+ b)` as a tensor op whose backward gives `x` its gradient only (the
+    /// composed path: other devices, `--fused off`).
+    fn linear(&self, x: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+        let w = self.tensor()?.to_dtype(x.dtype())?;
+        crate::kernels::frozen::linear(x, &w, b)
+    }
+}
+
+/// Frozen projections kept in GGUF blocks (`--dtype q4_k`, `--dtype gguf`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Blocks {
+    /// Every projection quantized to this block format at load (a row that is not a whole number
+    /// of its blocks falls back to `q8_0`, then to the float dtype).
+    To(candle_core::quantized::GgmlDType),
+    /// A GGUF file's projections in the block formats the file stores them in.
+    Native,
+}
+
+/// How a backbone's frozen weights are stored: a float dtype, optionally with the projections in
+/// GGUF blocks (then `dtype` is that of the rest: embeddings, norms, the projections that are not
+/// block-sized).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Precision {
+    pub dtype: DType,
+    pub blocks: Option<Blocks>,
+}
+
+impl From<DType> for Precision {
+    fn from(dtype: DType) -> Self {
+        Precision {
+            dtype,
+            blocks: None,
+        }
+    }
+}
+
+impl Precision {
+    /// As `--dtype` writes it: `f32`, `bf16`, `q4_k`, `gguf`.
+    pub fn name(&self) -> String {
+        match self.blocks {
+            None => format!("{:?}", self.dtype).to_lowercase(),
+            Some(Blocks::To(dt)) => quantized::name(dt),
+            Some(Blocks::Native) => "gguf".into(),
+        }
+    }
+
+    /// `--dtype`'s value: a float dtype, a block format (its non-block parts in bf16), or `gguf`.
+    pub fn parse(s: &str) -> Option<Self> {
+        let float = match s.to_ascii_lowercase().as_str() {
+            "f32" | "float32" => Some(DType::F32),
+            "bf16" | "bfloat16" => Some(DType::BF16),
+            "f16" | "float16" => Some(DType::F16),
+            _ => None,
+        };
+        if let Some(dtype) = float {
+            return Some(dtype.into());
+        }
+        let blocks = if s.eq_ignore_ascii_case("gguf") {
+            Blocks::Native
+        } else {
+            Blocks::To(quantized::parse(s)?)
+        };
+        Some(Precision {
+            dtype: DType::BF16,
+            blocks: Some(blocks),
+        })
+    }
+
+    /// The block format a projection with rows of `inp` values is kept in under `To(dt)`: `dt`,
+    /// else `q8_0` where the row is a whole number of its 32-value blocks, else none (float).
+    pub fn fit(
+        dt: candle_core::quantized::GgmlDType,
+        inp: usize,
+    ) -> Option<candle_core::quantized::GgmlDType> {
+        use candle_core::quantized::GgmlDType;
+        [dt, GgmlDType::Q8_0]
+            .into_iter()
+            .find(|d| inp.is_multiple_of(d.block_size()))
+    }
 }
 
 /// A frozen weight in one of the [`Format`]s; cloning shares it.
@@ -66,6 +158,11 @@ impl FrozenWeight {
         Ok(Self::from(dense::Dense::plain(w)?))
     }
 
+    /// A weight already in a block format.
+    pub fn quantized(q: candle_core::quantized::QTensor) -> Result<Self> {
+        Ok(Self::from(quantized::Quantized::new(q)?))
+    }
+
     pub fn from<F: Format + 'static>(f: F) -> Self {
         FrozenWeight(Arc::new(f))
     }
@@ -88,6 +185,19 @@ impl FrozenWeight {
 
     pub fn describe(&self) -> String {
         self.0.describe()
+    }
+
+    pub fn name(&self) -> String {
+        self.0.name()
+    }
+
+    pub fn mergeable(&self) -> bool {
+        self.0.mergeable()
+    }
+
+    /// `x · Wᵀ (+ b)` on the composed path (see [`Format::linear`]).
+    pub fn linear(&self, x: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+        self.0.linear(x, b)
     }
 
     /// Whether the fused CPU kernels can multiply it (see [`Format::cpu_kernels`]).
