@@ -2,10 +2,14 @@
 """PyTorch + PEFT reference for `llara llm bench`: the same LoRA training step (forward, backward,
 AdamW on the adapters, loss on the last --answer-len tokens of each row) and the same greedy
 generation (--gen-new-tokens after a --gen-prompt-len prompt, adapters merged), on the same
-weights (a GGUF dequantized to f32 by transformers, or a Hugging Face folder). Prints one JSON line.
+weights (a GGUF dequantized to f32 by transformers, or a Hugging Face folder), or random weights of
+a config's shape (`--llm random:configs/llama2-7b.json`, as `llara llm bench --llm builtin:random:…`).
+`--dtype bf16` keeps the model in bf16; `--checkpoint` turns on transformers' gradient checkpointing
+(per decoder layer, as llara's `--checkpoint`). Prints one JSON line.
 
     pip install torch transformers peft gguf
     python3 scripts/reference/lora_step_torch.py --llm ../shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf
+    python3 scripts/reference/lora_step_torch.py --llm random:configs/llama2-7b.json --dtype bf16 --batch 1 --seq-len 512 --checkpoint
 """
 import argparse
 import json
@@ -29,6 +33,8 @@ ap.add_argument("--lora-dropout", type=float, default=0.05)
 ap.add_argument("--gen-prompt-len", type=int, default=256)
 ap.add_argument("--gen-new-tokens", type=int, default=32)
 ap.add_argument("--seed", type=int, default=0)
+ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
+ap.add_argument("--checkpoint", action="store_true")
 args = ap.parse_args()
 
 torch.set_num_threads(args.threads)
@@ -36,12 +42,26 @@ torch.manual_seed(args.seed)
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-if args.llm.endswith(".gguf"):
+dt = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+load_start = time.perf_counter()
+if args.llm.startswith("random:"):
+    from transformers import AutoConfig  # noqa: E402
+
+    cfg = AutoConfig.from_pretrained(args.llm[len("random:"):])
+    torch.set_default_dtype(dt)
+    model = AutoModelForCausalLM.from_config(cfg)
+    torch.set_default_dtype(torch.float32)
+elif args.llm.endswith(".gguf"):
     model = AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(os.path.abspath(args.llm)), gguf_file=os.path.basename(args.llm), dtype=torch.float32
+        os.path.dirname(os.path.abspath(args.llm)), gguf_file=os.path.basename(args.llm), dtype=dt
     )
 else:
-    model = AutoModelForCausalLM.from_pretrained(args.llm, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(args.llm, dtype=dt)
+load_seconds = time.perf_counter() - load_start
+rss_after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+if args.checkpoint:
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
 vocab = model.config.vocab_size
 targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 model = get_peft_model(
@@ -66,6 +86,7 @@ for step in range(args.warmup + args.steps):
     if step >= args.warmup:
         timed += time.perf_counter() - start
         losses.append(out.loss.item())
+rss_after_train = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 model.eval()
 merged = model.merge_and_unload()
@@ -84,7 +105,8 @@ with torch.no_grad():
     total = time.perf_counter() - start
 n = gen.shape[1] - prompt.shape[1]
 print(json.dumps({
-    "impl": "pytorch+peft", "llm": args.llm, "threads": args.threads, "dtype": "f32",
+    "impl": "pytorch+peft", "llm": args.llm, "threads": args.threads, "dtype": args.dtype,
+    "checkpoint": args.checkpoint,
     "torch": torch.__version__,
     "report": {
         "train_tokens_per_second": b * t * args.steps / timed,
@@ -95,5 +117,8 @@ print(json.dumps({
         "gen_decode_tokens_per_second": (n - 1) / max(total - prefill, 1e-9),
         "gen_new_tokens": int(n),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_after_load_bytes": rss_after_load,
+        "peak_rss_after_train_bytes": rss_after_train,
+        "load_seconds": load_seconds,
     },
 }))

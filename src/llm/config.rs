@@ -5,10 +5,12 @@ use serde::Deserialize;
 use serde_json::Value;
 use std::path::Path;
 
-/// Llama-family hyper-parameters (Llama, Mistral, Qwen2 where the differences are config-only).
+/// Llama-family hyper-parameters (Llama, Mistral, Qwen2 where the differences are config-only;
+/// Qwen3: an RMSNorm over each head of q and k before the rotary embedding).
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Config {
-    /// `LlamaForCausalLM`, `MistralForCausalLM`, `Qwen2ForCausalLM`, or `llama` (GGUF).
+    /// `LlamaForCausalLM`, `MistralForCausalLM`, `Qwen2ForCausalLM`, `Qwen3ForCausalLM`, or
+    /// `llama` / `qwen2` / `qwen3` (GGUF).
     pub architecture: String,
     pub hidden_size: usize,
     pub intermediate_size: usize,
@@ -27,6 +29,8 @@ pub struct Config {
     pub qkv_bias: bool,
     pub o_bias: bool,
     pub mlp_bias: bool,
+    /// Qwen3's RMSNorm over each head of q and k (`self_attn.q_norm`, `self_attn.k_norm`).
+    pub qk_norm: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
 }
@@ -125,7 +129,12 @@ impl Config {
             .cloned()
             .or(c.model_type.clone())
             .unwrap_or_else(|| "LlamaForCausalLM".into());
-        let known = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"];
+        let known = [
+            "LlamaForCausalLM",
+            "MistralForCausalLM",
+            "Qwen2ForCausalLM",
+            "Qwen3ForCausalLM",
+        ];
         if !known.contains(&arch.as_str()) {
             return Err(format!(
                 "architecture {arch:?} is not supported (expected one of {})",
@@ -140,7 +149,9 @@ impl Config {
                 );
             }
         }
-        let qwen = arch == "Qwen2ForCausalLM";
+        let qwen = arch.starts_with("Qwen");
+        let qwen2 = arch == "Qwen2ForCausalLM";
+        let qwen3 = arch == "Qwen3ForCausalLM";
         if let (Some(w), true) = (c.sliding_window, c.use_sliding_window.unwrap_or(!qwen)) {
             if w < c.max_position_embeddings && arch == "MistralForCausalLM" {
                 return Err(format!(
@@ -198,9 +209,16 @@ impl Config {
             rope_llama3,
             max_position_embeddings: c.max_position_embeddings,
             tie_word_embeddings: c.tie_word_embeddings.unwrap_or(false),
-            qkv_bias: c.attention_bias.unwrap_or(qwen),
-            o_bias: c.attention_bias.unwrap_or(false),
+            // Qwen2 always has a bias on q/k/v and none on o; Llama and Qwen3 put one on all four
+            // where `attention_bias` says so.
+            qkv_bias: if qwen2 {
+                true
+            } else {
+                c.attention_bias.unwrap_or(false)
+            },
+            o_bias: !qwen2 && c.attention_bias.unwrap_or(false),
             mlp_bias: c.mlp_bias,
+            qk_norm: qwen3,
             bos_token_id: ids(&c.bos_token_id).first().copied(),
             eos_token_ids: ids(&c.eos_token_id),
         };
@@ -297,6 +315,7 @@ impl Config {
             qkv_bias: false,
             o_bias: false,
             mlp_bias: false,
+            qk_norm: false,
             bos_token_id: None,
             eos_token_ids: vec![],
         }

@@ -1,7 +1,9 @@
-//! GGUF (llama architecture): hyper-parameters from the metadata, and each tensor read from the
-//! file when the loader asks for it ([`GgufWeights`]), dequantized with candle's quantized module
-//! under its Hugging Face name, with the Q/K row permutation of llama.cpp's converter undone so the
-//! half-split rotary embedding applies. The whole model is never dequantized at once.
+//! GGUF (`llama`, `qwen2`, `qwen3` architectures): hyper-parameters from the metadata, and each
+//! tensor read from the file when the loader asks for it ([`GgufWeights`]), dequantized with
+//! candle's quantized module (or kept in its blocks) under its Hugging Face name, with the Q/K row
+//! permutation of llama.cpp's converter undone for `llama` so the half-split rotary embedding
+//! applies (the converter leaves Qwen's rows as they are). The whole model is never dequantized at
+//! once.
 
 use super::config::Config;
 use super::tokenizer::{self, meta_u32, LlmTokenizer};
@@ -13,6 +15,9 @@ use candle_core::{Device, Tensor};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+
+/// The `general.architecture` values read.
+pub const ARCHITECTURES: [&str; 3] = ["llama", "qwen2", "qwen3"];
 
 pub struct GgufModel {
     pub config: Config,
@@ -47,22 +52,24 @@ pub fn read(path: &Path) -> Result<GgufModel, LlmError> {
         .get("general.architecture")
         .and_then(|v| v.to_string().ok().cloned())
         .unwrap_or_default();
-    if arch != "llama" {
+    if !ARCHITECTURES.contains(&arch.as_str()) {
         return Err(bad(format!(
-            "general.architecture {arch:?} is not supported (expected \"llama\")"
+            "general.architecture {arch:?} is not supported (expected one of {})",
+            ARCHITECTURES.join(", ")
         )));
     }
+    let key = |k: &str| format!("{arch}.{k}");
     let need = |k: &str| -> Result<usize, LlmError> {
-        meta_u32(md, &format!("llama.{k}"))
+        meta_u32(md, &key(k))
             .map(|v| v as usize)
-            .ok_or_else(|| bad(format!("metadata key llama.{k} is missing")))
+            .ok_or_else(|| bad(format!("metadata key {} is missing", key(k))))
     };
     let hidden = need("embedding_length")?;
     let heads = need("attention.head_count")?;
-    let kv_heads = meta_u32(md, "llama.attention.head_count_kv").map_or(heads, |v| v as usize);
+    let kv_heads = meta_u32(md, &key("attention.head_count_kv")).map_or(heads, |v| v as usize);
     let head_dim =
-        meta_u32(md, "llama.attention.key_length").map_or(hidden / heads, |v| v as usize);
-    let vocab = match meta_u32(md, "llama.vocab_size") {
+        meta_u32(md, &key("attention.key_length")).map_or(hidden / heads, |v| v as usize);
+    let vocab = match meta_u32(md, &key("vocab_size")) {
         Some(v) => v as usize,
         None => md
             .get("tokenizer.ggml.tokens")
@@ -74,7 +81,7 @@ pub fn read(path: &Path) -> Result<GgufModel, LlmError> {
     };
     let tied = !content.tensor_infos.contains_key("output.weight");
     let config = Config {
-        architecture: "llama (GGUF)".into(),
+        architecture: format!("{arch} (GGUF)"),
         hidden_size: hidden,
         intermediate_size: need("feed_forward_length")?,
         num_hidden_layers: need("block_count")?,
@@ -82,14 +89,17 @@ pub fn read(path: &Path) -> Result<GgufModel, LlmError> {
         num_key_value_heads: kv_heads,
         head_dim,
         vocab_size: vocab,
-        rms_norm_eps: num(md, "llama.attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
-        rope_theta: num(md, "llama.rope.freq_base").unwrap_or(10000.0),
+        rms_norm_eps: num(md, &key("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
+        rope_theta: num(md, &key("rope.freq_base")).unwrap_or(10000.0),
         rope_llama3: None,
         max_position_embeddings: need("context_length").unwrap_or(4096),
         tie_word_embeddings: tied,
         qkv_bias: content.tensor_infos.contains_key("blk.0.attn_q.bias"),
         o_bias: content.tensor_infos.contains_key("blk.0.attn_output.bias"),
         mlp_bias: content.tensor_infos.contains_key("blk.0.ffn_up.bias"),
+        qk_norm: content
+            .tensor_infos
+            .contains_key("blk.0.attn_q_norm.weight"),
         bos_token_id: meta_u32(md, "tokenizer.ggml.bos_token_id"),
         eos_token_ids: meta_u32(md, "tokenizer.ggml.eos_token_id")
             .into_iter()
@@ -131,6 +141,7 @@ pub fn read(path: &Path) -> Result<GgufModel, LlmError> {
             names,
             heads,
             kv_heads,
+            permuted: arch == "llama",
         },
         tokenizer,
         tokenizer_kind,
@@ -147,6 +158,8 @@ pub struct GgufWeights {
     names: HashMap<String, String>,
     heads: usize,
     kv_heads: usize,
+    /// Q/K rows in llama.cpp's rotary order (the `llama` architecture).
+    permuted: bool,
 }
 
 impl GgufWeights {
@@ -179,7 +192,9 @@ impl super::llama::WeightSource for GgufWeights {
         if !quantized::is_block_format(q.dtype()) {
             return Ok(None);
         }
-        let heads = if g.ends_with("attn_q.weight") {
+        let heads = if !self.permuted {
+            return Ok(Some(q));
+        } else if g.ends_with("attn_q.weight") {
             self.heads
         } else if g.ends_with("attn_k.weight") {
             self.kv_heads
@@ -210,7 +225,9 @@ impl super::llama::WeightSource for GgufWeights {
             return Ok(None);
         };
         let t = self.qtensor(g)?.dequantize(&Device::Cpu)?;
-        let t = if g.ends_with("attn_q.weight") || g.ends_with("attn_q.bias") {
+        let t = if !self.permuted {
+            t
+        } else if g.ends_with("attn_q.weight") || g.ends_with("attn_q.bias") {
             unpermute(&t, self.heads)?
         } else if g.ends_with("attn_k.weight") || g.ends_with("attn_k.bias") {
             unpermute(&t, self.kv_heads)?
@@ -255,6 +272,8 @@ fn hf_name(name: &str) -> Option<String> {
         "attn_k" => "self_attn.k_proj",
         "attn_v" => "self_attn.v_proj",
         "attn_output" => "self_attn.o_proj",
+        "attn_q_norm" => "self_attn.q_norm",
+        "attn_k_norm" => "self_attn.k_norm",
         "ffn_gate" => "mlp.gate_proj",
         "ffn_up" => "mlp.up_proj",
         "ffn_down" => "mlp.down_proj",

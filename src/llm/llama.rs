@@ -82,6 +82,9 @@ pub struct Layer {
     pub v_proj: Proj,
     pub o_proj: Proj,
     pub post_attention_layernorm: Tensor,
+    /// Qwen3's per-head RMSNorm weights `[head_dim]` on q and k.
+    pub q_norm: Option<Tensor>,
+    pub k_norm: Option<Tensor>,
     pub gate_proj: Proj,
     pub up_proj: Proj,
     pub down_proj: Proj,
@@ -184,8 +187,11 @@ pub struct Llama {
     pub extra_embeddings: Tensor,
     pub layers: Vec<Layer>,
     pub norm: Tensor,
-    pub lm_head: Tensor,
+    /// The output projection `[vocab, hidden]`, frozen (the input table's storage when tied).
+    pub lm_head: FrozenWeight,
     pub lora: Option<LoraConfig>,
+    /// The activations' dtype (the input table may be stored narrower: see [`Llama::load`]).
+    act_dtype: DType,
     inv_freq: Vec<f64>,
     /// Activation checkpointing per decoder layer (training only; see [`Llama::set_checkpointing`]).
     checkpoint: Option<Checkpointing>,
@@ -278,11 +284,19 @@ impl Llama {
         } else {
             (dt, dt)
         };
+        // With the projections in blocks the tables are most of what is left (a 7B Llama's two
+        // are 1 GB in f32): on the CPU they are kept in bf16, the LM head packed for the bf16
+        // GEMM, and embedded rows widened to f32.
+        let edt = if precision.blocks.is_some() && dev.is_cpu() {
+            DType::BF16
+        } else {
+            dt
+        };
         let embed_tokens = get(
             src,
             "model.embed_tokens.weight",
             &[cfg.vocab_size, h],
-            dt,
+            edt,
             dev,
         )?;
         // Each weight goes into its final layout as it is read: no second copy of the model.
@@ -314,6 +328,28 @@ impl Llama {
                     dt,
                     dev,
                 )?,
+                q_norm: if cfg.qk_norm {
+                    Some(get(
+                        src,
+                        &format!("{p}.self_attn.q_norm.weight"),
+                        &[d],
+                        dt,
+                        dev,
+                    )?)
+                } else {
+                    None
+                },
+                k_norm: if cfg.qk_norm {
+                    Some(get(
+                        src,
+                        &format!("{p}.self_attn.k_norm.weight"),
+                        &[d],
+                        dt,
+                        dev,
+                    )?)
+                } else {
+                    None
+                },
                 gate_proj: proj(&format!("{p}.mlp.gate_proj"), f, h, cfg.mlp_bias)?,
                 up_proj: proj(&format!("{p}.mlp.up_proj"), f, h, cfg.mlp_bias)?,
                 down_proj: proj(&format!("{p}.mlp.down_proj"), h, f, cfg.mlp_bias)?,
@@ -322,10 +358,16 @@ impl Llama {
         let norm = get(src, "model.norm.weight", &[h], dt, dev)?;
         // Read once: a streaming source gives each tensor once.
         let lm_head = match src.tensor("lm_head.weight")? {
-            Some(t) if !cfg.tie_word_embeddings => {
-                convert("lm_head.weight", t, &[cfg.vocab_size, h], dt, dev)?
-            }
-            _ => embed_tokens.clone(),
+            Some(t) if !cfg.tie_word_embeddings => FrozenWeight::new(convert(
+                "lm_head.weight",
+                t,
+                &[cfg.vocab_size, h],
+                edt,
+                dev,
+            )?)?,
+            // Tied: the table itself (a bf16 table is packed once more for its GEMM).
+            _ if edt != dt => FrozenWeight::new(embed_tokens.clone())?,
+            _ => FrozenWeight::plain(embed_tokens.clone())?,
         };
         // The mean row, summed in a fixed order (candle's reductions may vary in the last bit).
         // Read in blocks of rows, so no second copy of the table is made.
@@ -354,14 +396,15 @@ impl Llama {
             norm,
             lm_head,
             lora: None,
+            act_dtype: dt,
             inv_freq: cfg.inv_freq(),
             checkpoint: None,
         })
     }
 
-    /// The activations' (and embeddings') dtype.
+    /// The activations' dtype.
     pub fn dtype(&self) -> DType {
-        self.embed_tokens.dtype()
+        self.act_dtype
     }
 
     /// The frozen projection weights' dtype (bf16 under f32 activations for `--dtype bf16` on the
@@ -445,7 +488,10 @@ impl Llama {
         }
         let dev = self.device();
         let ids = Tensor::from_vec(base, b * t, dev)?;
-        let mut x = self.embed_tokens.index_select(&ids, 0)?;
+        let mut x = self
+            .embed_tokens
+            .index_select(&ids, 0)?
+            .to_dtype(self.dtype())?;
         let mut pool = vec![];
         if let Some((pos, vecs)) = inject {
             if vecs.dims() != [pos.len(), h] {
@@ -633,7 +679,7 @@ impl Llama {
         }
         let idx = Tensor::from_vec(idx, flat_positions.len(), hidden.device())?;
         let rows = hidden.reshape((b * t, h))?.index_select(&idx, 0)?;
-        ops::linear(&rows, &self.lm_head, None)
+        ops::frozen_linear(&rows, &self.lm_head, None)
     }
 
     /// Cross-entropy (mean over the target tokens) of `targets` at flat positions of `hidden`,
@@ -674,8 +720,12 @@ fn layer_forward(
     let q = l.q_proj.forward(&h, dropout)?.reshape((b, t, nh, d))?;
     let k = l.k_proj.forward(&h, dropout)?.reshape((b, t, nkv, d))?;
     let v = l.v_proj.forward(&h, dropout)?.reshape((b, t, nkv, d))?;
-    let q = ops::rope(&q, table)?;
-    let mut k = ops::rope(&k, table)?;
+    let norm = |x: Tensor, w: &Option<Tensor>| match w {
+        Some(w) => ops::rms_norm(&x, w, c.rms_norm_eps),
+        None => Ok(x),
+    };
+    let q = ops::rope(&norm(q, &l.q_norm)?, table)?;
+    let mut k = ops::rope(&norm(k, &l.k_norm)?, table)?;
     let mut v = v.transpose(1, 2)?.contiguous()?;
     if let Some(slot) = slot {
         if let Some((pk, pv)) = slot.as_ref() {
@@ -828,6 +878,10 @@ impl RandomWeights {
                 vec![h],
                 true,
             ));
+            if cfg.qk_norm {
+                specs.push((format!("{p}.self_attn.q_norm.weight"), vec![d], true));
+                specs.push((format!("{p}.self_attn.k_norm.weight"), vec![d], true));
+            }
             for (m, out_dim, in_dim, bias) in [
                 ("self_attn.q_proj", nh * d, h, cfg.qkv_bias),
                 ("self_attn.k_proj", nkv * d, h, cfg.qkv_bias),

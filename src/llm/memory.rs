@@ -33,7 +33,7 @@ pub struct Workload {
 pub struct Estimate {
     /// The frozen projections in their format.
     pub weights: u64,
-    /// Input embeddings and the LM head (f32 on the CPU).
+    /// Input embeddings and the LM head (f32 on the CPU; bf16 with the projections in blocks).
     pub embeddings: u64,
     /// Activations kept at the peak of a step (and the KV cache in inference).
     pub activations: u64,
@@ -105,7 +105,13 @@ pub fn estimate(cfg: &Config, p: impl Into<Precision>, w: &Workload) -> Estimate
     } else {
         dt.size_in_bytes() as u64
     };
-    let embeddings = v * h * act * if cfg.tie_word_embeddings { 1 } else { 2 };
+    // With the projections in blocks: the table in bf16 and the head packed in bf16 (tied or
+    // not, two tables of 2 bytes).
+    let embeddings = if p.blocks.is_some() {
+        2 * v * h * 2
+    } else {
+        v * h * act * if cfg.tie_word_embeddings { 1 } else { 2 }
+    };
     let n = (w.batch * w.seq_len) as u64;
     let qkv = (nh + 2 * nkv) * d;
     // What one decoder layer's forward pass keeps for its backward pass: its input, the two norms'
