@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import resource
+import sys
 import time
 
 import torch
@@ -87,7 +88,26 @@ for step in range(args.warmup + args.steps):
         timed += time.perf_counter() - start
         losses.append(out.loss.item())
 rss_after_train = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"train_seconds_per_step": timed / max(args.steps, 1), "train_losses": losses,
+                  "peak_rss_after_train_bytes": rss_after_train, "load_seconds": load_seconds}),
+      file=sys.stderr, flush=True)
 
+if args.gen_new_tokens == 0:
+    # Training only (`--gen-new-tokens 0`).
+    print(json.dumps({
+        "impl": "pytorch+peft", "llm": args.llm, "threads": args.threads, "dtype": args.dtype,
+        "checkpoint": args.checkpoint, "torch": torch.__version__,
+        "report": {
+            "train_tokens_per_second": b * t * args.steps / timed,
+            "train_seconds_per_step": timed / args.steps,
+            "train_losses": losses,
+            "peak_rss_bytes": rss_after_train,
+            "peak_rss_after_load_bytes": rss_after_load,
+            "peak_rss_after_train_bytes": rss_after_train,
+            "load_seconds": load_seconds,
+        },
+    }))
+    sys.exit(0)
 model.eval()
 merged = model.merge_and_unload()
 prompt = torch.randint(0, vocab, (1, args.gen_prompt_len), generator=g)

@@ -264,8 +264,9 @@ impl Llama {
     /// Loads the frozen weights in `precision` (a dtype, or with the projections in GGUF blocks);
     /// `extra_tokens` added-token rows are initialised to the mean input embedding (as
     /// transformers' `resize_token_embeddings` does). On the CPU, bf16 applies to the projections'
-    /// weights only (the bf16 GEMM of [`crate::kernels::bf16`]); activations, norms, embeddings
-    /// and the LM head stay f32.
+    /// weights (the bf16 GEMM of [`crate::kernels::bf16`]) and to the input table and LM head
+    /// (stored in bf16, rows widened to f32 when embedded); activations, norms, added-token rows,
+    /// adapters stay f32.
     pub fn load(
         src: &dyn WeightSource,
         cfg: &Config,
@@ -284,10 +285,9 @@ impl Llama {
         } else {
             (dt, dt)
         };
-        // With the projections in blocks the tables are most of what is left (a 7B Llama's two
-        // are 1 GB in f32): on the CPU they are kept in bf16, the LM head packed for the bf16
-        // GEMM, and embedded rows widened to f32.
-        let edt = if precision.blocks.is_some() && dev.is_cpu() {
+        // Under bf16 or block weights on the CPU the tables (a 7B Llama's two are 1 GB in f32) are
+        // kept in bf16 too, the LM head packed for the bf16 GEMM, and embedded rows widened to f32.
+        let edt = if (precision.blocks.is_some() || wdt == DType::BF16) && dev.is_cpu() {
             DType::BF16
         } else {
             dt

@@ -33,7 +33,7 @@ pub struct Workload {
 pub struct Estimate {
     /// The frozen projections in their format.
     pub weights: u64,
-    /// Input embeddings and the LM head (f32 on the CPU; bf16 with the projections in blocks).
+    /// Input embeddings and the LM head (on the CPU: f32, or bf16 under bf16 or block weights).
     pub embeddings: u64,
     /// Activations kept at the peak of a step (and the KV cache in inference).
     pub activations: u64,
@@ -105,9 +105,9 @@ pub fn estimate(cfg: &Config, p: impl Into<Precision>, w: &Workload) -> Estimate
     } else {
         dt.size_in_bytes() as u64
     };
-    // With the projections in blocks: the table in bf16 and the head packed in bf16 (tied or
-    // not, two tables of 2 bytes).
-    let embeddings = if p.blocks.is_some() {
+    // Under bf16 or block weights: the table in bf16 and the head packed in bf16 (tied or not,
+    // two tables of 2 bytes).
+    let embeddings = if p.blocks.is_some() || dt == DType::BF16 {
         2 * v * h * 2
     } else {
         v * h * act * if cfg.tie_word_embeddings { 1 } else { 2 }
