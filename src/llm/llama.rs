@@ -439,8 +439,10 @@ impl Llama {
         }
         if name.starts_with('q') {
             return format!(
-                "{} weights, f32 activations quantized per row for the block dot products; input gradient through dequantized tiles and the f32 GEMM",
-                self.weight_format()
+                "{}: prompts and training dequantize tiles of rows into the {}; decoding (under {} rows) takes the block dot products on 8-bit activations",
+                self.weight_format(),
+                crate::kernels::bf16::describe(),
+                crate::kernels::weight::quantized::GEMM_ROWS
             );
         }
         if !crate::kernels::fused(&[]) {
