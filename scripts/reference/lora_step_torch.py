@@ -92,21 +92,19 @@ print(json.dumps({"train_seconds_per_step": timed / max(args.steps, 1), "train_l
                   "peak_rss_after_train_bytes": rss_after_train, "load_seconds": load_seconds}),
       file=sys.stderr, flush=True)
 
+head = {"impl": "pytorch+peft", "llm": args.llm, "threads": args.threads, "dtype": args.dtype,
+        "checkpoint": args.checkpoint, "torch": torch.__version__}
+train_report = {
+    "train_tokens_per_second": b * t * args.steps / timed,
+    "train_seconds_per_step": timed / args.steps,
+    "train_losses": losses,
+    "peak_rss_after_load_bytes": rss_after_load,
+    "peak_rss_after_train_bytes": rss_after_train,
+    "load_seconds": load_seconds,
+}
 if args.gen_new_tokens == 0:
     # Training only (`--gen-new-tokens 0`).
-    print(json.dumps({
-        "impl": "pytorch+peft", "llm": args.llm, "threads": args.threads, "dtype": args.dtype,
-        "checkpoint": args.checkpoint, "torch": torch.__version__,
-        "report": {
-            "train_tokens_per_second": b * t * args.steps / timed,
-            "train_seconds_per_step": timed / args.steps,
-            "train_losses": losses,
-            "peak_rss_bytes": rss_after_train,
-            "peak_rss_after_load_bytes": rss_after_load,
-            "peak_rss_after_train_bytes": rss_after_train,
-            "load_seconds": load_seconds,
-        },
-    }))
+    print(json.dumps({**head, "report": {**train_report, "peak_rss_bytes": rss_after_train}}))
     sys.exit(0)
 model.eval()
 merged = model.merge_and_unload()
@@ -124,21 +122,11 @@ with torch.no_grad():
                           do_sample=False)
     total = time.perf_counter() - start
 n = gen.shape[1] - prompt.shape[1]
-print(json.dumps({
-    "impl": "pytorch+peft", "llm": args.llm, "threads": args.threads, "dtype": args.dtype,
-    "checkpoint": args.checkpoint,
-    "torch": torch.__version__,
-    "report": {
-        "train_tokens_per_second": b * t * args.steps / timed,
-        "train_seconds_per_step": timed / args.steps,
-        "train_losses": losses,
-        "gen_prefill_seconds": prefill,
-        "gen_first_prefill_seconds": first_prefill,
-        "gen_decode_tokens_per_second": (n - 1) / max(total - prefill, 1e-9),
-        "gen_new_tokens": int(n),
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "peak_rss_after_load_bytes": rss_after_load,
-        "peak_rss_after_train_bytes": rss_after_train,
-        "load_seconds": load_seconds,
-    },
-}))
+print(json.dumps({**head, "report": {
+    **train_report,
+    "gen_prefill_seconds": prefill,
+    "gen_first_prefill_seconds": first_prefill,
+    "gen_decode_tokens_per_second": (n - 1) / max(total - prefill, 1e-9),
+    "gen_new_tokens": int(n),
+    "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+}}))

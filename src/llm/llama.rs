@@ -315,6 +315,20 @@ impl Llama {
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
+            // Qwen3's per-head norms of q and k.
+            let head_norm = |qk: &str| -> Result<Option<Tensor>> {
+                cfg.qk_norm
+                    .then(|| {
+                        get(
+                            src,
+                            &format!("{p}.self_attn.{qk}_norm.weight"),
+                            &[d],
+                            dt,
+                            dev,
+                        )
+                    })
+                    .transpose()
+            };
             layers.push(Layer {
                 input_layernorm: get(src, &format!("{p}.input_layernorm.weight"), &[h], dt, dev)?,
                 q_proj: proj(&format!("{p}.self_attn.q_proj"), nh * d, h, cfg.qkv_bias)?,
@@ -328,28 +342,8 @@ impl Llama {
                     dt,
                     dev,
                 )?,
-                q_norm: if cfg.qk_norm {
-                    Some(get(
-                        src,
-                        &format!("{p}.self_attn.q_norm.weight"),
-                        &[d],
-                        dt,
-                        dev,
-                    )?)
-                } else {
-                    None
-                },
-                k_norm: if cfg.qk_norm {
-                    Some(get(
-                        src,
-                        &format!("{p}.self_attn.k_norm.weight"),
-                        &[d],
-                        dt,
-                        dev,
-                    )?)
-                } else {
-                    None
-                },
+                q_norm: head_norm("q")?,
+                k_norm: head_norm("k")?,
                 gate_proj: proj(&format!("{p}.mlp.gate_proj"), f, h, cfg.mlp_bias)?,
                 up_proj: proj(&format!("{p}.mlp.up_proj"), f, h, cfg.mlp_bias)?,
                 down_proj: proj(&format!("{p}.mlp.down_proj"), h, f, cfg.mlp_bias)?,
