@@ -10,7 +10,7 @@ use crate::kernels::dropout::Dropout;
 use crate::kernels::weight::quantized::Quantized;
 use crate::kernels::weight::{Blocks, FrozenWeight, Precision};
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, Var, D};
+use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor, Var, D};
 use std::sync::{Arc, Mutex};
 
 /// Where the frozen weights come from: a name (Hugging Face naming) → tensor lookup.
@@ -50,12 +50,6 @@ impl Proj {
             bias,
             lora: None,
         })
-    }
-
-    /// Replaces the frozen weight (merging an adapter), in the format of its dtype and device.
-    pub fn set_weight(&mut self, w: Tensor) -> Result<()> {
-        self.weight = FrozenWeight::new(w)?;
-        Ok(())
     }
 
     fn forward(&self, x: &Tensor, dropout: &mut Option<&mut Dropout>) -> Result<Tensor> {
@@ -596,8 +590,9 @@ impl Llama {
                         mask: mask.clone(),
                         dropout: layer_drop,
                         sink: c.sink.clone(),
+                        output: Mutex::new(Some(y)),
                     };
-                    x = x.apply_op3(&y, c.anchor.as_tensor(), op)?;
+                    x = x.apply_op2(c.anchor.as_tensor(), op)?;
                 }
                 None => {
                     let slot = cache.as_deref_mut().map(|c| &mut c.kv[li]);
@@ -738,11 +733,12 @@ fn layer_forward(
     x + l.down_proj.forward(&ops::swiglu(&g, &u)?, dropout)?
 }
 
-/// A decoder layer run without keeping its activations: the forward pass ran on a detached input
-/// (its output is the op's second argument, passed through); the backward pass recomputes the
-/// layer with the same dropout masks, returns the input gradient and leaves the adapter gradients
-/// in the sink. The third argument is a scalar variable that keeps the op in the graph even when
-/// the input does not track gradients.
+/// A decoder layer run without keeping its activations: the forward pass ran on a detached input;
+/// the op hands its output over (taken out of `output`, so the graph keeps one copy of each
+/// layer's output: the op's result, which is the next layer's input); the backward pass
+/// recomputes the layer with the same dropout masks, returns the input gradient and leaves the
+/// adapter gradients in the sink. The second argument is a scalar variable that keeps the op in
+/// the graph even when the input does not track gradients.
 struct CheckpointedLayer {
     cfg: Config,
     layer: Layer,
@@ -750,9 +746,20 @@ struct CheckpointedLayer {
     mask: AttnMask,
     dropout: Option<Dropout>,
     sink: Arc<Mutex<Vec<(Var, Tensor)>>>,
+    /// The layer's output (contiguous), until the forward pass takes it.
+    output: Mutex<Option<Tensor>>,
 }
 
-impl CustomOp3 for CheckpointedLayer {
+impl CheckpointedLayer {
+    fn take_output(&self) -> Result<Tensor> {
+        match self.output.lock().expect("output lock").take() {
+            Some(y) => Ok(y),
+            None => candle_core::bail!("checkpointed layer: the forward pass ran twice"),
+        }
+    }
+}
+
+impl CustomOp2 for CheckpointedLayer {
     fn name(&self) -> &'static str {
         "checkpointed-layer"
     }
@@ -761,13 +768,16 @@ impl CustomOp3 for CheckpointedLayer {
         &self,
         _s1: &CpuStorage,
         _l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        _s3: &CpuStorage,
-        _l3: &Layout,
+        _s2: &CpuStorage,
+        _l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let out = crate::kernels::slice::copy_cpu(s2, l2, "checkpointed layer")?;
-        Ok((out, l2.shape().clone()))
+        let y = self.take_output()?;
+        let (storage, layout) = y.storage_and_layout();
+        let candle_core::Storage::Cpu(s) = &*storage else {
+            candle_core::bail!("checkpointed layer: CPU output expected");
+        };
+        let out = crate::kernels::slice::copy_cpu(s, layout, "checkpointed layer")?;
+        Ok((out, layout.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -775,25 +785,27 @@ impl CustomOp3 for CheckpointedLayer {
         &self,
         _s1: &candle_core::CudaStorage,
         _l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        _s3: &candle_core::CudaStorage,
-        _l3: &Layout,
+        _s2: &candle_core::CudaStorage,
+        _l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::backend::BackendStorage;
+        let y = self.take_output()?;
+        let (storage, layout) = y.storage_and_layout();
+        let candle_core::Storage::Cuda(s) = &*storage else {
+            candle_core::bail!("checkpointed layer: CUDA output expected");
+        };
         // The layer's output is a fresh contiguous tensor (made so by the caller): its storage is
         // exactly it.
-        Ok((s2.try_clone(l2)?, l2.shape().clone()))
+        Ok((s.try_clone(layout)?, layout.shape().clone()))
     }
 
     fn bwd(
         &self,
         x: &Tensor,
-        _y: &Tensor,
         _anchor: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let xv = Var::from_tensor(&x.detach())?;
         let mut d = self.dropout.clone();
         let out = layer_forward(
@@ -816,7 +828,7 @@ impl CustomOp3 for CheckpointedLayer {
                 }
             }
         }
-        Ok((grads.get(xv.as_tensor()).cloned(), None, None))
+        Ok((grads.get(xv.as_tensor()).cloned(), None))
     }
 }
 

@@ -334,29 +334,13 @@ fn merge_all(model: &mut Llama) -> CResult<()> {
     for layer in model.layers.iter_mut() {
         for t in Target::ALL {
             let p = layer.proj_mut(t);
-            if !p.weight.mergeable() {
-                // Blocks would round the adapter's product away: it stays beside the weight.
+            let Some(l) = p.lora.take() else {
                 continue;
-            }
-            if let Some(l) = p.lora.take() {
-                let dt = p.weight.dtype();
-                let acc = if dt == DType::F64 {
-                    DType::F64
-                } else {
-                    DType::F32
-                };
-                let delta =
-                    (l.b.as_tensor()
-                        .to_dtype(acc)?
-                        .matmul(&l.a.as_tensor().to_dtype(acc)?)?
-                        * l.scale)?;
-                // Detached: a merged weight must not carry the adapter's graph, or every
-                // activation computed from it would be kept for a backward pass that never comes.
-                p.set_weight(
-                    (p.weight.tensor()?.to_dtype(acc)? + delta)?
-                        .to_dtype(dt)?
-                        .detach(),
-                )?;
+            };
+            match p.weight.merged(l.b.as_tensor(), l.a.as_tensor(), l.scale)? {
+                Some(w) => p.weight = w,
+                // Blocks would round the adapter's product away: it stays beside the weight.
+                None => p.lora = Some(l),
             }
         }
     }

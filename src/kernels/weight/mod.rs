@@ -39,11 +39,24 @@ pub trait Format: Send + Sync {
     fn name(&self) -> String {
         format!("{:?}", self.dtype()).to_lowercase()
     }
-    /// Whether an adapter may be merged into it ([`Format::tensor`] plus the adapter's product,
-    /// stored back in this format); a block format would round the adapter away, so it keeps its
-    /// adapter beside it.
-    fn mergeable(&self) -> bool {
-        true
+    /// `W + scale · b · a` (an adapter `b [out, r]`, `a [r, in]` merged in) as a new weight of this
+    /// format, or `None` where the format cannot hold it: a block format would round the adapter
+    /// away, so it keeps its adapter beside it. By default through [`Format::tensor`] in f32
+    /// (f64 for f64 weights), stored back in this dtype.
+    fn merged(&self, b: &Tensor, a: &Tensor, scale: f64) -> Result<Option<FrozenWeight>> {
+        let dt = self.dtype();
+        let acc = if dt == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
+        let delta = (b.to_dtype(acc)?.matmul(&a.to_dtype(acc)?)? * scale)?;
+        // Detached: a merged weight must not carry the adapter's graph, or every activation
+        // computed from it would be kept for a backward pass that never comes.
+        let w = (self.tensor()?.to_dtype(acc)? + delta)?
+            .to_dtype(dt)?
+            .detach();
+        FrozenWeight::new(w).map(Some)
     }
     /// Whether [`Format::forward`] and [`Format::input_grad`] run (CPU, f32 activations).
     fn cpu_kernels(&self) -> bool;
@@ -191,8 +204,9 @@ impl FrozenWeight {
         self.0.name()
     }
 
-    pub fn mergeable(&self) -> bool {
-        self.0.mergeable()
+    /// `W + scale · b · a` in the same format, or `None` (see [`Format::merged`]).
+    pub fn merged(&self, b: &Tensor, a: &Tensor, scale: f64) -> Result<Option<FrozenWeight>> {
+        self.0.merged(b, a, scale)
     }
 
     /// `x · Wᵀ (+ b)` on the composed path (see [`Format::linear`]).
@@ -278,5 +292,62 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Merging an adapter gives `W + scale · B·A` in the weight's own format, each value within
+    /// one rounding of the dtype of the exact sum; a block format keeps its adapter (`None`).
+    #[test]
+    fn merging_an_adapter_adds_its_product_in_the_same_format() {
+        let (o, i, r) = (70, 130, 3);
+        let b = Tensor::from_vec(
+            (0..o * r)
+                .map(|v| ((v % 7) as f32 - 3.0) / 16.0)
+                .collect::<Vec<f32>>(),
+            (o, r),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let a = Tensor::from_vec(
+            (0..r * i)
+                .map(|v| ((v % 5) as f32 - 2.0) / 8.0)
+                .collect::<Vec<f32>>(),
+            (r, i),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let scale = 2.0;
+        let f32s = |t: &Tensor| host_vec(&t.to_dtype(DType::F32).unwrap()).unwrap();
+        let (bv, av) = (f32s(&b), f32s(&a));
+        for (dt, ulp) in [(DType::F32, 1e-6f32), (DType::BF16, 1.0 / 256.0)] {
+            let w = weight(o, i, dt);
+            let wv = f32s(&w);
+            let f = FrozenWeight::new(w).unwrap();
+            let m = f
+                .merged(&b, &a, scale)
+                .unwrap()
+                .expect("a float weight merges");
+            assert_eq!((m.dims(), m.dtype()), ((o, i), dt));
+            assert_eq!(m.describe(), f.describe());
+            let got = f32s(&m.tensor().unwrap());
+            for row in 0..o {
+                for c in 0..i {
+                    let d: f32 = (0..r).map(|q| bv[row * r + q] * av[q * i + c]).sum();
+                    let want = wv[row * i + c] + scale as f32 * d;
+                    let e = (got[row * i + c] - want).abs();
+                    assert!(e <= ulp * want.abs().max(1e-3), "{dt:?} at {row},{c}: {e}");
+                }
+            }
+        }
+        let q = candle_core::quantized::QTensor::quantize(
+            &weight(8, 64, DType::F32),
+            candle_core::quantized::GgmlDType::Q8_0,
+        )
+        .unwrap();
+        let f = FrozenWeight::quantized(q).unwrap();
+        let (b8, a8) = (
+            Tensor::zeros((8, 1), DType::F32, &Device::Cpu).unwrap(),
+            Tensor::zeros((1, 64), DType::F32, &Device::Cpu).unwrap(),
+        );
+        assert!(f.merged(&b8, &a8, 1.0).unwrap().is_none());
     }
 }

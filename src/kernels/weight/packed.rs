@@ -3,7 +3,7 @@
 //! from those panels per call and dropped after it; `W` as a tensor (the composed path, merging an
 //! adapter) is unpacked on the fly.
 
-use super::Format;
+use super::{Format, FrozenWeight};
 use crate::kernels::bf16::{self, Packed};
 use crate::kernels::slice::with_bf16;
 use candle_core::{DType, Device, Result, Tensor};
@@ -62,6 +62,35 @@ impl Format for PackedBf16 {
 
     fn input_grad(&self, g: &[f32], m: usize) -> Result<Vec<f32>> {
         Ok(bf16::mm_new(g, m, &self.fwd.transposed(), 1.0))
+    }
+
+    /// Packs `W + scale · b · a` straight from these panels: no unpacked copy of `W` (merging
+    /// every adapter of a 7B model stays within one weight's packing of extra memory).
+    fn merged(&self, b: &Tensor, a: &Tensor, scale: f64) -> Result<Option<FrozenWeight>> {
+        let (o, i) = self.dims();
+        let (bo, r) = b.dims2()?;
+        let (ra, ai) = a.dims2()?;
+        if bo != o || ai != i || ra != r {
+            candle_core::bail!("merging an adapter {bo}×{r} · {ra}×{ai} into a {o}×{i} weight");
+        }
+        let f32s = |t: &Tensor| -> Result<Vec<f32>> {
+            t.to_dtype(DType::F32)?
+                .to_device(&Device::Cpu)?
+                .flatten_all()?
+                .to_vec1()
+        };
+        // `bᵀ [r, out]`, `a [r, in]`.
+        let bt = f32s(&b.t()?.contiguous()?)?;
+        let av = f32s(a)?;
+        let scale = scale as f32;
+        let fwd = Packed::with_kernel(self.fwd.kernel(), i, o, |kk, j| {
+            let mut d = 0f32;
+            for q in 0..r {
+                d += bt[q * o + j] * av[q * i + kk];
+            }
+            bf16::to_bf16(bf16::from_bf16(self.fwd.get(kk, j)) + d * scale)
+        });
+        Ok(Some(FrozenWeight::from(PackedBf16 { fwd })))
     }
 
     fn tensor(&self) -> Result<Tensor> {

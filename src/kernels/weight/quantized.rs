@@ -11,7 +11,7 @@
 //! order of summation is fixed: the same inputs give the same bits on any thread count.
 
 use super::dense::transpose;
-use super::Format;
+use super::{Format, FrozenWeight};
 use crate::kernels::bf16;
 use crate::kernels::gemm::mm;
 use candle_core::quantized::k_quants::{self, GgmlType};
@@ -358,8 +358,8 @@ impl Format for Quantized {
         self.q.device().is_cpu()
     }
 
-    fn mergeable(&self) -> bool {
-        false
+    fn merged(&self, _b: &Tensor, _a: &Tensor, _scale: f64) -> Result<Option<FrozenWeight>> {
+        Ok(None)
     }
 
     fn forward(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
