@@ -788,6 +788,34 @@ fn eval_writes_predictions_and_metrics() {
         preds,
         std::fs::read_to_string(run.join("eval-test/predictions.jsonl")).unwrap()
     );
+    // The memory guard runs for eval and recommend too, before the backbone loads: a 7B backbone
+    // in bf16 with 8 rows' prompt caches does not fit in 8 GiB; 4-bit blocks and fewer rows would.
+    let seven = format!(
+        "builtin:random:{}/configs/llama2-7b.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let guarded = |limit: &str, extra: &[&str]| {
+        let mut args = vec!["eval", "--run", r, "--mode", "score", "--llm", &seven];
+        args.extend(extra);
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_llara"))
+            .args(&args)
+            .env("LLARA_MEMORY_LIMIT", limit)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = guarded("8G", &["--dtype", "bf16", "--batch-size", "8"]);
+    assert!(err.contains("estimated peak memory"), "{err}");
+    assert!(err.contains("LLARA_MEMORY_LIMIT=8G"), "{err}");
+    assert!(
+        err.contains("--dtype q4_k --batch-size 2 would fit"),
+        "{err}"
+    );
+    let err = guarded("6G", &["--dtype", "q4_k", "--batch-size", "8"]);
+    assert!(err.contains("--batch-size 1 would fit"), "{err}");
+    // Named once, not once per layer of the error chain.
+    assert_eq!(err.matches("estimated peak memory").count(), 1, "{err}");
 }
 
 #[test]

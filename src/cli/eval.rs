@@ -88,6 +88,15 @@ pub fn run_eval(a: EvalArgs, quiet: bool) -> Result<()> {
         a.llm.as_deref(),
         &device,
         a.dev.dtype()?,
+        (
+            // `--limit 2` runs one pass of 2 rows, whatever the batch size.
+            a.batch_size.min(a.limit.unwrap_or(usize::MAX).max(1)),
+            inference_tokens(if a.mode == "score" {
+                SCORED_TOKENS
+            } else {
+                a.max_new_tokens
+            }),
+        ),
     )?;
     let (parts, view) = (&or.parts, or.view);
     let mut rows = llara::llara::batch::split_rows(&parts.ds, &a.split, a.template, None, 0);
@@ -279,12 +288,23 @@ impl OpenRun {
     }
 }
 
+/// Tokens per row the memory guard takes for inference on a run: a LLaRA prompt (a few hundred
+/// tokens; 512 as tune takes) plus what follows it in one pass.
+pub(super) fn inference_tokens(after_prompt: usize) -> usize {
+    512 + after_prompt
+}
+
+/// One pass of `--mode score`: a chunk of 20 candidates' answers packed after the prompt
+/// (titles of ~16 tokens each).
+pub(super) const SCORED_TOKENS: usize = 20 * 16;
+
 pub(super) fn open_run(
     run: &Path,
     data: Option<&Path>,
     llm_spec: Option<&str>,
     device: &candle_core::Device,
     dtype: Option<llara::kernels::weight::Precision>,
+    (rows, tokens): (usize, usize),
 ) -> Result<OpenRun> {
     let info_path = run.join("run.json");
     let info: RunInfo = serde_json::from_str(
@@ -299,6 +319,15 @@ pub(super) fn open_run(
         Some(d) => Some(d),
         None => config.as_ref().and_then(|t| t.dev.dtype().ok().flatten()),
     };
+    // The memory guard's workload: `rows` prompts of `tokens` each through the adapted backbone.
+    let workload = llara::llm::memory::Workload {
+        batch: rows,
+        seq_len: tokens,
+        train: false,
+        checkpoint: false,
+        lora_r: config.as_ref().map_or(8, |t| t.lora_r),
+        infer_batch: 0,
+    };
     let prompts = config.and_then(|t| t.prompts);
     let data = data.map(Path::to_path_buf).unwrap_or(info.data.clone());
     let spec = llm_spec.map(String::from).unwrap_or(info.llm.clone());
@@ -310,7 +339,7 @@ pub(super) fn open_run(
             device: device.clone(),
             dtype,
             revision: None,
-            workload: None,
+            workload: Some(workload),
         },
         prompts.as_deref(),
     )?;

@@ -146,6 +146,7 @@ fn estimates(m: &llm::Llama) -> Vec<(String, llm::memory::Estimate)> {
         train: true,
         checkpoint: false,
         lora_r: 8,
+        infer_batch: 0,
     };
     let dt = llara::kernels::weight::Precision::parse(&m.weight_name())
         .unwrap_or_else(|| m.weight_dtype().into());
@@ -404,6 +405,8 @@ fn bench(a: BenchArgs) -> Result<()> {
         train: true,
         checkpoint: a.checkpoint,
         lora_r: a.lora_r,
+        // The generation after the steps: one row.
+        infer_batch: 1,
     }))?;
     let cfg = llm::bench::BenchConfig {
         batch: a.batch,

@@ -88,7 +88,16 @@ fn value_str(v: &serde_json::Value) -> String {
 
 pub fn run(a: RecommendArgs) -> Result<()> {
     let device = a.dev.start(2)?;
-    let or = open_run(&a.run, a.data.as_deref(), None, &device, a.dev.dtype()?)?;
+    // One query at a time, its candidates scored after the prompt.
+    let workload = (1, super::eval::inference_tokens(super::eval::SCORED_TOKENS));
+    let or = open_run(
+        &a.run,
+        a.data.as_deref(),
+        None,
+        &device,
+        a.dev.dtype()?,
+        workload,
+    )?;
     let (parts, view) = (&or.parts, or.view);
     let titles = &parts.ds.titles;
     let queries: Vec<(Vec<String>, Vec<String>, String)> = if a.history.is_empty() {

@@ -271,7 +271,11 @@ pub(super) fn load_parts(
         );
     }
     let rec = Recommender::new(model, sr_cfg)?;
-    let llm = llm::load(spec, &opts).with_context(|| format!("--llm {spec}"))?;
+    // Errors that name the spec or a file already say where they come from.
+    let llm = llm::load(spec, &opts).map_err(|e| match e {
+        llm::LlmError::Candle(_) => anyhow::Error::new(e).context(format!("--llm {spec}")),
+        other => anyhow::Error::new(other),
+    })?;
     tracing::info!("frozen weights: {}", llm.model.gemm_path());
     let templates = match prompts {
         Some(p) => Templates::from_file(p).map_err(|e| anyhow::anyhow!("--prompts: {e}"))?,
@@ -355,6 +359,8 @@ fn tune_in(a: TuneArgs, resume: bool, quiet: bool) -> Result<()> {
                 train: true,
                 checkpoint: a.checkpoint_layers,
                 lora_r: a.lora_r,
+                // Validation: --eval-batch-size rows at a time (at most --valid-samples).
+                infer_batch: a.eval_batch_size.min(a.valid_samples.unwrap_or(usize::MAX)),
             }),
         },
         a.prompts.as_deref(),

@@ -3,6 +3,8 @@
 //! and returning them made a quarter of the CPU time page zeroing). Loading a backbone and merging
 //! adapters free buffers of every size once (a weight as read, before it is packed), which would
 //! then stay resident beside the model: [`releasing`] returns freed memory at once while it runs.
+//! Between phases whose buffers differ in size (a training step's activations, then validation's
+//! KV caches) [`trim`] gives back what the first phase freed, so the second does not sit beside it.
 
 /// mimalloc's `purge_delay` option (`mi_option_purge_delay` in mimalloc.h).
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
@@ -25,4 +27,15 @@ pub fn releasing<R>(f: impl FnOnce() -> R) -> R {
     }
     let _restore = Restore(before);
     f()
+}
+
+/// Returns the memory freed so far to the OS, on this thread and every rayon worker (each holds
+/// the pages its own frees left), then keeps the purge delay as it was.
+pub fn trim() {
+    releasing(|| {
+        rayon::broadcast(|_| {
+            // SAFETY: collects the calling worker's own heap; mimalloc allows it at any time.
+            unsafe { libmimalloc_sys::mi_collect(true) }
+        });
+    })
 }

@@ -524,8 +524,9 @@ fn score_with_cache(
             pos[b].extend(std::iter::repeat_n(lengths[b], pad));
         }
         let xe = model.embed(&ids, None)?;
-        // The prompt cache stays as it is for the next group: the pass extends a copy of it.
-        let mut c = cache.clone();
+        // The prompt cache stays as it is for the next group: the pass reads it and keeps none
+        // of its own keys (each layer's extension is dropped with the layer).
+        let mut c = cache.reader();
         let step = Step {
             positions: pos.concat(),
             valid,

@@ -895,6 +895,8 @@ impl Ctx<'_> {
         hooks: &mut dyn Hooks,
     ) -> TResult<()> {
         let (model, kit, opts, valid) = (self.model, self.kit, self.opts, self.valid);
+        // The steps' activation buffers go back before the KV caches are made.
+        crate::kernels::alloc::trim();
         hooks.on_eval_start(valid.len());
         let eval_opts = EvalOptions {
             view: opts.curriculum.eval_view(),

@@ -109,6 +109,8 @@ pub fn run(model: &mut Llama, tok: &LlmTokenizer, cfg: &BenchConfig) -> Result<B
     }
     let after_train = peak_rss();
     model.set_checkpointing(false)?;
+    // As tune does before validating: the steps' buffers go back before generation's.
+    crate::kernels::alloc::trim();
     lora::merge(model)?;
     let prompt: Vec<u32> = (0..cfg.gen_prompt_len)
         .map(|_| rng.random_range(0..v))

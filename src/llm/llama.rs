@@ -117,6 +117,9 @@ pub struct KvCache {
     kv: Vec<Option<(Tensor, Tensor)>>,
     /// Per row, per cached step: whether that key may be attended (false on right padding).
     pub key_valid: Vec<Vec<bool>>,
+    /// Whether a forward pass stores its new keys and values (else each layer attends the cached
+    /// ones and its own, then drops its own: one layer's worth of extended keys at a time).
+    keeps_new: bool,
 }
 
 impl KvCache {
@@ -124,6 +127,17 @@ impl KvCache {
         Self {
             kv: vec![None; layers],
             key_valid: vec![Vec::new(); batch],
+            keeps_new: true,
+        }
+    }
+
+    /// A copy for one pass that reads this cache and keeps nothing it computes (scoring
+    /// continuations of a shared prompt): the same attention as a clone, without holding every
+    /// layer's extended keys and values until the pass ends.
+    pub fn reader(&self) -> Self {
+        Self {
+            keeps_new: false,
+            ..self.clone()
         }
     }
 
@@ -595,7 +609,7 @@ impl Llama {
                     x = x.apply_op2(c.anchor.as_tensor(), op)?;
                 }
                 None => {
-                    let slot = cache.as_deref_mut().map(|c| &mut c.kv[li]);
+                    let slot = cache.as_deref_mut().map(|c| (&mut c.kv[li], c.keeps_new));
                     x = layer_forward(
                         &self.cfg,
                         layer,
@@ -702,7 +716,7 @@ fn layer_forward(
     x: &Tensor,
     table: &RopeTable,
     mask: &AttnMask,
-    slot: Option<&mut Option<(Tensor, Tensor)>>,
+    slot: Option<(&mut Option<(Tensor, Tensor)>, bool)>,
     dropout: &mut Option<&mut Dropout>,
 ) -> Result<Tensor> {
     let (b, t, _) = x.dims3()?;
@@ -718,12 +732,14 @@ fn layer_forward(
     let q = ops::rope(&norm(q, &l.q_norm)?, table)?;
     let mut k = ops::rope(&norm(k, &l.k_norm)?, table)?;
     let mut v = v.transpose(1, 2)?.contiguous()?;
-    if let Some(slot) = slot {
+    if let Some((slot, keep)) = slot {
         if let Some((pk, pv)) = slot.as_ref() {
             k = Tensor::cat(&[pk, &k], 2)?;
             v = Tensor::cat(&[pv, &v], 2)?;
         }
-        *slot = Some((k.detach(), v.detach()));
+        if keep {
+            *slot = Some((k.detach(), v.detach()));
+        }
     }
     let o = ops::attention(&q, &k, &v, mask, 1.0 / (d as f64).sqrt())?;
     let x = (x + l.o_proj.forward(&o, dropout)?)?;

@@ -140,7 +140,7 @@ fn guard(
     }
     let e = super::memory::check(cfg, p, w).map_err(|e| LlmError::Memory {
         spec: spec.to_string(),
-        source: Box::new(e),
+        why: Box::new(e),
     })?;
     tracing::info!(
         "estimated peak memory {} (weights {}, embeddings {}, activations {})",

@@ -26,6 +26,9 @@ pub struct Workload {
     pub checkpoint: bool,
     /// LoRA rank on all seven projections (0: none).
     pub lora_r: usize,
+    /// Training: rows per inference pass run beside the training state (validation,
+    /// generation after the steps), `seq_len` tokens each with their KV cache; 0: none.
+    pub infer_batch: usize,
 }
 
 /// The estimate, in bytes, by part.
@@ -113,11 +116,13 @@ pub fn estimate(cfg: &Config, p: impl Into<Precision>, w: &Workload) -> Estimate
         v * h * act * if cfg.tie_word_embeddings { 1 } else { 2 }
     };
     let n = (w.batch * w.seq_len) as u64;
+    let kv_cache = |rows: usize| 2 * l * (rows * w.seq_len) as u64 * nkv * d * act;
     let qkv = (nh + 2 * nkv) * d;
     // What one decoder layer's forward pass keeps for its backward pass: its input, the two norms'
     // outputs, q/k/v before and after rope, the attention output, the residual, gate/up and their
     // product (dropout masks: a byte per input value of each adapted projection).
-    let layer_kept = n * (5 * h + 2 * qkv + nh * d + 3 * f) * act + n * (4 * h + 2 * f);
+    let kept = |n: u64| n * (5 * h + 2 * qkv + nh * d + 3 * f) * act + n * (4 * h + 2 * f);
+    let layer_kept = kept(n);
     // A layer's backward: gradients of the same tensors, alive at once, and the input gradient's
     // orientation of the largest projection.
     // (Weights in blocks: a tile of dequantized rows.)
@@ -126,15 +131,22 @@ pub fn estimate(cfg: &Config, p: impl Into<Precision>, w: &Workload) -> Estimate
         Some(_) => 256 * f.max(h).max(nh * d) * 4 + n * f.max(qkv) * 4,
     };
     let layer_bwd = layer_kept + orientation;
+    // Inference: the KV cache plus one layer's transient work.
+    let infer = |rows: usize| kv_cache(rows) + kept((rows * w.seq_len) as u64);
     let activations = if w.train {
-        if w.checkpoint {
+        let step = if w.checkpoint {
             l * n * h * act + layer_kept + layer_bwd
         } else {
             l * layer_kept + layer_bwd
-        }
+        };
+        // The step's buffers are given back before an inference pass (kernels::alloc::trim).
+        step.max(if w.infer_batch > 0 {
+            infer(w.infer_batch)
+        } else {
+            0
+        })
     } else {
-        // KV cache plus one layer's transient work.
-        2 * l * n * nkv * d * act + layer_kept
+        infer(w.batch)
     };
     // Logits at the answer positions only; a prefill's last position: small beside the rest, but
     // a vocabulary row per position of the batch is kept for the loss.
@@ -274,12 +286,22 @@ fn suggest(cfg: &Config, p: Precision, w: &Workload, avail: u64) -> String {
             tries.push(("--dtype bf16 --checkpoint-layers".into(), bf16, c));
         }
     }
+    if w.train && w.infer_batch > 1 {
+        tries.push((
+            "--eval-batch-size 1".into(),
+            p,
+            Workload {
+                infer_batch: 1,
+                ..*w
+            },
+        ));
+    }
     let mut b = w.batch / 2;
     while b >= 1 {
-        tries.push((format!("a batch of {b}"), p, Workload { batch: b, ..*w }));
+        tries.push((format!("--batch-size {b}"), p, Workload { batch: b, ..*w }));
         if w.train && !w.checkpoint {
             tries.push((
-                format!("a batch of {b} with --checkpoint-layers"),
+                format!("--batch-size {b} --checkpoint-layers"),
                 p,
                 Workload {
                     batch: b,
@@ -297,6 +319,15 @@ fn suggest(cfg: &Config, p: Precision, w: &Workload, avail: u64) -> String {
     };
     if p.blocks.is_none() {
         tries.push(("--dtype q4_k".into(), q4, *w));
+        let mut b = w.batch / 2;
+        while b >= 1 && !w.train {
+            tries.push((
+                format!("--dtype q4_k --batch-size {b}"),
+                q4,
+                Workload { batch: b, ..*w },
+            ));
+            b /= 2;
+        }
         if w.train {
             tries.push((
                 "--dtype q4_k --checkpoint-layers at batch 1".into(),

@@ -41,10 +41,10 @@ pub enum LlmError {
     Adapter { path: PathBuf, msg: String },
     #[error("--llm {spec}: {msg}")]
     Spec { spec: String, msg: String },
-    #[error("--llm {spec}: {source}")]
+    #[error("--llm {spec}: {why}")]
     Memory {
         spec: String,
-        source: Box<memory::MemoryError>,
+        why: Box<memory::MemoryError>,
     },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
