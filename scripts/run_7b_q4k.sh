@@ -12,4 +12,4 @@ SHARED="${LLARA_SHARED:-../shared}"
   --llm builtin:random:configs/llama2-7b.json --dtype q4_k --checkpoint-layers --batch-size 1 --grad-accum 1 \
   --max-steps 2 --max-train-samples 2 --valid-samples 1 --max-new-tokens 4 --threads 2 --seed 42 \
   --out runs/big/tune-7b-q4k --force
-/usr/bin/time -v "$L" eval --run runs/big/tune-7b-q4k --split test --mode score --limit 2 --threads 2 --json
+/usr/bin/time -v "$L" eval --run runs/big/tune-7b-q4k --split test --mode score --limit 2 --batch-size 1 --threads 2 --json
