@@ -444,7 +444,8 @@ fn the_composed_path_gives_no_frozen_weight_a_gradient_and_matches_the_fused_one
                     .flat_map(|l| Target::ALL.map(|t| l.proj(t).weight.tensor().unwrap()))
                     .collect();
                 let head = m.lm_head.tensor().unwrap();
-                let mut frozen = vec![&m.embed_tokens, &m.norm, &head];
+                let table = m.embed_tokens.tensor().unwrap();
+                let mut frozen = vec![&table, &m.norm, &head];
                 for layer in &m.layers {
                     frozen.extend([&layer.input_layernorm, &layer.post_attention_layernorm]);
                 }
@@ -567,7 +568,7 @@ fn builtin_random_loads_any_shape_from_a_config_file() {
     let spec = format!("builtin:random:{}", cfg.display());
     let l = llara::llm::load(&spec, &LlmOptions::cpu()).unwrap();
     assert_eq!(l.model.layers.len(), 3);
-    assert_eq!(l.model.embed_tokens.dims(), &[300, 48]);
+    assert_eq!(l.model.embed_tokens.dims(), (300, 48));
     assert_eq!(l.model.layers[0].proj(Target::K).weight.dims(), (24, 48));
     // A forward pass runs; a missing file is an error naming it.
     let x = l.model.embed(&[vec![1, 2, 3]], None).unwrap();

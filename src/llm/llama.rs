@@ -10,6 +10,7 @@ use crate::kernels::dropout::Dropout;
 use crate::kernels::weight::quantized::Quantized;
 use crate::kernels::weight::{Blocks, FrozenWeight, Precision};
 use candle_core::backprop::GradStore;
+use candle_core::quantized::GgmlDType;
 use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor, Var, D};
 use std::sync::{Arc, Mutex};
 
@@ -190,7 +191,10 @@ impl Step<'_> {
 
 pub struct Llama {
     pub cfg: Config,
-    pub embed_tokens: Tensor,
+    /// The input table `[vocab, hidden]`, frozen: a tensor, or under block weights on the CPU in
+    /// blocks too (rows dequantized on lookup).
+    pub embed_tokens: FrozenWeight,
+    dev: Device,
     /// Input rows of the added tokens (`[PH]`, `[HistoryEmb]`, …), ids `vocab_size..`.
     pub extra_embeddings: Tensor,
     pub layers: Vec<Layer>,
@@ -300,13 +304,36 @@ impl Llama {
         } else {
             dt
         };
-        let embed_tokens = get(
-            src,
-            "model.embed_tokens.weight",
-            &[cfg.vocab_size, h],
-            edt,
-            dev,
-        )?;
+        // Under blocks quantized at load (on the CPU) the tables are blocks as well, as llama.cpp's
+        // K-quant mixes store them: the input table in the projections' format, the LM head in
+        // q6_k (q8_0 for q8_0 weights); rows that are not whole blocks stay bf16.
+        let table_blocks = |name: &str, dt: GgmlDType| -> Result<Option<FrozenWeight>> {
+            match Precision::fit(dt, h) {
+                Some(dt) if dev.is_cpu() => {
+                    let w = get(src, name, &[cfg.vocab_size, h], DType::F32, &Device::Cpu)?;
+                    Ok(Some(FrozenWeight::from(Quantized::quantize(&w, dt, dev)?)))
+                }
+                _ => Ok(None),
+            }
+        };
+        let to_blocks = match precision.blocks {
+            Some(Blocks::To(dt)) => Some(dt),
+            _ => None,
+        };
+        let embed_tokens = match to_blocks {
+            Some(dt) => table_blocks("model.embed_tokens.weight", dt)?,
+            None => None,
+        };
+        let embed_tokens = match embed_tokens {
+            Some(t) => t,
+            None => FrozenWeight::plain(get(
+                src,
+                "model.embed_tokens.weight",
+                &[cfg.vocab_size, h],
+                edt,
+                dev,
+            )?)?,
+        };
         // Each weight goes into its final layout as it is read: no second copy of the model.
         let proj = |p: &str, out: usize, inp: usize, bias: bool| -> Result<Proj> {
             let name = format!("{p}.weight");
@@ -359,28 +386,51 @@ impl Llama {
         }
         let norm = get(src, "model.norm.weight", &[h], dt, dev)?;
         // Read once: a streaming source gives each tensor once.
-        let lm_head = match src.tensor("lm_head.weight")? {
-            Some(t) if !cfg.tie_word_embeddings => FrozenWeight::new(convert(
-                "lm_head.weight",
-                t,
-                &[cfg.vocab_size, h],
-                edt,
-                dev,
-            )?)?,
-            // Tied: the table itself (a bf16 table is packed once more for its GEMM).
-            _ if edt != dt => FrozenWeight::new(embed_tokens.clone())?,
-            _ => FrozenWeight::plain(embed_tokens.clone())?,
+        let head_blocks = match to_blocks {
+            Some(GgmlDType::Q8_0) => Some(GgmlDType::Q8_0),
+            Some(_) => Some(GgmlDType::Q6K),
+            None => None,
+        };
+        let lm_head = if cfg.tie_word_embeddings {
+            src.tensor("lm_head.weight")?;
+            if embed_tokens.name() != format!("{edt:?}").to_lowercase() || edt == dt {
+                // Tied: the table itself (blocks, or a table in the activations' dtype).
+                embed_tokens.clone()
+            } else {
+                // A bf16 table is packed once more for its GEMM.
+                FrozenWeight::new(embed_tokens.tensor()?)?
+            }
+        } else {
+            match head_blocks {
+                Some(q) => table_blocks("lm_head.weight", q)?,
+                None => None,
+            }
+            .map_or_else(
+                || -> Result<FrozenWeight> {
+                    let t = src.tensor("lm_head.weight")?.ok_or_else(|| {
+                        candle_core::Error::Msg(
+                            "lm_head.weight is missing and the embeddings are not tied".into(),
+                        )
+                    })?;
+                    FrozenWeight::new(convert(
+                        "lm_head.weight",
+                        t,
+                        &[cfg.vocab_size, h],
+                        edt,
+                        dev,
+                    )?)
+                },
+                Ok,
+            )?
         };
         // The mean row, summed in a fixed order (candle's reductions may vary in the last bit).
         // Read in blocks of rows, so no second copy of the table is made.
         let mut acc = vec![0f64; h];
-        let vocab = embed_tokens.dim(0)?;
+        let vocab = embed_tokens.dims().0;
         for r0 in (0..vocab).step_by(4096) {
             let n = (vocab - r0).min(4096);
-            let rows: Vec<Vec<f32>> = embed_tokens
-                .narrow(0, r0, n)?
-                .to_dtype(DType::F32)?
-                .to_vec2()?;
+            let ids: Vec<u32> = (r0 as u32..(r0 + n) as u32).collect();
+            let rows: Vec<Vec<f32>> = embed_tokens.rows(&ids)?.to_dtype(DType::F32)?.to_vec2()?;
             for r in &rows {
                 acc.iter_mut().zip(r).for_each(|(a, &v)| *a += v as f64);
             }
@@ -393,6 +443,7 @@ impl Llama {
         Ok(Self {
             cfg: cfg.clone(),
             embed_tokens,
+            dev: dev.clone(),
             extra_embeddings,
             layers,
             norm,
@@ -462,7 +513,7 @@ impl Llama {
     }
 
     pub fn device(&self) -> &Device {
-        self.embed_tokens.device()
+        &self.dev
     }
 
     /// Model ids of every row (right-padded to the longest with id 0), as `[B, T, H]` input
@@ -491,11 +542,7 @@ impl Llama {
             }
         }
         let dev = self.device();
-        let ids = Tensor::from_vec(base, b * t, dev)?;
-        let mut x = self
-            .embed_tokens
-            .index_select(&ids, 0)?
-            .to_dtype(self.dtype())?;
+        let mut x = self.embed_tokens.rows(&base)?.to_dtype(self.dtype())?;
         let mut pool = vec![];
         if let Some((pos, vecs)) = inject {
             if vecs.dims() != [pos.len(), h] {

@@ -110,7 +110,25 @@ pub fn estimate(cfg: &Config, p: impl Into<Precision>, w: &Workload) -> Estimate
     };
     // Under bf16 or block weights: the table in bf16 and the head packed in bf16 (tied or not,
     // two tables of 2 bytes).
-    let embeddings = if p.blocks.is_some() || dt == DType::BF16 {
+    let embeddings = if let Some(Blocks::To(q)) = p.blocks {
+        // The tables in blocks too (see `Llama::load`): the input table in the projections'
+        // format, an untied head in q6_k (q8_0 under q8_0); rows not whole blocks stay bf16.
+        let table = |q: GgmlDType| match Precision::fit(q, h as usize) {
+            Some(q) => (v as f64 * h as f64 * quantized::bytes_per_weight(q)) as u64,
+            None => v * h * 2,
+        };
+        let head = if q == GgmlDType::Q8_0 {
+            q
+        } else {
+            GgmlDType::Q6K
+        };
+        table(q)
+            + if cfg.tie_word_embeddings {
+                0
+            } else {
+                table(head)
+            }
+    } else if p.blocks.is_some() || dt == DType::BF16 {
         2 * v * h * 2
     } else {
         v * h * act * if cfg.tie_word_embeddings { 1 } else { 2 }

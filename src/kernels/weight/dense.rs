@@ -125,6 +125,16 @@ impl Format for Dense {
     fn tensor(&self) -> Result<Tensor> {
         Ok(self.view.clone())
     }
+
+    fn rows(&self, ids: &[u32]) -> Result<Tensor> {
+        let idx = Tensor::from_slice(ids, ids.len(), self.t.device())?;
+        if self.transposed {
+            // Columns of the stored `Wᵀ`.
+            self.t.index_select(&idx, 1)?.t()?.contiguous()
+        } else {
+            self.t.index_select(&idx, 0)
+        }
+    }
 }
 
 #[cfg(test)]

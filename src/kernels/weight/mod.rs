@@ -67,6 +67,12 @@ pub trait Format: Send + Sync {
     /// `W [out, in]` as a tensor of [`Format::dtype`] on [`Format::device`]: a view where the
     /// format holds one, else made on the fly (the composed path, merging an adapter).
     fn tensor(&self) -> Result<Tensor>;
+    /// The rows `ids` of `W` as a tensor `[ids, in]` on [`Format::device`] (an embedding lookup),
+    /// in [`Format::dtype`] or, for a block format, f32; by default through [`Format::tensor`].
+    fn rows(&self, ids: &[u32]) -> Result<Tensor> {
+        let idx = Tensor::from_slice(ids, ids.len(), &self.device())?;
+        self.tensor()?.index_select(&idx, 0)
+    }
     /// `x [.., in] · Wᵀ (+ b)` as a tensor op whose backward gives `x` its gradient only (the
     /// composed path: other devices, `--fused off`).
     fn linear(&self, x: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
@@ -202,6 +208,11 @@ impl FrozenWeight {
 
     pub fn name(&self) -> String {
         self.0.name()
+    }
+
+    /// The rows `ids` of `W` (see [`Format::rows`]).
+    pub fn rows(&self, ids: &[u32]) -> Result<Tensor> {
+        self.0.rows(ids)
     }
 
     /// `W + scale · b · a` in the same format, or `None` (see [`Format::merged`]).
@@ -349,5 +360,35 @@ mod tests {
             Tensor::zeros((1, 64), DType::F32, &Device::Cpu).unwrap(),
         );
         assert!(f.merged(&b8, &a8, 1.0).unwrap().is_none());
+    }
+
+    /// An embedding lookup reads exactly the rows of `W` each format holds (blocks: the rows of
+    /// the dequantized weight), in any order and with repeats; a row past the end is an error.
+    #[test]
+    fn rows_are_the_rows_of_the_weight_held() {
+        let (o, i) = (70, 64);
+        let ids = [5u32, 0, 69, 5];
+        let f32s = |t: &Tensor| host_vec(&t.to_dtype(DType::F32).unwrap()).unwrap();
+        let q = candle_core::quantized::QTensor::quantize(
+            &weight(o, i, DType::F32),
+            candle_core::quantized::GgmlDType::Q8_0,
+        )
+        .unwrap();
+        let formats = [
+            FrozenWeight::new(weight(o, i, DType::F32)).unwrap(),
+            FrozenWeight::plain(weight(o, i, DType::F32)).unwrap(),
+            FrozenWeight::new(weight(o, i, DType::BF16)).unwrap(),
+            FrozenWeight::quantized(q).unwrap(),
+        ];
+        for f in &formats {
+            let whole = f32s(&f.tensor().unwrap());
+            let got = f32s(&f.rows(&ids).unwrap());
+            let want: Vec<f32> = ids
+                .iter()
+                .flat_map(|&r| whole[r as usize * i..(r as usize + 1) * i].to_vec())
+                .collect();
+            assert_eq!(got, want, "{}", f.describe());
+            assert!(f.rows(&[o as u32]).is_err(), "{}", f.describe());
+        }
     }
 }

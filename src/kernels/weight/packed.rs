@@ -93,6 +93,24 @@ impl Format for PackedBf16 {
         Ok(Some(FrozenWeight::from(PackedBf16 { fwd })))
     }
 
+    /// Read from the panels row by row (a packed table is never unpacked whole).
+    fn rows(&self, ids: &[u32]) -> Result<Tensor> {
+        use rayon::prelude::*;
+        let (o, i) = self.dims();
+        if let Some(&bad) = ids.iter().find(|&&r| r as usize >= o) {
+            candle_core::bail!("row {bad} of a {o}-row weight");
+        }
+        let mut v = vec![half::bf16::ZERO; ids.len() * i];
+        v.par_chunks_mut(i.max(1))
+            .zip(ids.par_iter())
+            .for_each(|(row, &r)| {
+                for (c, x) in row.iter_mut().enumerate() {
+                    *x = half::bf16::from_bits(self.fwd.get(c, r as usize));
+                }
+            });
+        Tensor::from_vec(v, (ids.len(), i), &Device::Cpu)
+    }
+
     fn tensor(&self) -> Result<Tensor> {
         use rayon::prelude::*;
         let (o, i) = self.dims();

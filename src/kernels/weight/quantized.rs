@@ -387,6 +387,30 @@ impl Format for Quantized {
         self.q.dequantize(&self.q.device())
     }
 
+    /// On the CPU each row's blocks are dequantized alone (an embedding table in blocks is never
+    /// widened whole).
+    fn rows(&self, ids: &[u32]) -> Result<Tensor> {
+        let (n, k) = self.dims;
+        if !self.q.device().is_cpu() {
+            let idx = Tensor::from_slice(ids, ids.len(), &self.q.device())?;
+            return self.tensor()?.index_select(&idx, 0);
+        }
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= n) {
+            candle_core::bail!("row {bad} of a {n}-row weight");
+        }
+        let bytes = self.q.data()?;
+        let mut out = vec![0f32; ids.len() * k];
+        with_block!(self.q.dtype(), T, {
+            let w = self.blocks::<T>(&bytes)?;
+            let kb = k / T::BLCK_SIZE;
+            out.par_chunks_mut(k.max(1))
+                .zip(ids.par_iter())
+                .for_each(|(row, &i)| T::to_float(&w[i as usize * kb..(i as usize + 1) * kb], row));
+            Ok::<(), candle_core::Error>(())
+        })?;
+        Tensor::from_vec(out, (ids.len(), k), &Device::Cpu)
+    }
+
     /// candle's `QMatMul` forward (f32 activations); the backward multiplies by `W` dequantized
     /// for that call in the gradient's dtype.
     fn linear(&self, x: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
