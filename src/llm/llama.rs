@@ -304,35 +304,21 @@ impl Llama {
         } else {
             dt
         };
-        // Under blocks quantized at load (on the CPU) the tables are blocks as well, as llama.cpp's
-        // K-quant mixes store them: the input table in the projections' format, the LM head in
-        // q6_k (q8_0 for q8_0 weights); rows that are not whole blocks stay bf16.
-        let table_blocks = |name: &str, dt: GgmlDType| -> Result<Option<FrozenWeight>> {
-            match Precision::fit(dt, h) {
-                Some(dt) if dev.is_cpu() => {
-                    let w = get(src, name, &[cfg.vocab_size, h], DType::F32, &Device::Cpu)?;
-                    Ok(Some(FrozenWeight::from(Quantized::quantize(&w, dt, dev)?)))
-                }
-                _ => Ok(None),
-            }
+        // Under blocks quantized at load (on the CPU) the tables are blocks as well
+        // (`Precision::table_blocks`: rows that are not whole blocks stay floats).
+        let (table_q, head_q) = if dev.is_cpu() {
+            precision.table_blocks(h)
+        } else {
+            (None, None)
         };
-        let to_blocks = match precision.blocks {
-            Some(Blocks::To(dt)) => Some(dt),
-            _ => None,
+        let quantized = |w: Tensor, q: GgmlDType| -> Result<FrozenWeight> {
+            Ok(FrozenWeight::from(Quantized::quantize(&w, q, dev)?))
         };
-        let embed_tokens = match to_blocks {
-            Some(dt) => table_blocks("model.embed_tokens.weight", dt)?,
-            None => None,
-        };
-        let embed_tokens = match embed_tokens {
-            Some(t) => t,
-            None => FrozenWeight::plain(get(
-                src,
-                "model.embed_tokens.weight",
-                &[cfg.vocab_size, h],
-                edt,
-                dev,
-            )?)?,
+        let table_name = "model.embed_tokens.weight";
+        let table_shape = [cfg.vocab_size, h];
+        let embed_tokens = match table_q {
+            Some(q) => quantized(get(src, table_name, &table_shape, DType::F32, dev)?, q)?,
+            None => FrozenWeight::plain(get(src, table_name, &table_shape, edt, dev)?)?,
         };
         // Each weight goes into its final layout as it is read: no second copy of the model.
         let proj = |p: &str, out: usize, inp: usize, bias: bool| -> Result<Proj> {
@@ -386,42 +372,18 @@ impl Llama {
         }
         let norm = get(src, "model.norm.weight", &[h], dt, dev)?;
         // Read once: a streaming source gives each tensor once.
-        let head_blocks = match to_blocks {
-            Some(GgmlDType::Q8_0) => Some(GgmlDType::Q8_0),
-            Some(_) => Some(GgmlDType::Q6K),
-            None => None,
-        };
-        let lm_head = if cfg.tie_word_embeddings {
-            src.tensor("lm_head.weight")?;
-            if embed_tokens.name() != format!("{edt:?}").to_lowercase() || edt == dt {
-                // Tied: the table itself (blocks, or a table in the activations' dtype).
-                embed_tokens.clone()
-            } else {
-                // A bf16 table is packed once more for its GEMM.
-                FrozenWeight::new(embed_tokens.tensor()?)?
-            }
-        } else {
-            match head_blocks {
-                Some(q) => table_blocks("lm_head.weight", q)?,
-                None => None,
-            }
-            .map_or_else(
-                || -> Result<FrozenWeight> {
-                    let t = src.tensor("lm_head.weight")?.ok_or_else(|| {
-                        candle_core::Error::Msg(
-                            "lm_head.weight is missing and the embeddings are not tied".into(),
-                        )
-                    })?;
-                    FrozenWeight::new(convert(
-                        "lm_head.weight",
-                        t,
-                        &[cfg.vocab_size, h],
-                        edt,
-                        dev,
-                    )?)
-                },
-                Ok,
-            )?
+        let lm_head = match src.tensor("lm_head.weight")? {
+            Some(t) if !cfg.tie_word_embeddings => match head_q {
+                Some(q) => quantized(
+                    convert("lm_head.weight", t, &table_shape, DType::F32, dev)?,
+                    q,
+                )?,
+                None => FrozenWeight::new(convert("lm_head.weight", t, &table_shape, edt, dev)?)?,
+            },
+            // Tied: the table itself (blocks, or a table in the activations' dtype); a bf16 table
+            // is packed once more for its GEMM.
+            _ if table_q.is_some() || edt == dt => embed_tokens.clone(),
+            _ => FrozenWeight::new(embed_tokens.tensor()?)?,
         };
         // The mean row, summed in a fixed order (candle's reductions may vary in the last bit).
         // Read in blocks of rows, so no second copy of the table is made.

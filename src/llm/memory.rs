@@ -108,25 +108,20 @@ pub fn estimate(cfg: &Config, p: impl Into<Precision>, w: &Workload) -> Estimate
     } else {
         dt.size_in_bytes() as u64
     };
-    // Under bf16 or block weights: the table in bf16 and the head packed in bf16 (tied or not,
-    // two tables of 2 bytes).
-    let embeddings = if let Some(Blocks::To(q)) = p.blocks {
-        // The tables in blocks too (see `Llama::load`): the input table in the projections'
-        // format, an untied head in q6_k (q8_0 under q8_0); rows not whole blocks stay bf16.
-        let table = |q: GgmlDType| match Precision::fit(q, h as usize) {
+    // Under blocks quantized at load the tables are blocks too (`Precision::table_blocks`, as
+    // `Llama::load`; a table whose rows are not whole blocks stays bf16); under bf16 or a GGUF's
+    // own blocks the table in bf16 and the head packed in bf16 (tied or not, two tables of 2 bytes).
+    let embeddings = if let Some(Blocks::To(_)) = p.blocks {
+        let table = |q: Option<GgmlDType>| match q {
             Some(q) => (v as f64 * h as f64 * quantized::bytes_per_weight(q)) as u64,
             None => v * h * 2,
         };
-        let head = if q == GgmlDType::Q8_0 {
-            q
-        } else {
-            GgmlDType::Q6K
-        };
-        table(q)
+        let (table_q, head_q) = p.table_blocks(h as usize);
+        table(table_q)
             + if cfg.tie_word_embeddings {
                 0
             } else {
-                table(head)
+                table(head_q)
             }
     } else if p.blocks.is_some() || dt == DType::BF16 {
         2 * v * h * 2

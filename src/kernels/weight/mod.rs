@@ -152,6 +152,29 @@ impl Precision {
             .into_iter()
             .find(|d| inp.is_multiple_of(d.block_size()))
     }
+
+    /// Under blocks quantized at load, the block formats of the input table and of an untied LM
+    /// head with rows of `hidden` values, as llama.cpp's K-quant mixes store them: the table in
+    /// the projections' format, the head in `q6_k` (`q8_0` under `q8_0`), each through
+    /// [`Precision::fit`]; `None` for a table kept as floats.
+    pub fn table_blocks(
+        self,
+        hidden: usize,
+    ) -> (
+        Option<candle_core::quantized::GgmlDType>,
+        Option<candle_core::quantized::GgmlDType>,
+    ) {
+        use candle_core::quantized::GgmlDType;
+        let Some(Blocks::To(dt)) = self.blocks else {
+            return (None, None);
+        };
+        let head = if dt == GgmlDType::Q8_0 {
+            dt
+        } else {
+            GgmlDType::Q6K
+        };
+        (Self::fit(dt, hidden), Self::fit(head, hidden))
+    }
 }
 
 /// A frozen weight in one of the [`Format`]s; cloning shares it.
