@@ -588,3 +588,29 @@ fn committed_configs_and_demo_data_run() {
         "configs/data-synth.toml should mirror the defaults"
     );
 }
+
+/// `data synth` (the same writer as `data prepare`) killed at many points while replacing an
+/// output leaves the old output or the new one, whole; the next run cleans up after the kills.
+#[cfg(unix)]
+#[test]
+fn a_cut_write_leaves_the_old_or_the_new_dataset_whole() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("ds");
+    let o = out.to_str().unwrap();
+    let args = |seed: &'static str| {
+        vec![
+            "data", "synth", "--users", "800", "--items", "400", "--seed", seed, "--out", o,
+            "--force",
+        ]
+    };
+    common::ok(&args("2"));
+    let new = common::snapshot(&out).unwrap();
+    common::ok(&args("1"));
+    let old = common::snapshot(&out).unwrap();
+    assert_ne!(old, new);
+    let kills = common::cut_writes_leave_a_whole_output(&args("2"), &out, &[], &old, &new);
+    assert!(
+        kills >= 3,
+        "only {kills} kills landed before the run finished"
+    );
+}

@@ -461,3 +461,63 @@ fn ctrl_c_stops_train_sr_and_writes_nothing() {
         .collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+/// `train-sr --force` killed at many points while replacing a run folder leaves the old folder or
+/// the new one, whole; a second writer of the same output is refused while one runs.
+#[cfg(unix)]
+#[test]
+fn a_cut_write_leaves_the_old_or_the_new_run_whole() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    ok(&[
+        "data",
+        "synth",
+        "--users",
+        "60",
+        "--items",
+        "40",
+        "--out",
+        data.to_str().unwrap(),
+    ]);
+    let out = tmp.path().join("sr");
+    let (d, o) = (data.to_str().unwrap(), out.to_str().unwrap());
+    let args = |seed: &'static str| {
+        vec![
+            "train-sr", "--data", d, "--epochs", "2", "--hidden", "16", "--seed", seed, "--out", o,
+            "--force",
+        ]
+    };
+    ok(&args("2"));
+    let new = common::snapshot(&out).unwrap();
+    ok(&args("1"));
+    let old = common::snapshot(&out).unwrap();
+    assert_ne!(old, new);
+    // A second writer of the same output, while one runs, is refused naming its PID.
+    let mut first = std::process::Command::new(env!("CARGO_BIN_EXE_llara"))
+        .args(args("3"))
+        .env("LLARA_LOG", "error")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let lock = tmp.path().join(".sr.lock");
+    let t = std::time::Instant::now();
+    while !lock.exists() && t.elapsed().as_secs() < 30 {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let second = common::llara(&args("4"));
+    let done = first.try_wait().unwrap().is_some();
+    first.wait().unwrap();
+    if !done {
+        let err = String::from_utf8_lossy(&second.stderr);
+        assert!(!second.status.success(), "{err}");
+        assert!(err.contains(&format!("PID {}", first.id())), "{err}");
+    }
+    ok(&args("1"));
+    // metrics.json and train_log.jsonl record wall-clock times: compared by name.
+    let timed = ["metrics.json", "train_log.jsonl"];
+    let kills = common::cut_writes_leave_a_whole_output(&args("2"), &out, &timed, &old, &new);
+    assert!(
+        kills >= 3,
+        "only {kills} kills landed before the run finished"
+    );
+}

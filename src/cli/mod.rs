@@ -78,7 +78,6 @@ pub struct DeviceArgs {
     pub dtype: Option<String>,
     /// CPU threads for tensor ops [default: 2; train-sr and eval-sr: 1, their models are small].
     #[arg(long)]
-    #[serde(skip)]
     pub threads: Option<usize>,
     /// auto: the fused CPU kernels for f32 activations on the CPU (f32 or bf16 weights); off: every
     /// op's composed version (the path a GPU takes), to check its results, gradients and memory on

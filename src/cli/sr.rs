@@ -131,8 +131,8 @@ pub fn train_sr(mut a: TrainSrArgs) -> Result<()> {
     let device = a.dev.start(1)?;
     let ds = Dataset::open(&a.data).with_context(|| format!("--data {}", a.data.display()))?;
     // Fail before training if the output cannot be written.
-    let staged =
-        StagedDir::new(&a.out, a.force).with_context(|| format!("--out {}", a.out.display()))?;
+    let staged = StagedDir::new_locked(&a.out, a.force)
+        .with_context(|| format!("--out {}", a.out.display()))?;
     let opts = TrainOptions {
         model: a.model,
         hidden: a.hidden,

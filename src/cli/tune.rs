@@ -6,7 +6,7 @@ use llara::data::Dataset;
 use llara::llara::head::{Head, HeadConfig};
 use llara::llara::projector::Projector;
 use llara::llara::prompts::{AnswerFormat, Templates};
-use llara::llara::tune::{self, Objective, Ranker, RunDir, RunState, Setup, TuneOptions};
+use llara::llara::tune::{self, Objective, Ranker, RunDir, Setup, Start, TuneOptions};
 use llara::llara::{CandEmb, Curriculum, Recommender};
 use llara::llm::{self, LlmOptions, LoraConfig, Target};
 use serde::{Deserialize, Serialize};
@@ -299,6 +299,8 @@ pub fn run_tune(a: TuneArgs, quiet: bool) -> Result<()> {
                 run.display()
             );
         }
+        // The run's own thread count (tune.toml records it) unless --threads says otherwise; a
+        // different count cannot continue bit for bit (the run warns).
         let mut argv: Vec<OsString> =
             vec!["llara".into(), "tune".into(), "--config".into(), cfg.into()];
         if let Some(n) = a.dev.threads {
@@ -326,24 +328,27 @@ pub fn run_tune(a: TuneArgs, quiet: bool) -> Result<()> {
     tune_in(a, false, quiet)
 }
 
-fn tune_in(a: TuneArgs, resume: bool, quiet: bool) -> Result<()> {
+fn tune_in(mut a: TuneArgs, resume: bool, quiet: bool) -> Result<()> {
     let device = a.dev.start(2)?;
+    // Recorded in tune.toml: a resumed run computes on as many threads (the GEMMs' blocks follow
+    // the count, and with them the bits).
+    a.dev.threads = Some(a.dev.threads.unwrap_or(2));
     let opts = options(&a)?;
     let (data, sr, spec, out) = match (&a.data, &a.sr, &a.llm, &a.out) {
         (Some(d), Some(s), Some(l), Some(o)) => (d.clone(), s.clone(), l.clone(), o.clone()),
         _ => bail!("--data, --sr, --llm and --out are required (or --resume RUN)"),
     };
     let run = RunDir { dir: out.clone() };
-    if !resume && out.exists() {
-        if !a.force {
-            bail!(
-                "--out {}: already exists (pass --force to replace it, or --resume {} to continue it)",
-                out.display(),
-                out.display()
-            );
-        }
-        std::fs::remove_dir_all(&out).with_context(|| format!("--out {}", out.display()))?;
+    if !resume && out.exists() && !a.force {
+        bail!(
+            "--out {}: already exists (pass --force to replace it, or --resume {} to continue it)",
+            out.display(),
+            out.display()
+        );
     }
+    // A resumed run holds the folder's lock before reading its checkpoint; a fresh one takes it
+    // once the model has loaded (a refused or failed load leaves no folder behind).
+    let mut lock = if resume { Some(lock_run(&out)?) } else { None };
     let mut parts = load_parts(
         &data,
         &sr,
@@ -365,6 +370,32 @@ fn tune_in(a: TuneArgs, resume: bool, quiet: bool) -> Result<()> {
         },
         a.prompts.as_deref(),
     )?;
+    if lock.is_none() {
+        let l = lock_run(&out)?;
+        // What is there besides the lock: another run's files (replaced only with --force).
+        let entries: Vec<PathBuf> = std::fs::read_dir(&out)
+            .with_context(|| format!("--out {}", out.display()))?
+            .map(|e| e.map(|e| e.path()))
+            .collect::<std::io::Result<_>>()
+            .with_context(|| format!("--out {}", out.display()))?;
+        let others: Vec<&PathBuf> = entries.iter().filter(|p| *p != l.path()).collect();
+        if !others.is_empty() && !a.force {
+            bail!(
+                "--out {}: already exists (pass --force to replace it, or --resume {} to continue it)",
+                out.display(),
+                out.display()
+            );
+        }
+        for p in others {
+            if p.is_dir() {
+                std::fs::remove_dir_all(p)
+            } else {
+                std::fs::remove_file(p)
+            }
+            .with_context(|| format!("--force: removing {}", p.display()))?;
+        }
+        lock = Some(l);
+    }
     let sr_hash = sha256_file(&parts.sr_weights)?;
     let info = RunInfo {
         llm: spec.clone(),
@@ -388,7 +419,7 @@ fn tune_in(a: TuneArgs, resume: bool, quiet: bool) -> Result<()> {
     };
     let d_sr = parts.rec.cfg.hidden_size;
     let d_llm = parts.llm.model.cfg.hidden_size;
-    let (projector, head, state) = if resume {
+    let start = if resume {
         let old: RunInfo = serde_json::from_str(
             &std::fs::read_to_string(out.join("run.json"))
                 .with_context(|| format!("--resume {}", out.display()))?,
@@ -399,26 +430,32 @@ fn tune_in(a: TuneArgs, resume: bool, quiet: bool) -> Result<()> {
                 out.display()
             );
         }
-        let state =
-            tune::read_state(&run).with_context(|| format!("--resume {}", out.display()))?;
-        if state.finished {
+        let found =
+            tune::resume_point(&run).with_context(|| format!("--resume {}", out.display()))?;
+        if let Some(why) = &found.passed_over {
+            tracing::warn!(
+                "{why}; resuming from the previous checkpoint, {} (the damaged one is kept in {})",
+                found.dir.display(),
+                run.damaged().display()
+            );
+        }
+        if found.state.finished {
             println!(
                 "{} is finished ({} steps); nothing to do",
                 out.display(),
-                state.step
+                found.state.step
             );
             return Ok(());
         }
-        let p = tune::load_weights(&mut parts.llm.model, &run.checkpoint(), d_sr, opts.head)?;
         tracing::info!(
-            "resuming {} at step {} of {}",
+            "resuming {} from {} at step {} of {}",
             out.display(),
-            state.step,
-            state.total_steps
+            found.dir.display(),
+            found.state.step,
+            found.state.total_steps
         );
-        (p.0, p.1, state)
+        Start::resume(&mut parts.llm.model, found, d_sr, opts.head)?
     } else {
-        std::fs::create_dir_all(&out).with_context(|| format!("--out {}", out.display()))?;
         let toml = toml::to_string(&a).context("serializing the run's options")?;
         llara::fsutil::write_file_atomic(&out.join("tune.toml"), |p| {
             std::fs::write(p, format!("# The exact options of this run: `llara tune --config tune.toml` reruns it, `llara tune --resume RUN` continues it.\n{toml}"))
@@ -444,7 +481,7 @@ fn tune_in(a: TuneArgs, resume: bool, quiet: bool) -> Result<()> {
             .head
             .map(|cfg| Head::new(d_llm, cfg, opts.seed, parts.llm.model.device()))
             .transpose()?;
-        (p, head, RunState::default())
+        Start::fresh(p, head)
     };
     tracing::info!(
         "tuning {} on {} ({} train rows, {} items) with {} ({}), curriculum {}, seed {}",
@@ -460,7 +497,7 @@ fn tune_in(a: TuneArgs, resume: bool, quiet: bool) -> Result<()> {
     let mut hooks = Bars::new(
         quiet,
         a.dump_batches.as_deref(),
-        (state.step > 0).then_some(state.step),
+        (start.state.step > 0).then_some(start.state.step),
     )?;
     let llm_name = parts.llm.name();
     let setup = Setup {
@@ -469,13 +506,13 @@ fn tune_in(a: TuneArgs, resume: bool, quiet: bool) -> Result<()> {
         templates: &parts.templates,
         ds: &parts.ds,
         rec: &parts.rec,
+        llm_name: &llm_name,
     };
     let started = std::time::Instant::now();
     // From here on Ctrl-C / SIGTERM stop the run at the next step boundary, with a checkpoint.
     llara::interrupt::install().context("installing the Ctrl-C handler")?;
-    let state = tune::tune(
-        setup, projector, head, &opts, &run, state, &llm_name, &mut hooks,
-    )?;
+    let state = tune::tune(setup, start, &opts, &run, &mut hooks)?;
+    drop(lock);
     hooks.finish()?;
     let frac = if state.step > 0 {
         state.hybrid_steps as f64 / state.step as f64
@@ -517,4 +554,16 @@ fn tune_in(a: TuneArgs, resume: bool, quiet: bool) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Takes the run folder's lock (one writer per run), noting a stale lock a killed run left.
+fn lock_run(out: &Path) -> Result<llara::fsutil::lock::DirLock> {
+    let l = llara::fsutil::lock::DirLock::acquire(out)?;
+    if let Some(pid) = l.took_over {
+        tracing::warn!(
+            "{}: took over the lock left by PID {pid}, which is no longer running (a run that was killed)",
+            l.path().display()
+        );
+    }
+    Ok(l)
 }

@@ -191,7 +191,7 @@ pub fn write(
             .map(|_| "item_ids.tsv".into()),
     };
 
-    let staged = StagedDir::new(out, force).map_err(|e| DataError::io(out, e))?;
+    let staged = StagedDir::new_locked(out, force).map_err(|e| DataError::io(out, e))?;
     let dir = staged.path();
     let mut items = String::new();
     for (i, t) in prepared.titles.iter().enumerate() {

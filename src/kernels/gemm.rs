@@ -43,7 +43,7 @@ pub fn mm_serial(
 }
 
 /// The blocks a pooled GEMM is split into: one per thread of candle's (and rayon's) CPU pool.
-pub(super) fn pool_threads() -> usize {
+pub fn pool_threads() -> usize {
     candle_core::utils::get_num_threads()
 }
 

@@ -30,6 +30,36 @@ pub mod weight;
 
 use candle_core::{DType, Tensor};
 use std::cell::Cell;
+
+/// What the bits of a CPU computation depend on beyond its inputs: the thread count (the GEMMs'
+/// blocks follow it) and the kernels chosen at run time for this CPU. Two processes with the same
+/// signature and binary compute the same bytes.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Signature {
+    pub threads: usize,
+    /// The run-time dispatched kernels (`exp`, the bf16 GEMM).
+    pub kernels: String,
+}
+
+impl Signature {
+    /// This process's.
+    pub fn current() -> Self {
+        Self {
+            threads: gemm::pool_threads(),
+            kernels: format!(
+                "exp {}, bf16 GEMM {}",
+                simd::exp_path(),
+                bf16::kernel().name()
+            ),
+        }
+    }
+}
+
+impl std::fmt::Display for Signature {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} threads, {}", self.threads, self.kernels)
+    }
+}
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// `--fused off`: every op takes its composed path, process-wide.

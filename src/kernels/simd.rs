@@ -59,6 +59,21 @@ pub fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
 /// has them, chosen at run time): `x = n·ln 2 + r` with `|r| ≤ ln 2 / 2`, a degree-7 Taylor
 /// polynomial for `e^r` (relative error below 1e-7) and `2^n` built from the exponent bits.
 /// Inputs are clamped to [-87, 88], so `e^-∞` gives about 1.6e-38 rather than 0.
+/// Which `exp` [`exp_in_place`] runs on this CPU.
+pub fn exp_path() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return "avx512f";
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            return "avx2+fma";
+        }
+    }
+    "portable"
+}
+
 pub fn exp_in_place(xs: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {

@@ -2,6 +2,7 @@
 //! generation-based evaluation, on top of [`crate::llm`] and [`crate::sr`].
 
 pub mod batch;
+pub mod checkpoint;
 pub mod evaluate;
 pub mod head;
 pub mod listwise;

@@ -3,7 +3,7 @@
 //! rate schedule (linear warm-up from lr/100, then cosine to the floor) and global-norm clipping.
 
 use candle_core::{DType, Result, Tensor, Var};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 pub struct Param {
     pub name: String,
@@ -61,7 +61,7 @@ impl AdamW {
     }
 
     /// One update with `grads` (by parameter name); parameters without a gradient are left alone.
-    pub fn step(&mut self, grads: &HashMap<String, Tensor>, lr: f64) -> Result<()> {
+    pub fn step(&mut self, grads: &BTreeMap<String, Tensor>, lr: f64) -> Result<()> {
         for p in self.params.iter_mut() {
             let Some(g) = grads.get(&p.name) else {
                 continue;
@@ -145,7 +145,10 @@ pub fn lr_at(step: usize, total: usize, lr: f64, min_lr: f64) -> f64 {
 }
 
 /// Scales `grads` in place so their global L2 norm is at most `max_norm`; returns the norm before.
-pub fn clip(grads: &mut HashMap<String, Tensor>, max_norm: Option<f64>) -> Result<f64> {
+/// The squares are summed in the map's order (by name): the same norm, to the bit, in every
+/// process (a hash map's order changes from process to process, and with it the sum's last bits,
+/// the clipping factor and every weight after it).
+pub fn clip(grads: &mut BTreeMap<String, Tensor>, max_norm: Option<f64>) -> Result<f64> {
     let mut sq = 0f64;
     for g in grads.values() {
         sq += g
@@ -185,7 +188,7 @@ mod tests {
         let v = Var::new(&[1f32, -2.0], &candle_core::Device::Cpu).unwrap();
         let mut o = AdamW::new(vec![("p".into(), v.clone(), 0.01)]).unwrap();
         for g in [[0.5f32, 0.25], [-1.0, 2.0]] {
-            let grads = HashMap::from([(
+            let grads = BTreeMap::from([(
                 "p".to_string(),
                 Tensor::new(&g, &candle_core::Device::Cpu).unwrap(),
             )]);

@@ -1,12 +1,17 @@
 //! Curriculum prompt tuning: LoRA on the backbone (always) and the projector (on hard steps),
 //! AdamW with warm-up + cosine, gradient accumulation, generation-based validation, and a run
-//! folder with atomic checkpoints from which `--resume` continues bit for bit.
+//! folder with checksummed checkpoints ([`super::checkpoint`]) from which `--resume` continues
+//! bit for bit.
 //!
 //! Every random draw derives from the seed and the optimizer step (curriculum, templates,
 //! negatives, dropout) or the epoch (row order), so a resumed run needs only the step counter,
-//! the trainable tensors and the optimizer moments.
+//! the trainable tensors and the optimizer moments; every sum that feeds a weight runs in a fixed
+//! order (gradients are kept by name, in name order), so the same inputs give the same bytes in
+//! every process, for a given thread count and CPU kernel.
 
 use super::batch::{answer_targets, split_rows};
+pub use super::checkpoint::RunDir;
+use super::checkpoint::{self, CheckpointError};
 use super::evaluate::{
     evaluate, score_candidates, score_with_head, EvalOptions, GenMetrics, ScoreMode, ScoreOptions,
 };
@@ -27,7 +32,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
@@ -54,6 +59,9 @@ pub enum TuneError {
     },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// No intact checkpoint to resume from.
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
     /// A non-finite loss, gradient norm or weight: nothing of this step was written.
     #[error("{}", diverged_message(*.step, *.loss, *.grad_norm, *.lr, .what, *.last_checkpoint))]
     Diverged {
@@ -275,6 +283,10 @@ pub struct RunState {
     /// What the run warned about (a stalled gradient, skipped steps).
     #[serde(default)]
     pub warnings: Vec<String>,
+    /// The thread count and CPU kernels the run computed with (a resume that differs cannot
+    /// continue bit for bit, and says so).
+    #[serde(default)]
+    pub signature: Option<crate::kernels::Signature>,
 }
 
 /// Called as training goes (progress bars, logs).
@@ -309,23 +321,8 @@ pub struct Setup<'a> {
     pub ds: &'a Dataset,
     /// The frozen recommender (behaviour tokens, the head's prior).
     pub rec: &'a Recommender,
-}
-
-/// Where a run keeps its files.
-pub struct RunDir {
-    pub dir: PathBuf,
-}
-
-impl RunDir {
-    pub fn checkpoint(&self) -> PathBuf {
-        self.dir.join("checkpoint")
-    }
-    pub fn best(&self) -> PathBuf {
-        self.dir.join("best")
-    }
-    pub fn log(&self) -> PathBuf {
-        self.dir.join("train_log.jsonl")
-    }
+    /// The backbone's name as the adapters record it.
+    pub llm_name: &'a str,
 }
 
 /// The training rows after `max_train_samples` (a seeded subset, in the file's order).
@@ -456,60 +453,92 @@ fn write_json<T: Serialize>(path: &Path, v: &T) -> TResult<()> {
     .map_err(io(path))
 }
 
-/// Writes adapter + projector (+ optimizer and state for a checkpoint) into `dest` atomically.
-fn save_weights(
+/// Writes adapter + projector (+ the head, and the optimizer and state for a checkpoint) into the
+/// folder `dir` (a staged one: see [`checkpoint::save`]).
+fn write_weights(
     model: &Llama,
     t: &Trainables,
-    dest: &Path,
+    dir: &Path,
     llm_name: &str,
     state: Option<&RunState>,
 ) -> TResult<()> {
-    let staged = StagedDir::new(dest, true).map_err(io(dest))?;
-    lora::save_adapter(model, &staged.path().join("adapter"), llm_name, false)?;
-    t.projector
-        .save(&staged.path().join("projector.safetensors"))?;
+    lora::save_adapter(model, &dir.join("adapter"), llm_name, false)?;
+    t.projector.save(&dir.join("projector.safetensors"))?;
     if let Some(h) = &t.head {
-        h.save(&staged.path().join("head.safetensors"))?;
+        h.save(&dir.join("head.safetensors"))?;
     }
     if let Some(state) = state {
-        candle_core::safetensors::save(
-            &t.opt.state()?,
-            staged.path().join("optimizer.safetensors"),
-        )?;
-        write_json(&staged.path().join("state.json"), state)?;
+        candle_core::safetensors::save(&t.opt.state()?, dir.join("optimizer.safetensors"))?;
+        write_json(&dir.join(checkpoint::STATE_FILE), state)?;
     }
-    staged.commit().map_err(io(dest))?;
     Ok(())
 }
 
-/// Runs (or resumes) tuning in `run`. A fresh run expects adapters on the model already and a
-/// new projector; a resumed one loads both from the checkpoint first (see [`resume_weights`]).
-#[allow(clippy::too_many_arguments)]
+/// Where a run starts: new trainable weights, or a checkpoint's.
+pub struct Start {
+    pub projector: Projector,
+    pub head: Option<Head>,
+    pub state: RunState,
+    /// The checkpoint folder the run resumes from, whose optimizer moments it loads (`None`: a
+    /// fresh run, whose model carries new adapters already).
+    pub checkpoint: Option<PathBuf>,
+}
+
+impl Start {
+    /// A fresh run (the model carries new adapters already).
+    pub fn fresh(projector: Projector, head: Option<Head>) -> Self {
+        Self {
+            projector,
+            head,
+            state: RunState::default(),
+            checkpoint: None,
+        }
+    }
+
+    /// The newest intact checkpoint of `run` (see [`checkpoint::latest`]): its state, and its
+    /// adapter, projector and head loaded onto `model`.
+    pub fn resume(
+        model: &mut Llama,
+        found: checkpoint::Found<RunState>,
+        d_sr: usize,
+        head: Option<HeadConfig>,
+    ) -> TResult<Self> {
+        let (projector, head) = load_weights(model, &found.dir, d_sr, head)?;
+        Ok(Self {
+            projector,
+            head,
+            state: found.state,
+            checkpoint: Some(found.dir),
+        })
+    }
+}
+
+/// The newest intact checkpoint of `run` (call it holding the run's lock: see
+/// [`crate::fsutil::lock`]).
+pub fn resume_point(run: &RunDir) -> TResult<checkpoint::Found<RunState>> {
+    Ok(checkpoint::latest(run)?)
+}
+
+/// Runs (or resumes) tuning in `run`: see [`Run`].
 pub fn tune(
     setup: Setup<'_>,
-    projector: Projector,
-    head: Option<Head>,
+    start: Start,
     opts: &TuneOptions,
     run: &RunDir,
-    mut state: RunState,
-    llm_name: &str,
     hooks: &mut dyn Hooks,
 ) -> TResult<RunState> {
-    let Setup {
-        model,
-        tok,
-        templates,
-        ds,
-        rec,
-    } = setup;
+    Run::open(setup, start, opts, run, hooks)?.train(hooks)
+}
+
+/// The checks on a run's options that need nothing loaded.
+fn check_options(opts: &TuneOptions, templates: &Templates, has_head: bool) -> TResult<()> {
     let head_ranks = opts.objective.listwise() && opts.ranker == Ranker::Head;
-    if head_ranks != head.is_some() {
+    if head_ranks != has_head {
         return Err(TuneError::Invalid(
             "a listwise objective ranking with the head needs the scoring head, and only it trains one"
                 .into(),
         ));
     }
-    let answer_ranks = opts.objective.listwise() && opts.ranker == Ranker::Answer;
     if opts.batch_size == 0 || opts.grad_accum == 0 || opts.epochs == 0 {
         return Err(TuneError::Invalid(
             "--batch-size, --grad-accum and --epochs must be at least 1".into(),
@@ -529,7 +558,6 @@ pub fn tune(
             templates.list.len()
         )));
     }
-    model.set_checkpointing(opts.checkpoint_layers)?;
     if !(opts.checkpoint_minutes.is_finite() && opts.checkpoint_minutes >= 0.0) {
         return Err(TuneError::Invalid(format!(
             "--checkpoint-minutes {}: expected a number of minutes of at least 0 (0: no time-based checkpoints)",
@@ -541,137 +569,304 @@ pub fn tune(
             "--checkpoint-every 0: expected at least 1 optimizer step".into(),
         ));
     }
-    if opts.lr > 0.1 {
-        hooks.on_warning(&format!(
-            "--lr {}: far above the rates LoRA trains with (1e-4 to 1e-3); expect a diverging or stalled run",
-            opts.lr
-        ));
+    Ok(())
+}
+
+/// `train_log.jsonl`: one line per optimizer step, appended as the run goes.
+struct TrainLog {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+impl TrainLog {
+    /// Opens the log keeping the lines of the steps before `step` (a resumed run drops any after
+    /// its checkpoint; the kept lines are rewritten atomically).
+    fn open(path: PathBuf, step: usize) -> TResult<Self> {
+        let kept: String = std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| serde_json::from_str::<StepLog>(l).is_ok_and(|s| s.step < step))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        crate::fsutil::write_file_atomic(&path, |p| std::fs::write(p, &kept).map_err(io(p)))?;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        Ok(Self { file, path })
     }
-    let rows = training_rows(ds, opts);
-    if rows.is_empty() {
-        return Err(TuneError::Invalid(format!(
-            "{}: the train split is empty",
-            ds.dir.display()
-        )));
+
+    fn write(&mut self, entry: &StepLog) -> TResult<()> {
+        let line = serde_json::to_string(entry).expect("serialisable");
+        writeln!(self.file, "{line}").map_err(io(&self.path))
     }
-    let (per_epoch, total) = schedule(rows.len(), opts);
-    state.total_steps = total;
-    let mut t = trainables(model, projector, head, opts)?;
-    // Leftovers of a write that a crash or SIGKILL cut short.
-    for dest in [run.checkpoint(), run.best(), run.dir.join("adapter")] {
-        crate::fsutil::recover_staged(&dest).map_err(io(&dest))?;
-    }
-    if state.step > 0 {
-        let path = run.checkpoint().join("optimizer.safetensors");
-        let st = candle_core::safetensors::load(&path, &candle_core::Device::Cpu)?;
-        t.opt.load_state(&st).map_err(|source| TuneError::State {
-            path: path.clone(),
-            source,
-        })?;
-    }
-    let kit = PromptKit {
-        tok,
-        templates,
-        titles: &ds.titles,
-        user_token: opts.user_token,
-        answer: opts.answer,
-    };
-    let valid = split_rows(ds, "valid", opts.template, opts.valid_samples, opts.seed);
-    let n_items = ds.n_items();
-    let k = ds.meta.candidates;
-    // The log keeps the lines of steps already done (a resumed run drops any after its checkpoint).
-    let log_path = run.log();
-    let kept: Vec<String> = std::fs::read_to_string(&log_path)
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| serde_json::from_str::<StepLog>(l).is_ok_and(|s| s.step < state.step))
-        .map(String::from)
-        .collect();
-    let mut log = std::fs::File::create(&log_path).map_err(io(&log_path))?;
-    for l in &kept {
-        writeln!(log, "{l}").map_err(io(&log_path))?;
-    }
-    let ctx = Ctx {
-        model: &*model,
-        kit: &kit,
-        rec,
-        opts,
-        valid: &valid,
-        answer_ranks,
-        run,
-        llm_name,
-    };
-    hooks.on_start(total, state.step);
-    // The checkpoint this invocation may fall back to (the one it resumed from, then its own).
-    let mut last_checkpoint = (state.step > 0).then_some(state.step);
-    let mut last_save = std::time::Instant::now();
-    // The state on disk is the state in memory (nothing to write when stopping).
-    let mut saved = true;
-    if state.pending_eval {
-        // Stopped between writing a validation point's checkpoint and validating it.
-        let epoch = state.step.saturating_sub(1) / per_epoch;
-        ctx.validate(&t, &mut state, epoch, hooks)?;
-    }
-    let mut order: Option<(usize, Vec<usize>)> = None;
-    let mut done_now = 0;
-    let mut zero_grad_run = 0;
-    while state.step < total {
-        if opts.stop_after.is_some_and(|s| done_now >= s) || hooks.should_stop() {
-            break;
+}
+
+/// Gradients by trainable tensor's name, in name order: every sum over them (the global norm)
+/// runs in one order in every process.
+type Grads = BTreeMap<String, Tensor>;
+
+/// A tuning run in progress: the trainable weights, their optimizer and the run's state, and
+/// where each guarantee of a run lives —
+/// [`Run::step`] (one optimizer step, the same bytes from the same seed, step and state),
+/// [`Run::checkpoint`] (the state on disk, whole, checksummed, the previous one kept),
+/// [`Run::validate`] (valid metrics, `best/`), and [`Run::open`] (a resumed run continues from
+/// the checkpoint's step exactly as the uninterrupted run would have).
+pub struct Run<'a> {
+    model: &'a Llama,
+    kit: PromptKit<'a>,
+    rec: &'a Recommender,
+    opts: &'a TuneOptions,
+    dir: &'a RunDir,
+    llm_name: &'a str,
+    rows: Vec<&'a Row>,
+    valid: Vec<(usize, Example)>,
+    n_items: usize,
+    candidates: usize,
+    templates: usize,
+    per_epoch: usize,
+    total: usize,
+    answer_ranks: bool,
+    t: Trainables,
+    state: RunState,
+    log: TrainLog,
+    /// The epoch whose row order `order` is.
+    order: Option<(usize, Vec<usize>)>,
+    /// The checkpoint a diverged run leaves in place (the one it resumed from, then its own).
+    last_checkpoint: Option<usize>,
+    last_save: std::time::Instant,
+    /// The state on disk is the state in memory (nothing to write when stopping).
+    saved: bool,
+    /// Steps done by this invocation.
+    done_now: usize,
+    zero_grad_run: usize,
+}
+
+impl<'a> Run<'a> {
+    /// Checks the options, builds the optimizer (with the checkpoint's moments when resuming),
+    /// cleans up writes a kill cut short and opens the log.
+    pub fn open(
+        setup: Setup<'a>,
+        start: Start,
+        opts: &'a TuneOptions,
+        dir: &'a RunDir,
+        hooks: &mut dyn Hooks,
+    ) -> TResult<Self> {
+        let Setup {
+            model,
+            tok,
+            templates,
+            ds,
+            rec,
+            llm_name,
+        } = setup;
+        check_options(opts, templates, start.head.is_some())?;
+        model.set_checkpointing(opts.checkpoint_layers)?;
+        let model: &'a Llama = model;
+        if opts.lr > 0.1 {
+            hooks.on_warning(&format!(
+                "--lr {}: far above the rates LoRA trains with (1e-4 to 1e-3); expect a diverging or stalled run",
+                opts.lr
+            ));
         }
-        let step = state.step;
+        let rows = training_rows(ds, opts);
+        if rows.is_empty() {
+            return Err(TuneError::Invalid(format!(
+                "{}: the train split is empty",
+                ds.dir.display()
+            )));
+        }
+        let (per_epoch, total) = schedule(rows.len(), opts);
+        let mut state = start.state;
+        state.total_steps = total;
+        let mut t = trainables(model, start.projector, start.head, opts)?;
+        checkpoint::recover(dir).map_err(io(&dir.dir))?;
+        if let Some(from) = &start.checkpoint {
+            let path = from.join("optimizer.safetensors");
+            let st = candle_core::safetensors::load(&path, &candle_core::Device::Cpu)?;
+            t.opt.load_state(&st).map_err(|source| TuneError::State {
+                path: path.clone(),
+                source,
+            })?;
+        }
+        let now = crate::kernels::Signature::current();
+        if let Some(was) = state.signature.as_ref().filter(|w| **w != now) {
+            let msg = format!(
+                "the checkpoint at step {} was computed with {was}, this process computes with {now}: \
+                 the rest of the run will not be bit-identical to an uninterrupted one (pass --threads {} \
+                 on the same CPU for that)",
+                state.step, was.threads
+            );
+            hooks.on_warning(&msg);
+            state.warnings.push(msg);
+        }
+        state.signature = Some(now);
+        let log = TrainLog::open(dir.log(), state.step)?;
+        Ok(Self {
+            model,
+            kit: PromptKit {
+                tok,
+                templates,
+                titles: &ds.titles,
+                user_token: opts.user_token,
+                answer: opts.answer,
+            },
+            rec,
+            opts,
+            dir,
+            llm_name,
+            valid: split_rows(ds, "valid", opts.template, opts.valid_samples, opts.seed),
+            n_items: ds.n_items(),
+            candidates: ds.meta.candidates,
+            templates: templates.list.len(),
+            rows,
+            per_epoch,
+            total,
+            answer_ranks: opts.objective.listwise() && opts.ranker == Ranker::Answer,
+            t,
+            last_checkpoint: (state.step > 0).then_some(state.step),
+            state,
+            log,
+            order: None,
+            last_save: std::time::Instant::now(),
+            saved: true,
+            done_now: 0,
+            zero_grad_run: 0,
+        })
+    }
+
+    /// Trains to the end of the schedule (or until `--stop-after` / [`Hooks::should_stop`]),
+    /// leaving the position resumable, and writes `metrics.json`.
+    pub fn train(mut self, hooks: &mut dyn Hooks) -> TResult<RunState> {
+        hooks.on_start(self.total, self.state.step);
+        if self.state.pending_eval {
+            // Stopped between writing a validation point's checkpoint and validating it.
+            let epoch = self.state.step.saturating_sub(1) / self.per_epoch;
+            self.validate(epoch, hooks)?;
+        }
+        while self.state.step < self.total {
+            if self.opts.stop_after.is_some_and(|s| self.done_now >= s) || hooks.should_stop() {
+                break;
+            }
+            let epoch = self.state.step / self.per_epoch;
+            self.step(hooks)?;
+            let step = self.state.step;
+            let end_of_epoch = step.is_multiple_of(self.per_epoch);
+            let periodic = self
+                .opts
+                .eval_every
+                .is_some_and(|n| n > 0 && step.is_multiple_of(n));
+            let last = step == self.total;
+            let due = self
+                .opts
+                .checkpoint_every
+                .is_some_and(|n| step.is_multiple_of(n))
+                || (self.opts.checkpoint_minutes > 0.0
+                    && self.last_save.elapsed().as_secs_f64()
+                        >= 60.0 * self.opts.checkpoint_minutes);
+            let validate = (end_of_epoch || periodic || last) && !self.valid.is_empty();
+            if end_of_epoch || periodic || last || due {
+                // At a validation point the checkpoint comes first: a run stopped while
+                // validating validates again when resumed.
+                self.state.pending_eval = validate;
+                self.checkpoint(hooks)?;
+            }
+            if validate && !hooks.should_stop() {
+                self.validate(epoch, hooks)?;
+            }
+        }
+        if !self.saved {
+            // Stopped early (--stop-after, a signal): make the position resumable.
+            self.checkpoint(hooks)?;
+        }
+        if self.state.step == self.total && !self.state.finished && !self.state.pending_eval {
+            // The run's result: the best validated weights (or the last ones without a valid split).
+            if self.state.best.is_none() {
+                self.save_best()?;
+            }
+            publish_best(self.dir)?;
+            self.state.finished = true;
+            self.checkpoint(&mut ())?;
+        }
+        let s = &self.state;
+        let metrics = serde_json::json!({
+            "best": s.best,
+            "evals": s.evals,
+            "steps": s.step,
+            "total_steps": self.total,
+            "hybrid_fraction": if s.step > 0 { s.hybrid_steps as f64 / s.step as f64 } else { 0.0 },
+            "finished": s.finished,
+            "bad_steps": s.bad_steps,
+            "warnings": s.warnings,
+        });
+        crate::fsutil::write_file_atomic(&self.dir.dir.join("metrics.json"), |p| {
+            write_json(p, &metrics)
+        })?;
+        Ok(self.state)
+    }
+
+    /// The examples of optimizer step `step`: its rows (the epoch's seeded order), the
+    /// curriculum's draw, and each row's template and negatives from the step's stream.
+    fn batch(&mut self, step: usize) -> (f64, bool, Vec<Example>) {
+        let (opts, per_epoch) = (self.opts, self.per_epoch);
         let epoch = step / per_epoch;
-        if order.as_ref().is_none_or(|(e, _)| *e != epoch) {
-            let mut o: Vec<usize> = (0..rows.len()).collect();
+        if self.order.as_ref().is_none_or(|(e, _)| *e != epoch) {
+            let mut o: Vec<usize> = (0..self.rows.len()).collect();
             o.shuffle(&mut ChaCha8Rng::seed_from_u64(stream_seed(
                 opts.seed,
                 "epoch",
                 epoch as u64,
             )));
-            order = Some((epoch, o));
+            self.order = Some((epoch, o));
         }
-        let o = &order.as_ref().expect("set above").1;
+        let o = &self.order.as_ref().expect("set above").1;
         let per_step = opts.batch_size * opts.grad_accum;
         let start = (step % per_epoch) * per_step;
         let idx = &o[start.min(o.len())..(start + per_step).min(o.len())];
-        let (p, hard, mut rng) = draw_step(opts.curriculum, opts.seed, step, total, epoch);
-        let view = if hard {
-            opts.curriculum.hard_view()
-        } else {
-            ItemView::Text
-        };
-        let examples: Vec<Example> = idx
+        let (p, hard, mut rng) = draw_step(opts.curriculum, opts.seed, step, self.total, epoch);
+        let examples = idx
             .iter()
             .map(|&i| {
-                let row = rows[i];
-                let template = rng.random_range(0..templates.list.len());
+                let row = self.rows[i];
+                let template = rng.random_range(0..self.templates);
                 Example {
                     history: row.history.clone(),
-                    candidates: sample_candidates(row, n_items, k, &mut rng),
+                    candidates: sample_candidates(row, self.n_items, self.candidates, &mut rng),
                     target: row.next,
                     template,
                 }
             })
             .collect();
+        (p, hard, examples)
+    }
+
+    /// The loss (weighted by micro-batch size), the token count and the summed gradients of one
+    /// optimizer step's examples.
+    fn gradients(
+        &self,
+        step: usize,
+        view: ItemView,
+        examples: &[Example],
+        hooks: &mut dyn Hooks,
+    ) -> TResult<(f64, usize, Grads)> {
+        let (model, opts, kit) = (self.model, self.opts, &self.kit);
         let mut dropout = Dropout::new(
             opts.lora.dropout,
             ChaCha8Rng::seed_from_u64(stream_seed(opts.seed, "dropout", step as u64)),
         );
-        let started = std::time::Instant::now();
-        let mut grads: HashMap<String, Tensor> = HashMap::new();
-        let mut loss_sum = 0.0;
-        let mut tokens = 0;
         let behaviour = Behaviour {
-            rec,
+            rec: self.rec,
             cand_emb: opts.cand_emb,
-            projector: &t.projector,
+            projector: &self.t.projector,
         };
+        let mut grads = Grads::new();
+        let (mut loss_sum, mut tokens) = (0.0, 0);
         for micro in examples.chunks(opts.batch_size) {
-            let (loss, micro_tokens) = if answer_ranks {
+            let (loss, micro_tokens) = if self.answer_ranks {
                 // One packed pass per row: every candidate's answer log-likelihood.
                 let cands = micro
                     .iter()
-                    .map(|ex| super::listwise::candidate_answers(&kit, ex, view))
+                    .map(|ex| super::listwise::candidate_answers(kit, ex, view))
                     .collect::<Result<Vec<_>, _>>()?;
                 let refs: Vec<_> = cands.iter().collect();
                 let prompts: Vec<_> = cands.iter().map(|c| &c.prompt).collect();
@@ -709,34 +904,60 @@ pub fn tune(
                     Step::padded(&lengths, tt),
                     (opts.lora.dropout > 0.0).then_some(&mut dropout),
                 )?;
-                let loss = micro_loss(model, t.head.as_ref(), rec, &h, &refs, micro, view, opts)?;
+                let loss = micro_loss(
+                    model,
+                    self.t.head.as_ref(),
+                    self.rec,
+                    &h,
+                    &refs,
+                    micro,
+                    view,
+                    opts,
+                )?;
                 (loss, lengths.iter().sum::<usize>())
             };
             tokens += micro_tokens;
             let share = micro.len() as f64 / examples.len() as f64;
             loss_sum += loss.to_scalar::<f32>()? as f64 * share;
             let g = model.backward(&(loss * share)?)?;
-            accumulate(&mut grads, &t.vars, &g)?;
+            accumulate(&mut grads, &self.t.vars, &g)?;
         }
         if step < opts.projector_warmup {
             // Warm-up: only the projector and the head move.
             grads.retain(|n, _| n.starts_with("projector.") || n.starts_with("head."));
         }
+        Ok((loss_sum, tokens, grads))
+    }
+
+    /// One optimizer step: gradients, clipping, the update (or a skip of a non-finite step), the
+    /// log line.
+    pub fn step(&mut self, hooks: &mut dyn Hooks) -> TResult<()> {
+        let opts = self.opts;
+        let step = self.state.step;
+        let epoch = step / self.per_epoch;
+        let (p, hard, examples) = self.batch(step);
+        let view = if hard {
+            opts.curriculum.hard_view()
+        } else {
+            ItemView::Text
+        };
+        let started = std::time::Instant::now();
+        let (loss, tokens, mut grads) = self.gradients(step, view, &examples, hooks)?;
         let grad_norm = optim::clip(&mut grads, opts.max_grad_norm)?;
-        let lr = optim::lr_at(step, total, opts.lr, opts.min_lr);
-        let bad = !(loss_sum.is_finite() && grad_norm.is_finite());
+        let lr = optim::lr_at(step, self.total, opts.lr, opts.min_lr);
+        let bad = !(loss.is_finite() && grad_norm.is_finite());
         let diverged = |what: &'static str| TuneError::Diverged {
             step,
-            loss: loss_sum,
+            loss,
             grad_norm,
             lr,
             what,
-            last_checkpoint,
+            last_checkpoint: self.last_checkpoint,
         };
         let mut entry = StepLog {
             step,
             epoch,
-            loss: loss_sum,
+            loss,
             lr,
             p_hybrid: p,
             hybrid: hard,
@@ -747,154 +968,80 @@ pub fn tune(
             skipped: bad,
         };
         if bad {
-            state.bad_steps += 1;
-            if state.bad_steps > opts.max_bad_steps {
+            self.state.bad_steps += 1;
+            if self.state.bad_steps > opts.max_bad_steps {
                 // The step's line stays in the log (what diverged); nothing else is written.
                 entry.tokens_per_second = tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
-                log_step(&mut log, &log_path, &entry)?;
-                return Err(diverged(if loss_sum.is_finite() {
+                self.log.write(&entry)?;
+                return Err(diverged(if loss.is_finite() {
                     "the gradient norm is not finite"
                 } else {
                     "the loss is not finite"
                 }));
             }
             let msg = format!(
-                "step {step}: loss {loss_sum}, gradient norm {grad_norm}: skipped without an update ({} of --max-bad-steps {})",
-                state.bad_steps, opts.max_bad_steps
+                "step {step}: loss {loss}, gradient norm {grad_norm}: skipped without an update ({} of --max-bad-steps {})",
+                self.state.bad_steps, opts.max_bad_steps
             );
             hooks.on_warning(&msg);
-            state.warnings.push(msg);
+            self.state.warnings.push(msg);
         } else {
-            t.opt.step(&grads, lr)?;
-            if !t.finite()? {
+            self.t.opt.step(&grads, lr)?;
+            if !self.t.finite()? {
                 return Err(diverged("the update made a weight non-finite"));
             }
         }
-        zero_grad_run = if !bad && grad_norm == 0.0 && step >= opts.projector_warmup {
-            zero_grad_run + 1
+        self.zero_grad_run = if !bad && grad_norm == 0.0 && step >= opts.projector_warmup {
+            self.zero_grad_run + 1
         } else {
             0
         };
-        if zero_grad_run == STALL_STEPS {
+        if self.zero_grad_run == STALL_STEPS {
             let msg = format!(
-                "steps {}..{step}: the gradient norm is 0 and the loss flat at {loss_sum:.4}: training has stalled \
+                "steps {}..{step}: the gradient norm is 0 and the loss flat at {loss:.4}: training has stalled \
                  (a saturated model, usually from a learning rate far too high: --lr {})",
                 step + 1 - STALL_STEPS,
                 opts.lr
             );
             hooks.on_warning(&msg);
-            state.warnings.push(msg);
+            self.state.warnings.push(msg);
         }
-        state.step += 1;
-        done_now += 1;
-        saved = false;
-        state.hybrid_steps += usize::from(hard);
-        entry.hybrid_fraction = state.hybrid_steps as f64 / state.step as f64;
+        self.state.step += 1;
+        self.done_now += 1;
+        self.saved = false;
+        self.state.hybrid_steps += usize::from(hard);
+        entry.hybrid_fraction = self.state.hybrid_steps as f64 / self.state.step as f64;
         entry.tokens_per_second = tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
-        log_step(&mut log, &log_path, &entry)?;
+        self.log.write(&entry)?;
         hooks.on_step(&entry);
-        let end_of_epoch = state.step.is_multiple_of(per_epoch);
-        let periodic = opts
-            .eval_every
-            .is_some_and(|n| n > 0 && state.step.is_multiple_of(n));
-        let last = state.step == total;
-        let due = opts
-            .checkpoint_every
-            .is_some_and(|n| state.step.is_multiple_of(n))
-            || (opts.checkpoint_minutes > 0.0
-                && last_save.elapsed().as_secs_f64() >= 60.0 * opts.checkpoint_minutes);
-        let validate = (end_of_epoch || periodic || last) && !valid.is_empty();
-        if end_of_epoch || periodic || last || due {
-            // At a validation point the checkpoint comes first: a run stopped while validating
-            // validates again when resumed.
-            state.pending_eval = validate;
-            ctx.save("checkpoint/", &t, &run.checkpoint(), Some(&state))?;
-            last_checkpoint = Some(state.step);
-            last_save = std::time::Instant::now();
-            saved = true;
-            hooks.on_checkpoint(state.step);
-        }
-        if validate && !hooks.should_stop() {
-            ctx.validate(&t, &mut state, epoch, hooks)?;
-        }
+        Ok(())
     }
-    if !saved {
-        // Stopped early (--stop-after, a signal): make the position resumable.
-        ctx.save("checkpoint/", &t, &run.checkpoint(), Some(&state))?;
-        hooks.on_checkpoint(state.step);
+
+    /// Writes `checkpoint/` (the previous one becomes `checkpoint.prev/`); a failure names it and
+    /// leaves the previous one as it was.
+    pub fn checkpoint(&mut self, hooks: &mut dyn Hooks) -> TResult<()> {
+        let (model, t, name, state) = (self.model, &self.t, self.llm_name, &self.state);
+        checkpoint::save(self.dir, |p| write_weights(model, t, p, name, Some(state)))
+            .map_err(saving("checkpoint/", &self.dir.checkpoint()))?;
+        self.last_checkpoint = Some(self.state.step);
+        self.last_save = std::time::Instant::now();
+        self.saved = true;
+        hooks.on_checkpoint(self.state.step);
+        Ok(())
     }
-    if state.step == total && !state.finished && !state.pending_eval {
-        // The run's result: the best validated weights (or the last ones without a valid split).
-        if state.best.is_none() {
-            ctx.save("best/", &t, &run.best(), None)?;
-        }
-        publish_best(run)?;
-        state.finished = true;
-        ctx.save("checkpoint/", &t, &run.checkpoint(), Some(&state))?;
-    }
-    let metrics = serde_json::json!({
-        "best": state.best,
-        "evals": state.evals,
-        "steps": state.step,
-        "total_steps": total,
-        "hybrid_fraction": if state.step > 0 { state.hybrid_steps as f64 / state.step as f64 } else { 0.0 },
-        "finished": state.finished,
-        "bad_steps": state.bad_steps,
-        "warnings": state.warnings,
-    });
-    crate::fsutil::write_file_atomic(&run.dir.join("metrics.json"), |p| write_json(p, &metrics))?;
-    Ok(state)
-}
 
-/// Appends one step's line to `train_log.jsonl`.
-fn log_step(log: &mut std::fs::File, path: &Path, entry: &StepLog) -> TResult<()> {
-    let line = serde_json::to_string(entry).expect("serialisable");
-    writeln!(log, "{line}").map_err(io(path))
-}
-
-/// Wraps a failed write of `what` at `path` (the previous one is unchanged).
-fn saving<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(TuneError) -> TuneError + 'a {
-    move |e| TuneError::Save {
-        what,
-        path: path.to_path_buf(),
-        source: Box::new(e),
-    }
-}
-
-/// What validation and checkpoint writes need from a run.
-struct Ctx<'a> {
-    model: &'a Llama,
-    kit: &'a PromptKit<'a>,
-    rec: &'a Recommender,
-    opts: &'a TuneOptions,
-    valid: &'a [(usize, Example)],
-    answer_ranks: bool,
-    run: &'a RunDir,
-    llm_name: &'a str,
-}
-
-impl Ctx<'_> {
-    /// Writes `dest` atomically; a failure names it (the previous one is unchanged).
-    fn save(
-        &self,
-        what: &'static str,
-        t: &Trainables,
-        dest: &Path,
-        state: Option<&RunState>,
-    ) -> TResult<()> {
-        save_weights(self.model, t, dest, self.llm_name, state).map_err(saving(what, dest))
+    /// Writes `best/` from the current weights.
+    fn save_best(&self) -> TResult<()> {
+        let (model, t, name) = (self.model, &self.t, self.llm_name);
+        let dest = self.dir.best();
+        checkpoint::save_dir(&dest, |p| write_weights(model, t, p, name, None))
+            .map_err(saving("best/", &dest))
     }
 
     /// Validates the current weights, keeps them as `best/` when they beat the best so far, and
-    /// records the result in the checkpoint's `state.json` (whose weights are these).
-    fn validate(
-        &self,
-        t: &Trainables,
-        state: &mut RunState,
-        epoch: usize,
-        hooks: &mut dyn Hooks,
-    ) -> TResult<()> {
-        let (model, kit, opts, valid) = (self.model, self.kit, self.opts, self.valid);
+    /// checkpoints the state with the result (the checkpoint's weights are these).
+    pub fn validate(&mut self, epoch: usize, hooks: &mut dyn Hooks) -> TResult<()> {
+        let (model, kit, opts, valid) = (self.model, &self.kit, self.opts, &self.valid);
         // The steps' activation buffers go back before the KV caches are made.
         crate::kernels::alloc::trim();
         hooks.on_eval_start(valid.len());
@@ -908,10 +1055,10 @@ impl Ctx<'_> {
         let behaviour = Behaviour {
             rec: self.rec,
             cand_emb: opts.cand_emb,
-            projector: &t.projector,
+            projector: &self.t.projector,
         };
         let behaviour = eval_opts.view.uses_embeddings().then_some(&behaviour);
-        let m = match &t.head {
+        let m = match &self.t.head {
             // Head runs validate by the head's ranking (valid ratio 1).
             Some(hd) => {
                 let scored = score_with_head(model, kit, behaviour, hd, valid, &eval_opts, |n| {
@@ -936,30 +1083,37 @@ impl Ctx<'_> {
                 hooks.on_eval_progress(n)
             })?),
         };
-        let better = state.best.as_ref().is_none_or(|b| m.hr1 > b.valid.hr1);
+        let better = self.state.best.as_ref().is_none_or(|b| m.hr1 > b.valid.hr1);
         let e = EvalLog {
-            step: state.step,
+            step: self.state.step,
             epoch,
             valid: m,
             best: better,
         };
         if better {
-            self.save("best/", t, &self.run.best(), None)?;
-            state.best = Some(e.clone());
+            self.save_best()?;
+            self.state.best = Some(e.clone());
         }
-        state.evals.push(e.clone());
-        state.pending_eval = false;
-        let p = self.run.checkpoint().join("state.json");
-        crate::fsutil::write_file_atomic(&p, |p| write_json(p, &*state))
-            .map_err(saving("checkpoint/", &p))?;
+        self.state.evals.push(e.clone());
+        self.state.pending_eval = false;
+        self.checkpoint(&mut ())?;
         hooks.on_eval(&e);
         Ok(())
     }
 }
 
+/// Wraps a failed write of `what` at `path` (the previous one is unchanged).
+fn saving<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(TuneError) -> TuneError + 'a {
+    move |e| TuneError::Save {
+        what,
+        path: path.to_path_buf(),
+        source: Box::new(e),
+    }
+}
+
 /// Adds a micro-batch's gradients of the trainable `vars` to `grads`.
 fn accumulate(
-    grads: &mut HashMap<String, Tensor>,
+    grads: &mut Grads,
     vars: &[(String, Var)],
     g: &candle_core::backprop::GradStore,
 ) -> TResult<()> {
@@ -981,6 +1135,8 @@ fn accumulate(
 /// Copies `best/` to the run's top level (`adapter/`, `projector.safetensors`), each atomically.
 fn publish_best(run: &RunDir) -> TResult<()> {
     let best = run.best();
+    crate::fsutil::checksums::verify(&best)
+        .map_err(|d| TuneError::Invalid(format!("best/ is damaged: {d}")))?;
     let dest = run.dir.join("adapter");
     let staged = StagedDir::new(&dest, true).map_err(io(&dest))?;
     for f in ["adapter_config.json", "adapter_model.safetensors"] {
@@ -1051,10 +1207,4 @@ fn micro_loss(
         });
     }
     loss.ok_or_else(|| TuneError::Invalid("no loss to train".into()))
-}
-/// The checkpoint's state.
-pub fn read_state(run: &RunDir) -> TResult<RunState> {
-    let p = run.checkpoint().join("state.json");
-    let text = std::fs::read_to_string(&p).map_err(io(&p))?;
-    serde_json::from_str(&text).map_err(|e| TuneError::Invalid(format!("{}: {e}", p.display())))
 }

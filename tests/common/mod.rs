@@ -107,3 +107,94 @@ pub fn candidates(path: &Path) -> Vec<Vec<u32>> {
 pub fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
+
+/// Every file under `dir` with its bytes (relative paths, sorted); `None` when `dir` is missing.
+pub fn snapshot(dir: &Path) -> Option<Vec<(String, Vec<u8>)>> {
+    fn walk(root: &Path, rel: &Path, out: &mut Vec<(String, Vec<u8>)>) {
+        for e in std::fs::read_dir(root.join(rel)).unwrap() {
+            let e = e.unwrap();
+            let r = rel.join(e.file_name());
+            if e.file_type().unwrap().is_dir() {
+                walk(root, &r, out);
+            } else {
+                let bytes = std::fs::read(root.join(&r)).unwrap();
+                out.push((r.to_string_lossy().into_owned(), bytes));
+            }
+        }
+    }
+    if !dir.is_dir() {
+        return None;
+    }
+    let mut out = Vec::new();
+    walk(dir, Path::new(""), &mut out);
+    out.sort();
+    Some(out)
+}
+
+/// Kills `llara args` (which rewrites `out` with `--force`) with SIGKILL after growing delays
+/// until a run completes, and checks after each kill that `out` — or, when the kill came between
+/// the commit's two renames, the old output set aside beside it — is whole: the bytes of `old`
+/// or of `new`, nothing in between. A final run then leaves no temporary folder beside `out`.
+#[cfg(unix)]
+pub fn cut_writes_leave_a_whole_output(
+    args: &[&str],
+    out: &Path,
+    ignore: &[&str],
+    old: &[(String, Vec<u8>)],
+    new: &[(String, Vec<u8>)],
+) -> usize {
+    // Files that differ from run to run by nature (wall-clock times) are compared by name only.
+    let norm = |s: Vec<(String, Vec<u8>)>| -> Vec<(String, Vec<u8>)> {
+        s.into_iter()
+            .map(|(f, b)| {
+                if ignore.contains(&f.as_str()) {
+                    (f, vec![])
+                } else {
+                    (f, b)
+                }
+            })
+            .collect()
+    };
+    let (old, new) = (&norm(old.to_vec())[..], &norm(new.to_vec())[..]);
+    let name = out.file_name().unwrap().to_string_lossy().into_owned();
+    let aside = out.with_file_name(format!(".{name}.tmp-old"));
+    let mut kills = 0;
+    for delay in (0..2000u64).step_by(7) {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_llara"))
+            .args(args)
+            .env("LLARA_LOG", "error")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay));
+        let done = child.try_wait().unwrap().is_some();
+        if !done {
+            child.kill().unwrap();
+            kills += 1;
+        }
+        child.wait().unwrap();
+        let now = norm(
+            snapshot(out)
+                .or_else(|| snapshot(&aside))
+                .expect("an output"),
+        );
+        assert!(
+            now == old || now == new,
+            "after a kill at {delay} ms {} is neither the old nor the new output",
+            out.display()
+        );
+        if done {
+            break;
+        }
+    }
+    ok(args);
+    assert_eq!(norm(snapshot(out).unwrap()), new);
+    let stray: Vec<String> = std::fs::read_dir(out.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&format!(".{name}")))
+        .collect();
+    assert!(stray.is_empty(), "{stray:?}");
+    kills
+}

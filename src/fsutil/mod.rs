@@ -1,6 +1,9 @@
 //! Atomic outputs: everything a command writes goes to a temporary sibling path first and is renamed
 //! into place at the end, so an interrupted or failed run never leaves a half-written artifact.
 
+pub mod checksums;
+pub mod lock;
+
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -11,6 +14,8 @@ pub struct StagedDir {
     tmp: Option<tempfile::TempDir>,
     dest: PathBuf,
     overwrite: bool,
+    /// Held by [`StagedDir::new_locked`] until the write ends.
+    _lock: Option<lock::DirLock>,
 }
 
 impl StagedDir {
@@ -33,7 +38,26 @@ impl StagedDir {
             tmp: Some(tmp),
             dest: dest.to_path_buf(),
             overwrite,
+            _lock: None,
         })
+    }
+
+    /// [`StagedDir::new`] for a command's own output (`data prepare --out`, `train-sr --out`):
+    /// holds a lock beside `dest` (`.NAME.lock`) until the write ends, so a second writer of the
+    /// same output is refused naming the first one's PID, and, holding it, first cleans up what a
+    /// killed earlier write left behind ([`recover_staged`]).
+    pub fn new_locked(dest: &Path, overwrite: bool) -> io::Result<Self> {
+        let (parent, _) = temp_place(dest)?;
+        let name = dest
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "out".into());
+        let l = lock::DirLock::acquire_file(parent.join(format!(".{name}.lock")))
+            .map_err(io::Error::other)?;
+        recover_staged(dest)?;
+        let mut s = Self::new(dest, overwrite)?;
+        s._lock = Some(l);
+        Ok(s)
     }
 
     /// The temporary folder to write into.
@@ -73,6 +97,29 @@ impl StagedDir {
                 fs::rename(&tmp_path, &self.dest)?;
             }
             Ok(())
+        })();
+        if result.is_err() {
+            let _ = fs::remove_dir_all(&tmp_path);
+        }
+        result.map(|_| self.dest.clone())
+    }
+}
+
+impl StagedDir {
+    /// Renames the temporary folder to its destination, keeping the output it replaces as
+    /// `previous` (replacing an older one there). At every moment `dest` or `previous` is a
+    /// complete output: a cut between the two renames leaves `previous` only.
+    pub fn commit_rotating(mut self, previous: &Path) -> io::Result<PathBuf> {
+        let tmp = self.tmp.take().expect("staged dir committed twice");
+        let tmp_path = tmp.keep();
+        let result = (|| {
+            if self.dest.exists() {
+                if previous.is_dir() {
+                    fs::remove_dir_all(previous)?;
+                }
+                fs::rename(&self.dest, previous)?;
+            }
+            fs::rename(&tmp_path, &self.dest)
         })();
         if result.is_err() {
             let _ = fs::remove_dir_all(&tmp_path);
