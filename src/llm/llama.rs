@@ -317,7 +317,15 @@ impl Llama {
         let table_name = "model.embed_tokens.weight";
         let table_shape = [cfg.vocab_size, h];
         let embed_tokens = match table_q {
-            Some(q) => quantized(get(src, table_name, &table_shape, DType::F32, dev)?, q)?,
+            // Quantized from the source's own dtype, widened to f32 a slice of rows at a time
+            // (an 8B model's table in f32 is 2.1 GB).
+            Some(q) => {
+                let t = src.tensor(table_name)?.ok_or_else(|| {
+                    candle_core::Error::Msg(format!("tensor {table_name} is missing"))
+                })?;
+                let own = t.dtype();
+                quantized(convert(table_name, t, &table_shape, own, dev)?, q)?
+            }
             None => FrozenWeight::plain(get(src, table_name, &table_shape, edt, dev)?)?,
         };
         // Each weight goes into its final layout as it is read: no second copy of the model.
@@ -374,10 +382,10 @@ impl Llama {
         // Read once: a streaming source gives each tensor once.
         let lm_head = match src.tensor("lm_head.weight")? {
             Some(t) if !cfg.tie_word_embeddings => match head_q {
-                Some(q) => quantized(
-                    convert("lm_head.weight", t, &table_shape, DType::F32, dev)?,
-                    q,
-                )?,
+                Some(q) => {
+                    let own = t.dtype();
+                    quantized(convert("lm_head.weight", t, &table_shape, own, dev)?, q)?
+                }
                 None => FrozenWeight::new(convert("lm_head.weight", t, &table_shape, edt, dev)?)?,
             },
             // Tied: the table itself (blocks, or a table in the activations' dtype); a bf16 table

@@ -145,6 +145,8 @@ impl Quantized {
 
     /// A CPU f32 `w [out, in]` quantized to `dt` on `dev`, rows in parallel (candle's quantizer
     /// is serial: a 7B model's projections would take minutes).
+    /// `w` may be in any float dtype: it is widened to f32 a slice of rows at a time (an 8B
+    /// model's 128K-row table is 2.1 GB in f32, which would otherwise exist beside the model).
     pub fn quantize(w: &Tensor, dt: GgmlDType, dev: &Device) -> Result<Self> {
         let (o, i) = w.dims2()?;
         if !i.is_multiple_of(dt.block_size()) {
@@ -154,9 +156,21 @@ impl Quantized {
                 dt.block_size()
             );
         }
-        let bytes = crate::kernels::slice::with(w, |v| {
-            with_block!(dt, T, { Ok(quantize_rows::<T>(v, o, i)) })
-        })??;
+        // Rows per slice: about 64 MB of f32.
+        let chunk = ((16 << 20) / i.max(1)).max(16);
+        let mut bytes = Vec::new();
+        for r0 in (0..o).step_by(chunk) {
+            let n = chunk.min(o - r0);
+            let part = w.narrow(0, r0, n)?.to_dtype(candle_core::DType::F32)?;
+            let b = crate::kernels::slice::with(&part, |v| {
+                with_block!(dt, T, { Ok(quantize_rows::<T>(v, n, i)) })
+            })??;
+            if r0 == 0 && n == o {
+                bytes = b;
+            } else {
+                bytes.extend_from_slice(&b);
+            }
+        }
         let storage = QStorage::from_data(std::borrow::Cow::Owned(bytes), dev, dt)?;
         Self::new(QTensor::new(storage, (o, i))?)
     }
