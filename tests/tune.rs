@@ -1570,21 +1570,11 @@ fn a_run_stopped_before_validating_validates_first_when_resumed() {
 
 /// Every file under `dir` (relative paths, sorted).
 fn tree(dir: &Path) -> Vec<String> {
-    fn walk(root: &Path, rel: &Path, out: &mut Vec<String>) {
-        for e in std::fs::read_dir(root.join(rel)).unwrap() {
-            let e = e.unwrap();
-            let r = rel.join(e.file_name());
-            if e.file_type().unwrap().is_dir() {
-                walk(root, &r, out);
-            } else {
-                out.push(r.to_string_lossy().into_owned());
-            }
-        }
-    }
-    let mut out = Vec::new();
-    walk(dir, Path::new(""), &mut out);
-    out.sort();
-    out
+    common::snapshot(dir)
+        .unwrap()
+        .into_iter()
+        .map(|(f, _)| f)
+        .collect()
 }
 
 /// The two run folders hold the same files with the same bytes (`tune.toml` records its own
@@ -1603,17 +1593,7 @@ fn same_run(a: &Path, b: &Path) {
             };
             assert_eq!(norm(&x, a), norm(&y, b), "{f}");
         } else if f == "train_log.jsonl" {
-            let strip = |bytes: &[u8]| -> Vec<serde_json::Value> {
-                String::from_utf8_lossy(bytes)
-                    .lines()
-                    .map(|l| {
-                        let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-                        v.as_object_mut().unwrap().remove("tokens_per_second");
-                        v
-                    })
-                    .collect()
-            };
-            assert_eq!(strip(&x), strip(&y), "{f}");
+            assert_eq!(log_lines(a), log_lines(b), "{f}");
         } else {
             assert!(
                 x == y,

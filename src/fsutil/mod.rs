@@ -48,11 +48,7 @@ impl StagedDir {
     /// killed earlier write left behind ([`recover_staged`]).
     pub fn new_locked(dest: &Path, overwrite: bool) -> io::Result<Self> {
         let (parent, _) = temp_place(dest)?;
-        let name = dest
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "out".into());
-        let l = lock::DirLock::acquire_file(parent.join(format!(".{name}.lock")))
+        let l = lock::DirLock::acquire_file(parent.join(format!(".{}.lock", out_name(dest))))
             .map_err(io::Error::other)?;
         recover_staged(dest)?;
         let mut s = Self::new(dest, overwrite)?;
@@ -69,58 +65,56 @@ impl StagedDir {
     }
 
     /// Renames the temporary folder to its destination (replacing an old one when allowed).
-    pub fn commit(mut self) -> io::Result<PathBuf> {
-        let tmp = self.tmp.take().expect("staged dir committed twice");
-        let tmp_path = tmp.keep();
-        let result = (|| {
-            if self.dest.exists() {
-                if !self.overwrite {
-                    return Err(io::Error::new(
-                        io::ErrorKind::AlreadyExists,
-                        format!("output {} appeared while writing", self.dest.display()),
-                    ));
-                }
-                // Move the old output aside first, so that at every moment `dest` is either the old
-                // complete output or the new complete output.
-                let old = old_place(&self.dest)?;
-                if old.is_dir() {
-                    fs::remove_dir_all(&old)?;
-                }
-                fs::rename(&self.dest, &old)?;
-                fs::rename(&tmp_path, &self.dest)?;
-                if old.is_dir() {
-                    fs::remove_dir_all(&old)?;
-                } else {
-                    fs::remove_file(&old)?;
-                }
-            } else {
-                fs::rename(&tmp_path, &self.dest)?;
+    pub fn commit(self) -> io::Result<PathBuf> {
+        let overwrite = self.overwrite;
+        self.rename_in(|tmp, dest| {
+            if !dest.exists() {
+                return fs::rename(tmp, dest);
             }
-            Ok(())
-        })();
-        if result.is_err() {
-            let _ = fs::remove_dir_all(&tmp_path);
-        }
-        result.map(|_| self.dest.clone())
+            if !overwrite {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!("output {} appeared while writing", dest.display()),
+                ));
+            }
+            // Move the old output aside first, so that at every moment `dest` is either the old
+            // complete output or the new complete output.
+            let old = old_place(dest)?;
+            if old.is_dir() {
+                fs::remove_dir_all(&old)?;
+            }
+            fs::rename(dest, &old)?;
+            fs::rename(tmp, dest)?;
+            if old.is_dir() {
+                fs::remove_dir_all(&old)
+            } else {
+                fs::remove_file(&old)
+            }
+        })
     }
-}
 
-impl StagedDir {
     /// Renames the temporary folder to its destination, keeping the output it replaces as
     /// `previous` (replacing an older one there). At every moment `dest` or `previous` is a
     /// complete output: a cut between the two renames leaves `previous` only.
-    pub fn commit_rotating(mut self, previous: &Path) -> io::Result<PathBuf> {
-        let tmp = self.tmp.take().expect("staged dir committed twice");
-        let tmp_path = tmp.keep();
-        let result = (|| {
-            if self.dest.exists() {
+    pub fn commit_rotating(self, previous: &Path) -> io::Result<PathBuf> {
+        self.rename_in(|tmp, dest| {
+            if dest.exists() {
                 if previous.is_dir() {
                     fs::remove_dir_all(previous)?;
                 }
-                fs::rename(&self.dest, previous)?;
+                fs::rename(dest, previous)?;
             }
-            fs::rename(&tmp_path, &self.dest)
-        })();
+            fs::rename(tmp, dest)
+        })
+    }
+
+    /// Keeps the temporary folder and runs `swap(tmp, dest)`; on failure the folder is removed.
+    fn rename_in(
+        mut self,
+        swap: impl FnOnce(&Path, &Path) -> io::Result<()>,
+    ) -> io::Result<PathBuf> {
+        let tmp_path = self.tmp.take().expect("staged dir committed twice").keep();
+        let result = swap(&tmp_path, &self.dest);
         if result.is_err() {
             let _ = fs::remove_dir_all(&tmp_path);
         }
@@ -135,11 +129,14 @@ fn temp_place(dest: &Path) -> io::Result<(PathBuf, String)> {
         _ => PathBuf::from("."),
     };
     fs::create_dir_all(&parent)?;
-    let name = dest
-        .file_name()
+    Ok((parent, format!(".{}.tmp-", out_name(dest))))
+}
+
+/// `dest`'s last component (the name its temporaries and lock are named after).
+fn out_name(dest: &Path) -> String {
+    dest.file_name()
         .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "out".into());
-    Ok((parent, format!(".{name}.tmp-")))
+        .unwrap_or_else(|| "out".into())
 }
 
 /// Where [`StagedDir::commit`] moves the previous output while it renames the new one in.

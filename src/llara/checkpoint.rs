@@ -151,10 +151,7 @@ pub fn save<E: From<std::io::Error>>(
     run: &RunDir,
     fill: impl FnOnce(&Path) -> Result<(), E>,
 ) -> Result<(), E> {
-    let staged = StagedDir::new(&run.checkpoint(), true)?;
-    fill(staged.path())?;
-    checksums::write(staged.path()).map_err(|d| std::io::Error::other(d.to_string()))?;
-    staged.commit_rotating(&run.previous())?;
+    staged(&run.checkpoint(), fill)?.commit_rotating(&run.previous())?;
     Ok(())
 }
 
@@ -163,11 +160,19 @@ pub fn save_dir<E: From<std::io::Error>>(
     dest: &Path,
     fill: impl FnOnce(&Path) -> Result<(), E>,
 ) -> Result<(), E> {
+    staged(dest, fill)?.commit()?;
+    Ok(())
+}
+
+/// A staged folder for `dest` that `fill` has written, its checksums last.
+fn staged<E: From<std::io::Error>>(
+    dest: &Path,
+    fill: impl FnOnce(&Path) -> Result<(), E>,
+) -> Result<StagedDir, E> {
     let staged = StagedDir::new(dest, true)?;
     fill(staged.path())?;
     checksums::write(staged.path()).map_err(|d| std::io::Error::other(d.to_string()))?;
-    staged.commit()?;
-    Ok(())
+    Ok(staged)
 }
 
 /// Cleans up after writes that a crash or a kill cut short (see [`fsutil::recover_staged`]).
