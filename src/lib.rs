@@ -9,6 +9,7 @@
 //! - [`llm`]: the LLM engine (Llama-family backbones, tokenizer, LoRA in PEFT's layout, generation).
 //! - [`llara`]: LLaRA itself (prompts, projector, scoring head, curriculum tuning, evaluation).
 //! - [`device`]: `--device`; the `llara` command line is the binary's (`src/main.rs`, `src/cli/`).
+//! - [`comm`]: communicators of data-parallel runs (one process, MPI).
 //! - [`fsutil`]: atomic output (temporary folder renamed at the end); [`interrupt`]: graceful
 //!   stop on SIGINT/SIGTERM.
 
@@ -36,6 +37,7 @@ macro_rules! message_error {
 }
 pub(crate) use message_error;
 
+pub mod comm;
 pub mod data;
 pub mod device;
 pub mod eval;

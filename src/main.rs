@@ -16,6 +16,14 @@ fn main() {
         // SAFETY: sets a process-wide allocator option; mimalloc allows it at any time.
         unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     }
+    // Under mpirun/srun: this process's rank of the run (one process: a no-op communicator).
+    let comm = match llara::comm::from_env() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+    };
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let cli = match cli::parse(args) {
         Ok(c) => c,
@@ -28,7 +36,12 @@ fn main() {
             }
         },
     };
-    let default = if cli.quiet { "warn" } else { "info" };
+    // Rank 0 speaks for a data-parallel run; the others only warn.
+    let default = if cli.quiet || comm.rank() > 0 {
+        "warn"
+    } else {
+        "info"
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_env("LLARA_LOG").unwrap_or_else(|_| EnvFilter::new(default)),
@@ -37,13 +50,31 @@ fn main() {
         .with_target(false)
         .without_time()
         .init();
-    if let Err(e) = cli::run(cli) {
-        if let Some(i) = e.downcast_ref::<llara::interrupt::Interrupted>() {
-            // Stopped by a signal after saving what it could: the shell's 128 + signal status.
-            eprintln!("{i}");
-            std::process::exit(i.signal.exit_code());
-        }
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
-    }
+    let (rank, size) = (comm.rank(), comm.size());
+    let result = cli::run(cli, &*comm);
+    let code = match result {
+        Ok(()) => 0,
+        Err(e) => match e.downcast_ref::<llara::interrupt::Interrupted>() {
+            // Stopped by a signal after saving what it could (every rank at the same step):
+            // the shell's 128 + signal status.
+            Some(i) => {
+                if rank == 0 {
+                    eprintln!("{i}");
+                }
+                i.signal.exit_code()
+            }
+            None if size > 1 => {
+                // The other ranks may be waiting in a collective: end them all.
+                eprintln!("error: rank {rank} of {size}: {e:#}");
+                comm.abort(1)
+            }
+            None => {
+                eprintln!("error: {e:#}");
+                1
+            }
+        },
+    };
+    // Finalizes MPI (when the run spans several processes) before the status is returned.
+    drop(comm);
+    std::process::exit(code);
 }

@@ -323,6 +323,7 @@ fn a_tiny_run_overfits_a_handful_of_examples() {
         ds: &ds,
         rec: &rec,
         llm_name: "builtin:tiny",
+        comm: &llara::comm::single::Single,
     };
     let state = tune::tune(setup, Start::fresh(projector, None), &opts, &run, &mut ()).unwrap();
     assert!(state.finished);
@@ -366,6 +367,7 @@ fn a_tiny_run_overfits_a_handful_of_examples() {
         batch_size: 4,
         max_new_tokens: 40,
         constrained: false,
+        shard: Default::default(),
     };
     let (preds, m) = llara::llara::evaluate::evaluate_split(
         &fresh.model,
@@ -916,6 +918,7 @@ fn candidate_scoring_with_a_shared_prompt_cache_equals_full_recomputation() {
             batch_size,
             max_new_tokens: 8,
             constrained: false,
+            shard: Default::default(),
         };
         let so = |mode, chunk, shared_prompt| ScoreOptions {
             mode,
@@ -1507,7 +1510,7 @@ fn a_run_stopped_before_validating_validates_first_when_resumed() {
         valid_samples: Some(2),
         ..tiny_opts(Curriculum::Linear)
     };
-    let (per_epoch, total) = tune::schedule(tune::training_rows(&ds, &opts).len(), &opts);
+    let (per_epoch, total) = tune::schedule(tune::training_rows(&ds, &opts).len(), &opts, 1);
     assert!(total > per_epoch, "two epochs");
     let run_to = |dir: &Path, resume: bool, hooks: &mut dyn tune::Hooks| {
         let mut l = llm::load("builtin:tiny", &LlmOptions::cpu()).unwrap();
@@ -1536,6 +1539,7 @@ fn a_run_stopped_before_validating_validates_first_when_resumed() {
             ds: &ds,
             rec: &rec,
             llm_name: "builtin:tiny",
+            comm: &llara::comm::single::Single,
         };
         tune::tune(setup, start, &opts, &run, hooks).unwrap()
     };

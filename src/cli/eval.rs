@@ -6,7 +6,8 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use llara::eval::metrics::{RankAccumulator, RankMetrics};
 use llara::llara::evaluate::{
-    score_candidates, score_with_head, EvalOptions, GenMetrics, ScoreMode, ScoreOptions,
+    gather_in_row_order, score_candidates, score_with_head, EvalOptions, GenMetrics, ScoreMode,
+    ScoreOptions,
 };
 use llara::llara::head::Head;
 use llara::llara::projector::Projector;
@@ -77,7 +78,7 @@ pub struct EvalArgs {
     pub dev: super::DeviceArgs,
 }
 
-pub fn run_eval(a: EvalArgs, quiet: bool) -> Result<()> {
+pub fn run_eval(a: EvalArgs, quiet: bool, comm: &dyn llara::comm::Communicator) -> Result<()> {
     if a.batch_size == 0 {
         bail!("--batch-size 0: expected at least 1 row per batch");
     }
@@ -110,6 +111,7 @@ pub fn run_eval(a: EvalArgs, quiet: bool) -> Result<()> {
         batch_size: a.batch_size,
         max_new_tokens: a.max_new_tokens,
         constrained: a.constrained,
+        shard: llara::llara::evaluate::Shard::of(comm),
     };
     let bar = ProgressBar::new(rows.len() as u64).with_style(
         ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} rows  ETA {eta}")
@@ -117,7 +119,10 @@ pub fn run_eval(a: EvalArgs, quiet: bool) -> Result<()> {
             .progress_chars("=> "),
     );
     bar.set_prefix(a.split.clone());
-    if quiet || a.json {
+    // Under mpirun each rank computes its shard of the rows' batches; rank 0 gathers them in row
+    // order, reports and writes.
+    let writer = comm.rank() == 0;
+    if quiet || a.json || !writer {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
     let behaviour = or.behaviour();
@@ -147,6 +152,10 @@ pub fn run_eval(a: EvalArgs, quiet: bool) -> Result<()> {
             })?,
         };
         bar.finish_and_clear();
+        let scored = gather_in_row_order(comm, &rows, scored, |r| r.row)?;
+        if !writer {
+            return Ok(());
+        }
         let mut acc = RankAccumulator::default();
         for r in &scored {
             acc.push(r.rank);
@@ -188,15 +197,16 @@ pub fn run_eval(a: EvalArgs, quiet: bool) -> Result<()> {
             a.metric
         );
     }
-    let (preds, m) = llara::llara::evaluate::evaluate_split(
-        &parts.llm.model,
-        &kit,
-        behaviour,
-        &rows,
-        &eopts,
-        |n| bar.inc(n as u64),
-    )?;
+    let preds =
+        llara::llara::evaluate::evaluate(&parts.llm.model, &kit, behaviour, &rows, &eopts, |n| {
+            bar.inc(n as u64)
+        })?;
     bar.finish_and_clear();
+    let preds = gather_in_row_order(comm, &rows, preds, |p| p.row)?;
+    if !writer {
+        return Ok(());
+    }
+    let m = GenMetrics::of(&preds);
     let out = a.out.clone().unwrap_or(a.run.join(if a.constrained {
         format!("eval-{}-constrained", a.split)
     } else {

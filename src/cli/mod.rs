@@ -91,7 +91,7 @@ impl DeviceArgs {
     /// Sizes the CPU thread pools (`--threads`, else `default`) before the first tensor op and
     /// returns the device.
     pub fn start(&self, default_threads: usize) -> Result<candle_core::Device> {
-        set_threads(self.threads.unwrap_or(default_threads))?;
+        set_threads(self.threads.unwrap_or(per_rank(default_threads)))?;
         llara::kernels::set_fused(self.fused != "off");
         Ok(llara::device::parse(&self.device)?)
     }
@@ -128,6 +128,12 @@ fn parse_dtype(s: &str) -> Result<Precision> {
 }
 
 /// Sets the size of candle's CPU thread pools; must run before the first tensor op.
+/// A thread count meant for the machine, shared by the ranks a launcher started on this node.
+pub fn per_rank(threads: usize) -> usize {
+    let local = llara::comm::Launch::from_env().map_or(1, |l| l.local_size);
+    (threads / local).max(1)
+}
+
 fn set_threads(n: usize) -> Result<()> {
     if n == 0 {
         anyhow::bail!("--threads must be at least 1");
@@ -192,16 +198,30 @@ pub fn parse(args: Vec<OsString>) -> Result<Cli> {
     Ok(Cli::from_arg_matches(&matches)?)
 }
 
-pub fn run(cli: Cli) -> Result<()> {
+/// Runs the command in this process, one of `comm`'s ranks. Only `tune`, `eval` and `recommend`
+/// are data parallel; the others refuse to run under a launcher that started several processes
+/// (N copies would write over each other).
+pub fn run(cli: Cli, comm: &dyn llara::comm::Communicator) -> Result<()> {
+    let parallel = matches!(
+        cli.command,
+        Command::Tune(_) | Command::Eval(_) | Command::Recommend(_)
+    );
+    if comm.size() > 1 && !parallel {
+        anyhow::bail!(
+            "this command runs in one process, and the launcher started {} (only tune, eval and \
+             recommend run data parallel under mpirun/srun)",
+            comm.size()
+        );
+    }
     match cli.command {
         Command::Quickstart(a) => quickstart::run(a),
         Command::Data(cmd) => data::run(cmd),
         Command::TrainSr(a) => sr::train_sr(*a),
         Command::EvalSr(a) => sr::eval_sr(a),
         Command::Llm(cmd) => llm::run(cmd),
-        Command::Tune(a) => tune::run_tune(*a, cli.quiet),
-        Command::Eval(a) => eval::run_eval(a, cli.quiet),
-        Command::Recommend(a) => recommend::run(a),
+        Command::Tune(a) => tune::run_tune(*a, cli.quiet, comm),
+        Command::Eval(a) => eval::run_eval(a, cli.quiet, comm),
+        Command::Recommend(a) => recommend::run(a, comm),
         Command::Report(a) => report::run(a),
     }
 }

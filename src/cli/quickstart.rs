@@ -28,7 +28,7 @@ pub struct QuickstartArgs {
 fn step(args: &[OsString]) -> Result<()> {
     let mut argv: Vec<OsString> = vec!["llara".into()];
     argv.extend_from_slice(args);
-    super::run(super::parse(argv)?)
+    super::run(super::parse(argv)?, &llara::comm::single::Single)
 }
 
 pub fn run(a: QuickstartArgs) -> Result<()> {

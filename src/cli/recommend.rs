@@ -86,7 +86,7 @@ fn value_str(v: &serde_json::Value) -> String {
     }
 }
 
-pub fn run(a: RecommendArgs) -> Result<()> {
+pub fn run(a: RecommendArgs, comm: &dyn llara::comm::Communicator) -> Result<()> {
     let device = a.dev.start(2)?;
     // One query at a time, its candidates scored after the prompt.
     let workload = (1, super::eval::inference_tokens(super::eval::SCORED_TOKENS));
@@ -100,7 +100,10 @@ pub fn run(a: RecommendArgs) -> Result<()> {
     )?;
     let (parts, view) = (&or.parts, or.view);
     let titles = &parts.ds.titles;
-    let queries: Vec<(Vec<String>, Vec<String>, String)> = if a.history.is_empty() {
+    // Under mpirun only rank 0 has stdin: it reads the queries and every rank gets them.
+    let queries: Vec<(Vec<String>, Vec<String>, String)> = if comm.rank() > 0 {
+        vec![]
+    } else if a.history.is_empty() {
         let stdin = std::io::stdin();
         let mut out = vec![];
         for (n, line) in stdin.lock().lines().enumerate() {
@@ -138,6 +141,7 @@ pub fn run(a: RecommendArgs) -> Result<()> {
         };
         vec![(split(&a.history), split(&a.candidate), "--history".into())]
     };
+    let queries = llara::comm::broadcast_json(comm, queries)?;
     let kit = or.kit();
     let behaviour = or.behaviour();
     let opts = EvalOptions {
@@ -146,9 +150,17 @@ pub fn run(a: RecommendArgs) -> Result<()> {
         batch_size: 1,
         max_new_tokens: 0,
         constrained: false,
+        shard: Default::default(),
     };
     let mode = ScoreMode::parse(&a.score)?;
+    // Each rank answers its share of the queries (each on its own, so as one process would);
+    // rank 0 prints every answer in the queries' order.
+    let mine = llara::comm::shard(queries.len(), comm.rank(), comm.size());
+    let mut answers: Vec<String> = vec![];
     for (qi, (hist, cands, origin)) in queries.iter().enumerate() {
+        if !mine.contains(&qi) {
+            continue;
+        }
         let history: Vec<u32> = hist
             .iter()
             .map(|h| resolve(h, titles, &format!("{origin}: history item")))
@@ -212,21 +224,38 @@ pub fn run(a: RecommendArgs) -> Result<()> {
             .zip(scored[0].scores.iter().copied())
             .collect();
         ranked.sort_by(|x, y| y.1.partial_cmp(&x.1).unwrap_or(std::cmp::Ordering::Equal));
+        let mut text = String::new();
         if a.json {
             let v = serde_json::json!({
                 "history": history.iter().map(|&i| serde_json::json!({"id": i, "title": titles[i as usize]})).collect::<Vec<_>>(),
                 "ranking": ranked.iter().map(|&(i, s)| serde_json::json!({"id": i, "title": titles[i as usize], "score": s})).collect::<Vec<_>>(),
             });
-            println!("{}", serde_json::to_string(&v)?);
+            text.push_str(&serde_json::to_string(&v)?);
+            text.push('\n');
         } else {
             if queries.len() > 1 {
-                println!("# {origin}");
+                text.push_str(&format!("# {origin}\n"));
             }
-            println!("rank  score      id     title");
+            text.push_str("rank  score      id     title\n");
             for (r, (i, s)) in ranked.iter().enumerate() {
-                println!("{:<5} {:<10.4} {:<6} {}", r + 1, s, i, titles[*i as usize]);
+                text.push_str(&format!(
+                    "{:<5} {:<10.4} {:<6} {}\n",
+                    r + 1,
+                    s,
+                    i,
+                    titles[*i as usize]
+                ));
             }
         }
+        if comm.size() == 1 {
+            // One process prints as it goes.
+            print!("{text}");
+        } else {
+            answers.push(text);
+        }
+    }
+    for text in llara::comm::gather_rows(comm, answers)? {
+        print!("{text}");
     }
     Ok(())
 }

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 
 use super::progress::Bars;
 use super::rundir::{sha256_file, RunInfo};
+use llara::comm::Communicator;
 
 /// The options a tune run was made with (`RUN/tune.toml`): `None` when the run has no such file.
 pub(super) fn tune_config(run: &Path) -> Result<Option<TuneArgs>> {
@@ -171,6 +172,10 @@ pub struct TuneArgs {
     #[arg(long, value_name = "FILE")]
     #[serde(skip)]
     pub dump_batches: Option<PathBuf>,
+    /// The processes the run spans (recorded in tune.toml from the launcher, `mpirun -np N`; a
+    /// resume on another count keeps the global batch by changing --grad-accum).
+    #[arg(long, hide = true, value_name = "N")]
+    pub ranks: Option<usize>,
     /// Continue the run in this folder from its last checkpoint (its tune.toml gives every option).
     #[arg(long, value_name = "RUN", conflicts_with_all = ["data", "sr", "llm", "out"])]
     #[serde(skip)]
@@ -290,7 +295,7 @@ pub(super) fn load_parts(
     })
 }
 
-pub fn run_tune(a: TuneArgs, quiet: bool) -> Result<()> {
+pub fn run_tune(a: TuneArgs, quiet: bool, comm: &dyn Communicator) -> Result<()> {
     if let Some(run) = &a.resume {
         let cfg = run.join("tune.toml");
         if !cfg.is_file() {
@@ -323,23 +328,61 @@ pub fn run_tune(a: TuneArgs, quiet: bool) -> Result<()> {
         let super::Command::Tune(args) = cli.command else {
             unreachable!("parsed a tune command")
         };
-        return tune_in(*args, true, quiet);
+        return tune_in(*args, true, quiet, comm);
     }
-    tune_in(a, false, quiet)
+    tune_in(a, false, quiet, comm)
 }
 
-fn tune_in(mut a: TuneArgs, resume: bool, quiet: bool) -> Result<()> {
+/// Fits the recorded run to the processes this launch has: a fresh run records their number; a
+/// resumed one on another number keeps the global batch (batch × grad-accum × ranks) by changing
+/// the gradient accumulation, so that every step trains on the same examples.
+fn fit_ranks(a: &mut TuneArgs, resume: bool, size: usize) -> Result<()> {
+    match (resume, a.ranks) {
+        (false, Some(n)) if n != size => bail!(
+            "--ranks {n}: the run would span {size} processes (the launcher decides: `mpirun -np {n}`)"
+        ),
+        (true, Some(n)) if n != size => {
+            let global = a.batch_size * a.grad_accum * n;
+            let per = a.batch_size * size;
+            if per == 0 || global % per != 0 {
+                bail!(
+                    "--resume: the run's global batch is {global} examples ({} × grad-accum {} × {n} ranks); \
+                     {size} ranks of batch {} cannot make it (launch a number of ranks that divides {})",
+                    a.batch_size,
+                    a.grad_accum,
+                    a.batch_size,
+                    global / a.batch_size.max(1)
+                );
+            }
+            tracing::warn!(
+                "the run was started on {n} processes and continues on {size}: --grad-accum {} -> {} keeps the global batch of {global}; the results differ from an unbroken run by the order of float sums",
+                a.grad_accum,
+                global / per
+            );
+            a.grad_accum = global / per;
+        }
+        _ => {}
+    }
+    a.ranks = Some(size);
+    Ok(())
+}
+
+fn tune_in(mut a: TuneArgs, resume: bool, quiet: bool, comm: &dyn Communicator) -> Result<()> {
     let device = a.dev.start(2)?;
     // Recorded in tune.toml: a resumed run computes on as many threads (the GEMMs' blocks follow
     // the count, and with them the bits).
-    a.dev.threads = Some(a.dev.threads.unwrap_or(2));
+    a.dev.threads = Some(a.dev.threads.unwrap_or(super::per_rank(2)));
+    // Only rank 0 writes the run folder and draws progress.
+    let (writer, size) = (comm.rank() == 0, comm.size());
+    fit_ranks(&mut a, resume, size)?;
+    let quiet = quiet || !writer;
     let opts = options(&a)?;
     let (data, sr, spec, out) = match (&a.data, &a.sr, &a.llm, &a.out) {
         (Some(d), Some(s), Some(l), Some(o)) => (d.clone(), s.clone(), l.clone(), o.clone()),
         _ => bail!("--data, --sr, --llm and --out are required (or --resume RUN)"),
     };
     let run = RunDir { dir: out.clone() };
-    if !resume && out.exists() && !a.force {
+    if writer && !resume && out.exists() && !a.force {
         bail!(
             "--out {}: already exists (pass --force to replace it, or --resume {} to continue it)",
             out.display(),
@@ -348,7 +391,11 @@ fn tune_in(mut a: TuneArgs, resume: bool, quiet: bool) -> Result<()> {
     }
     // A resumed run holds the folder's lock before reading its checkpoint; a fresh one takes it
     // once the model has loaded (a refused or failed load leaves no folder behind).
-    let mut lock = if resume { Some(lock_run(&out)?) } else { None };
+    let mut lock = if resume && writer {
+        Some(lock_run(&out)?)
+    } else {
+        None
+    };
     let mut parts = load_parts(
         &data,
         &sr,
@@ -370,7 +417,7 @@ fn tune_in(mut a: TuneArgs, resume: bool, quiet: bool) -> Result<()> {
         },
         a.prompts.as_deref(),
     )?;
-    if lock.is_none() {
+    if lock.is_none() && writer {
         let l = lock_run(&out)?;
         // What is there besides the lock: another run's files (replaced only with --force).
         let entries: Vec<PathBuf> = std::fs::read_dir(&out)
@@ -430,8 +477,22 @@ fn tune_in(mut a: TuneArgs, resume: bool, quiet: bool) -> Result<()> {
                 out.display()
             );
         }
-        let found =
-            tune::resume_point(&run).with_context(|| format!("--resume {}", out.display()))?;
+        // Rank 0 (holding the lock) picks the checkpoint, setting a damaged one aside; the
+        // others read what it picked.
+        let found = if writer {
+            tune::resume_point(&run).with_context(|| format!("--resume {}", out.display()))?
+        } else {
+            comm.barrier()?;
+            tune::resume_point(&run).with_context(|| format!("--resume {}", out.display()))?
+        };
+        if writer && size > 1 {
+            comm.barrier()?;
+        }
+        llara::comm::agree(
+            comm,
+            "checkpoint (is the run folder on a file system every node shares?)",
+            &format!("{} at step {}", found.dir.display(), found.state.step),
+        )?;
         if let Some(why) = &found.passed_over {
             tracing::warn!(
                 "{why}; resuming from the previous checkpoint, {} (the damaged one is kept in {})",
@@ -440,6 +501,9 @@ fn tune_in(mut a: TuneArgs, resume: bool, quiet: bool) -> Result<()> {
             );
         }
         if found.state.finished {
+            if !writer {
+                return Ok(());
+            }
             println!(
                 "{} is finished ({} steps); nothing to do",
                 out.display(),
@@ -456,13 +520,15 @@ fn tune_in(mut a: TuneArgs, resume: bool, quiet: bool) -> Result<()> {
         );
         Start::resume(&mut parts.llm.model, found, d_sr, opts.head)?
     } else {
-        let toml = toml::to_string(&a).context("serializing the run's options")?;
-        llara::fsutil::write_file_atomic(&out.join("tune.toml"), |p| {
-            std::fs::write(p, format!("# The exact options of this run: `llara tune --config tune.toml` reruns it, `llara tune --resume RUN` continues it.\n{toml}"))
-        })?;
-        llara::fsutil::write_file_atomic(&out.join("run.json"), |p| {
-            std::fs::write(p, serde_json::to_string_pretty(&info)? + "\n")
-        })?;
+        if writer {
+            let toml = toml::to_string(&a).context("serializing the run's options")?;
+            llara::fsutil::write_file_atomic(&out.join("tune.toml"), |p| {
+                std::fs::write(p, format!("# The exact options of this run: `llara tune --config tune.toml` reruns it, `llara tune --resume RUN` continues it.\n{toml}"))
+            })?;
+            llara::fsutil::write_file_atomic(&out.join("run.json"), |p| {
+                std::fs::write(p, serde_json::to_string_pretty(&info)? + "\n")
+            })?;
+        }
         llm::lora::add_adapters(&mut parts.llm.model, &opts.lora, opts.seed)?;
         let mut p = Projector::new(
             d_sr,
@@ -494,9 +560,29 @@ fn tune_in(mut a: TuneArgs, resume: bool, quiet: bool) -> Result<()> {
         opts.curriculum.name(),
         opts.seed
     );
+    if size > 1 {
+        // Every rank must run the same program on the same inputs from the same step.
+        let exe = std::env::current_exe().context("locating this program")?;
+        let fingerprint = format!(
+            "{}|{}|{}|{}|{}",
+            sha256_file(&exe)?,
+            toml::to_string(&a).context("serializing the run's options")?,
+            sr_hash,
+            info.data_content_hash,
+            start.state.step
+        );
+        llara::comm::agree(comm, "binary, options, inputs or start step", &fingerprint)?;
+        tracing::info!(
+            "data parallel over {size} processes ({}): global batch {} = {} × grad-accum {} × {size}",
+            comm.engine(),
+            a.batch_size * a.grad_accum * size,
+            a.batch_size,
+            a.grad_accum
+        );
+    }
     let mut hooks = Bars::new(
         quiet,
-        a.dump_batches.as_deref(),
+        a.dump_batches.as_deref().filter(|_| writer),
         (start.state.step > 0).then_some(start.state.step),
     )?;
     let llm_name = parts.llm.name();
@@ -507,6 +593,7 @@ fn tune_in(mut a: TuneArgs, resume: bool, quiet: bool) -> Result<()> {
         ds: &parts.ds,
         rec: &parts.rec,
         llm_name: &llm_name,
+        comm,
     };
     let started = std::time::Instant::now();
     // From here on Ctrl-C / SIGTERM stop the run at the next step boundary, with a checkpoint.
@@ -514,6 +601,17 @@ fn tune_in(mut a: TuneArgs, resume: bool, quiet: bool) -> Result<()> {
     let state = tune::tune(setup, start, &opts, &run, &mut hooks)?;
     drop(lock);
     hooks.finish()?;
+    if !writer {
+        // Rank 0 reports; a rank the signal reached returns its status.
+        return match (state.finished, llara::interrupt::requested()) {
+            (false, Some(signal)) => Err(llara::interrupt::Interrupted {
+                signal,
+                message: format!("rank {} stopped at step {}", comm.rank(), state.step),
+            }
+            .into()),
+            _ => Ok(()),
+        };
+    }
     let frac = if state.step > 0 {
         state.hybrid_steps as f64 / state.step as f64
     } else {

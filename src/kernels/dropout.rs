@@ -1,5 +1,10 @@
 //! Seeded inverted dropout: masks drawn from ChaCha streams derived from the run's seed, so that
 //! training is reproducible (the same seed and size give the same mask on any thread count).
+//!
+//! A dropout given row keys ([`Dropout::with_rows`]: a batch's examples' indices in their
+//! optimizer step) draws each row's flags from that row's own stream, element by element from its
+//! start: a row's mask is then the same whichever rows share its batch, however far the batch is
+//! padded and on whichever process of a data-parallel run it is computed.
 
 use candle_core::{Result, Tensor};
 use rand::Rng;
@@ -10,11 +15,20 @@ use rand_chacha::ChaCha8Rng;
 pub struct Dropout {
     pub p: f64,
     rng: ChaCha8Rng,
+    /// The key of each row of the batch (its first dimension): see [`Dropout::with_rows`].
+    rows: Option<std::sync::Arc<[u64]>>,
 }
 
 impl Dropout {
     pub fn new(p: f64, rng: ChaCha8Rng) -> Self {
-        Self { p, rng }
+        Self { p, rng, rows: None }
+    }
+
+    /// Keys the masks by row: row `i` of every masked tensor (whose first dimension is the batch)
+    /// draws from stream `keys[i]` of the call's generator, from the row's first element on.
+    pub fn with_rows(mut self, keys: Vec<u64>) -> Self {
+        self.rows = Some(keys.into());
+        self
     }
 
     /// `n` multipliers: `1 / (1 - p)` with probability `1 - p`, else 0.
@@ -64,10 +78,54 @@ impl Dropout {
         keep
     }
 
-    /// A dropout with the same rate and its own stream, seeded by one draw from this one.
+    /// Keep flags for a tensor of shape `dims`: with row keys, each row's from its own stream
+    /// (one draw of this stream seeds the call's generator; row `i` is stream `keys[i]` of it,
+    /// word `j` its element `j`, filled in parallel blocks); without, [`Dropout::keep_flags_parallel`].
+    pub fn keep_flags_for(&mut self, dims: &[usize]) -> Result<Vec<u8>> {
+        use rand::SeedableRng;
+        use rayon::prelude::*;
+        const BLOCK: usize = 1 << 15;
+        let n: usize = dims.iter().product();
+        let Some(keys) = self.rows.clone() else {
+            return Ok(self.keep_flags_parallel(n));
+        };
+        let b = dims.first().copied().unwrap_or(1);
+        if b != keys.len() {
+            candle_core::bail!(
+                "dropout keyed by {} rows applied to a batch of {b} rows ({dims:?})",
+                keys.len()
+            );
+        }
+        let seed = self.rng.random::<u64>();
+        let threshold = self.threshold();
+        let mut keep = vec![0u8; n];
+        if n == 0 {
+            return Ok(keep);
+        }
+        let per_row = n / b;
+        keep.par_chunks_mut(per_row)
+            .zip(keys.par_iter())
+            .for_each(|(row, &key)| {
+                row.par_chunks_mut(BLOCK).enumerate().for_each(|(j, blk)| {
+                    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+                    rng.set_stream(key);
+                    rng.set_word_pos((j * BLOCK) as u128);
+                    blk.iter_mut()
+                        .for_each(|k| *k = u8::from(rng.random::<u32>() < threshold));
+                });
+            });
+        Ok(keep)
+    }
+
+    /// A dropout with the same rate (and row keys) and its own stream, seeded by one draw from
+    /// this one.
     pub fn fork(&mut self) -> Dropout {
         use rand::SeedableRng;
-        Dropout::new(self.p, ChaCha8Rng::seed_from_u64(self.rng.random::<u64>()))
+        Dropout {
+            p: self.p,
+            rng: ChaCha8Rng::seed_from_u64(self.rng.random::<u64>()),
+            rows: self.rows.clone(),
+        }
     }
 
     /// The multiplier of kept elements, `1 / (1 - p)`.
@@ -92,13 +150,14 @@ impl Dropout {
     }
 
     /// The multipliers (`1 / (1 - p)` or 0) for a tensor shaped like `x`, made on `x`'s device in
-    /// `x`'s dtype. On the CPU they are the draws of [`Dropout::keep_flags_parallel`] (the fused
+    /// `x`'s dtype. On the CPU they are the draws of [`Dropout::keep_flags_for`] (the fused
     /// kernel's mask, bit for bit); on other devices the device's own generator draws them,
-    /// seeded from this stream, so no mask crosses the bus.
+    /// seeded from this stream, so no mask crosses the bus (and row keys are not followed: such
+    /// masks depend on the batch's shape).
     pub fn mask_like(&mut self, x: &Tensor) -> Result<Tensor> {
         let dev = x.device();
         if dev.is_cpu() {
-            let keep = self.keep_flags_parallel(x.elem_count());
+            let keep = self.keep_flags_for(x.dims())?;
             return self.mask_of(&keep, x);
         }
         dev.set_seed(self.rng.random::<u64>())?;
@@ -157,6 +216,32 @@ mod tests {
             .build()
             .unwrap();
         pool.install(|| Dropout::new(0.1, ChaCha8Rng::seed_from_u64(seed)).keep_flags_parallel(n))
+    }
+
+    #[test]
+    fn keyed_rows_keep_their_mask_whatever_shares_or_pads_the_batch() {
+        let d = |keys: Vec<u64>| Dropout::new(0.3, ChaCha8Rng::seed_from_u64(5)).with_rows(keys);
+        let (t, h) = (5, 9000); // rows of several blocks and a partial one
+        let both = d(vec![3, 8]).keep_flags_for(&[2, t, h]).unwrap();
+        let alone = d(vec![8]).keep_flags_for(&[1, t, h]).unwrap();
+        assert_eq!(both[t * h..], alone[..]);
+        // Padded to more positions: the first t positions are the same flags.
+        let padded = d(vec![8, 3]).keep_flags_for(&[2, t + 2, h]).unwrap();
+        assert_eq!(padded[..t * h], alone[..]);
+        assert_eq!(padded[(t + 2) * h..(t + 2) * h + t * h], both[..t * h]);
+        // The same on another thread count; another key draws other flags.
+        assert_eq!(
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(3)
+                .build()
+                .unwrap()
+                .install(|| d(vec![8]).keep_flags_for(&[1, t, h]).unwrap()),
+            alone
+        );
+        assert_ne!(d(vec![9]).keep_flags_for(&[1, t, h]).unwrap(), alone);
+        let kept = alone.iter().filter(|&&k| k == 1).count() as f64 / alone.len() as f64;
+        assert!((kept - 0.7).abs() < 0.02, "kept fraction {kept}");
+        assert!(d(vec![1, 2]).keep_flags_for(&[3, t, h]).is_err());
     }
 
     #[test]

@@ -51,7 +51,7 @@ pub fn judge_letter(output: &str, candidates: &[u32], target: u32) -> Verdict {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Prediction {
     pub row: usize,
     pub prompt: String,
@@ -114,6 +114,59 @@ pub struct EvalOptions {
     pub max_new_tokens: usize,
     /// Generation may only produce one of the row's candidate answers (a token trie).
     pub constrained: bool,
+    /// The part of the rows this process computes (data-parallel evaluation).
+    pub shard: Shard,
+}
+
+/// Which batches of an evaluation's plan this process computes: the rows are sorted and batched
+/// as one process does it, and rank `rank` of `size` takes a contiguous share of those batches
+/// ([`crate::comm::shard`]), so every row is computed exactly as one process computes it. The
+/// functions return only this shard's rows (in the rows' order); [`gather_in_row_order`] puts the
+/// shards back together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub rank: usize,
+    pub size: usize,
+}
+
+impl Default for Shard {
+    /// One process: every row.
+    fn default() -> Self {
+        Shard { rank: 0, size: 1 }
+    }
+}
+
+impl Shard {
+    /// This process's shard of a run spanning `comm`.
+    pub fn of(comm: &dyn crate::comm::Communicator) -> Self {
+        Shard {
+            rank: comm.rank(),
+            size: comm.size(),
+        }
+    }
+
+    /// Whether batch `b` of `n_batches` is this shard's.
+    fn owns(&self, b: usize, n_batches: usize) -> bool {
+        crate::comm::shard(n_batches, self.rank, self.size).contains(&b)
+    }
+}
+
+/// Every rank's shard of the results for `rows`, in the rows' order, on rank 0 (the others get an
+/// empty list). `row_of` names the row a result is for.
+pub fn gather_in_row_order<T: Serialize + serde::de::DeserializeOwned>(
+    comm: &dyn crate::comm::Communicator,
+    rows: &[(usize, Example)],
+    local: Vec<T>,
+    row_of: impl Fn(&T) -> usize,
+) -> std::result::Result<Vec<T>, crate::comm::CommError> {
+    if comm.size() == 1 {
+        return Ok(local);
+    }
+    let mut all = crate::comm::gather_rows(comm, local)?;
+    let pos: std::collections::HashMap<usize, usize> =
+        rows.iter().enumerate().map(|(i, (r, _))| (*r, i)).collect();
+    all.sort_by_key(|t| pos.get(&row_of(t)).copied().unwrap_or(usize::MAX));
+    Ok(all)
 }
 
 /// Generates an answer for every `(row index, example)` and judges it. Deterministic: greedy,
@@ -149,7 +202,11 @@ pub fn evaluate(
     let mut order: Vec<usize> = (0..rows.len()).collect();
     order.sort_by_key(|&i| toks[i].answer_start);
     let mut answers: Vec<Option<String>> = vec![None; rows.len()];
-    for chunk in order.chunks(opts.batch_size.max(1)) {
+    let n_batches = order.len().div_ceil(opts.batch_size.max(1));
+    for (b, chunk) in order.chunks(opts.batch_size.max(1)).enumerate() {
+        if !opts.shard.owns(b, n_batches) {
+            continue;
+        }
         let refs: Vec<_> = chunk.iter().map(|&i| &toks[i]).collect();
         let (x, lengths) = embed_batch(model, &refs, |t| t.answer_start, behaviour)?;
         let outputs = if opts.constrained {
@@ -174,7 +231,8 @@ pub fn evaluate(
     }
     let mut out = Vec::with_capacity(rows.len());
     for (((row, ex), t), answer) in rows.iter().zip(toks).zip(answers) {
-        let text = answer.expect("every row was generated");
+        // Rows of other shards were not generated here.
+        let Some(text) = answer else { continue };
         let v = match kit.answer {
             AnswerFormat::Title => judge(&text, &ex.candidates, kit.titles, ex.target),
             AnswerFormat::Letter => judge_letter(&text, &ex.candidates, ex.target),
@@ -402,7 +460,10 @@ pub fn score_candidates(
 ) -> Result<Vec<RowScores>> {
     let mut out = Vec::with_capacity(rows.len());
     if !so.shared_prompt {
-        for (row, ex) in rows {
+        for (i, (row, ex)) in rows.iter().enumerate() {
+            if !opts.shard.owns(i, rows.len()) {
+                continue;
+            }
             let r = prepare_row(kit, *row, ex, opts)?;
             let scores = score_without_cache(model, behaviour, &r, so)?;
             out.push(ranked(r.row, &r.ex, scores));
@@ -410,7 +471,11 @@ pub fn score_candidates(
         }
         return Ok(out);
     }
-    for group in rows.chunks(opts.batch_size.max(1)) {
+    let n_batches = rows.len().div_ceil(opts.batch_size.max(1));
+    for (b, group) in rows.chunks(opts.batch_size.max(1)).enumerate() {
+        if !opts.shard.owns(b, n_batches) {
+            continue;
+        }
         let prepared: Vec<ScoreRow> = group
             .iter()
             .map(|(row, ex)| prepare_row(kit, *row, ex, opts))
@@ -589,6 +654,9 @@ pub fn score_with_head(
     let mut order: Vec<usize> = (0..rows.len()).collect();
     order.sort_by_key(|&i| (toks[i].answer_start, toks[i].cand_positions.len()));
     let mut out: Vec<Option<RowScores>> = vec![None; rows.len()];
+    // The plan first (batches of up to batch_size rows with the same candidate count), then this
+    // shard's batches of it.
+    let mut plan: Vec<&[usize]> = vec![];
     let mut start = 0;
     while start < order.len() {
         // A batch: up to batch_size rows with the same candidate count.
@@ -600,7 +668,13 @@ pub fn score_with_head(
         {
             end += 1;
         }
-        let chunk = &order[start..end];
+        plan.push(&order[start..end]);
+        start = end;
+    }
+    for (b, &chunk) in plan.iter().enumerate() {
+        if !opts.shard.owns(b, plan.len()) {
+            continue;
+        }
         let refs: Vec<_> = chunk.iter().map(|&i| &toks[i]).collect();
         let (x, lengths) = embed_batch(model, &refs, |t| t.answer_start, behaviour)?;
         let tmax = x.dim(1)?;
@@ -614,12 +688,9 @@ pub fn score_with_head(
             out[i] = Some(ranked(rows[i].0, &exs[i], s));
         }
         progress(chunk.len());
-        start = end;
     }
-    Ok(out
-        .into_iter()
-        .map(|r| r.expect("every row scored"))
-        .collect())
+    // Rows of other shards were not scored here.
+    Ok(out.into_iter().flatten().collect())
 }
 
 /// The row's scores with the target's 0-based rank (ties count against the target).

@@ -8,12 +8,21 @@
 //! the trainable tensors and the optimizer moments; every sum that feeds a weight runs in a fixed
 //! order (gradients are kept by name, in name order), so the same inputs give the same bytes in
 //! every process, for a given thread count and CPU kernel.
+//!
+//! Data parallel ([`Setup::comm`] with several ranks): every rank draws the whole global batch
+//! (batch size × ranks × grad-accum examples) and the curriculum's coin from the same streams,
+//! and computes its shard of it ([`shard_of_step`]); each micro-batch's loss is weighted by its
+//! share of the global batch's answer tokens (generative loss) and rows (listwise loss), so the
+//! gradients summed over ranks ([`crate::comm::all_reduce_grads`]) are the global batch's, and
+//! every rank takes the same optimizer step. LoRA dropout is keyed by example, so a row's mask does
+//! not depend on where it is computed. Rank 0 alone writes the run folder.
 
 use super::batch::{answer_targets, split_rows};
 pub use super::checkpoint::RunDir;
 use super::checkpoint::{self, CheckpointError};
 use super::evaluate::{
-    evaluate, score_candidates, score_with_head, EvalOptions, GenMetrics, ScoreMode, ScoreOptions,
+    evaluate, gather_in_row_order, score_candidates, score_with_head, EvalOptions, GenMetrics,
+    RowScores, ScoreMode, ScoreOptions, Shard,
 };
 use super::head::{self, Head, HeadConfig};
 use super::optim::{self, AdamW};
@@ -22,6 +31,7 @@ use super::prompts::{AnswerFormat, ItemView, Templates};
 use super::{
     embed_batch, stream_seed, Behaviour, CandEmb, Curriculum, Example, PromptKit, Recommender,
 };
+use crate::comm::{self, Communicator};
 use crate::data::{Dataset, Row};
 use crate::fsutil::StagedDir;
 use crate::kernels::dropout::Dropout;
@@ -59,6 +69,9 @@ pub enum TuneError {
     },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// A collective of a data-parallel run failed, or the ranks disagree.
+    #[error(transparent)]
+    Comm(#[from] crate::comm::CommError),
     /// No intact checkpoint to resume from.
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
@@ -323,6 +336,8 @@ pub struct Setup<'a> {
     pub rec: &'a Recommender,
     /// The backbone's name as the adapters record it.
     pub llm_name: &'a str,
+    /// The processes this run spans (one: [`crate::comm::single::Single`]).
+    pub comm: &'a dyn Communicator,
 }
 
 /// The training rows after `max_train_samples` (a seeded subset, in the file's order).
@@ -344,9 +359,10 @@ pub fn training_rows<'a>(ds: &'a Dataset, opts: &TuneOptions) -> Vec<&'a Row> {
     }
 }
 
-/// Steps per epoch and the schedule's total.
-pub fn schedule(n_rows: usize, opts: &TuneOptions) -> (usize, usize) {
-    let per_step = opts.batch_size * opts.grad_accum;
+/// Steps per epoch and the schedule's total, for a run on `ranks` processes (the global batch is
+/// batch size × grad-accum × ranks).
+pub fn schedule(n_rows: usize, opts: &TuneOptions, ranks: usize) -> (usize, usize) {
+    let per_step = opts.batch_size * opts.grad_accum * ranks.max(1);
     let per_epoch = n_rows.div_ceil(per_step.max(1)).max(1);
     let total = per_epoch * opts.epochs;
     (per_epoch, opts.max_steps.map_or(total, |m| m.min(total)))
@@ -364,6 +380,27 @@ pub fn sample_candidates(row: &Row, n_items: usize, k: usize, rng: &mut ChaCha8R
     }
     out.shuffle(rng);
     out
+}
+
+/// The micro-batches rank `rank` of `ranks` computes of a step's `n` examples (the global batch in
+/// its drawn order), as ranges of example indices: micro-batch `m` of rank `r` is the `b`
+/// examples from `(m · ranks + r) · b` (those past `n` are absent). On one rank: consecutive
+/// micro-batches of `b`.
+pub fn shard_of_step(
+    n: usize,
+    b: usize,
+    grad_accum: usize,
+    rank: usize,
+    ranks: usize,
+) -> Vec<std::ops::Range<usize>> {
+    let b = b.max(1);
+    (0..grad_accum.max(1) * ranks.max(1) * b)
+        .step_by(b)
+        .enumerate()
+        .filter(|(i, _)| i % ranks.max(1) == rank)
+        .map(|(_, start)| start.min(n)..(start + b).min(n))
+        .filter(|r| !r.is_empty())
+        .collect()
 }
 
 /// The curriculum draw of optimizer step `step`: p(τ), whether the step is hard, and the step's
@@ -629,7 +666,10 @@ pub struct Run<'a> {
     answer_ranks: bool,
     t: Trainables,
     state: RunState,
-    log: TrainLog,
+    /// The run's processes; rank 0 writes (the log, checkpoints, `best/`, metrics).
+    comm: &'a dyn Communicator,
+    /// `None` on ranks other than 0.
+    log: Option<TrainLog>,
     /// The epoch whose row order `order` is.
     order: Option<(usize, Vec<usize>)>,
     /// The checkpoint a diverged run leaves in place (the one it resumed from, then its own).
@@ -659,8 +699,10 @@ impl<'a> Run<'a> {
             ds,
             rec,
             llm_name,
+            comm,
         } = setup;
         check_options(opts, templates, start.head.is_some())?;
+        let writer = comm.rank() == 0;
         model.set_checkpointing(opts.checkpoint_layers)?;
         let model: &'a Llama = model;
         if opts.lr > 0.1 {
@@ -676,11 +718,13 @@ impl<'a> Run<'a> {
                 ds.dir.display()
             )));
         }
-        let (per_epoch, total) = schedule(rows.len(), opts);
+        let (per_epoch, total) = schedule(rows.len(), opts, comm.size());
         let mut state = start.state;
         state.total_steps = total;
         let mut t = trainables(model, start.projector, start.head, opts)?;
-        checkpoint::recover(dir).map_err(io(&dir.dir))?;
+        if writer {
+            checkpoint::recover(dir).map_err(io(&dir.dir))?;
+        }
         if let Some(from) = &start.checkpoint {
             let path = from.join("optimizer.safetensors");
             let st = candle_core::safetensors::load(&path, &candle_core::Device::Cpu)?;
@@ -701,7 +745,9 @@ impl<'a> Run<'a> {
             state.warnings.push(msg);
         }
         state.signature = Some(now);
-        let log = TrainLog::open(dir.log(), state.step)?;
+        let log = writer
+            .then(|| TrainLog::open(dir.log(), state.step))
+            .transpose()?;
         Ok(Self {
             model,
             kit: PromptKit {
@@ -726,6 +772,7 @@ impl<'a> Run<'a> {
             t,
             last_checkpoint: (state.step > 0).then_some(state.step),
             state,
+            comm,
             log,
             order: None,
             last_save: std::time::Instant::now(),
@@ -745,7 +792,9 @@ impl<'a> Run<'a> {
             self.validate(epoch, hooks)?;
         }
         while self.state.step < self.total {
-            if self.opts.stop_after.is_some_and(|s| self.done_now >= s) || hooks.should_stop() {
+            if self.opts.stop_after.is_some_and(|s| self.done_now >= s)
+                || self.should_stop(hooks)?
+            {
                 break;
             }
             let epoch = self.state.step / self.per_epoch;
@@ -771,7 +820,7 @@ impl<'a> Run<'a> {
                 self.state.pending_eval = validate;
                 self.checkpoint(hooks)?;
             }
-            if validate && !hooks.should_stop() {
+            if validate && !self.should_stop(hooks)? {
                 self.validate(epoch, hooks)?;
             }
         }
@@ -784,7 +833,9 @@ impl<'a> Run<'a> {
             if self.state.best.is_none() {
                 self.save_best()?;
             }
-            publish_best(self.dir)?;
+            if self.writer() {
+                publish_best(self.dir)?;
+            }
             self.state.finished = true;
             self.checkpoint(&mut ())?;
         }
@@ -799,10 +850,23 @@ impl<'a> Run<'a> {
             "bad_steps": s.bad_steps,
             "warnings": s.warnings,
         });
-        crate::fsutil::write_file_atomic(&self.dir.dir.join("metrics.json"), |p| {
-            write_json(p, &metrics)
-        })?;
+        if self.writer() {
+            crate::fsutil::write_file_atomic(&self.dir.dir.join("metrics.json"), |p| {
+                write_json(p, &metrics)
+            })?;
+        }
         Ok(self.state)
+    }
+
+    /// Whether this process writes the run folder (rank 0).
+    fn writer(&self) -> bool {
+        self.comm.rank() == 0
+    }
+
+    /// Whether to stop before the next step: asked of the hooks on every rank, and agreed (a
+    /// signal that reached one rank stops them all at the same step).
+    fn should_stop(&self, hooks: &mut dyn Hooks) -> TResult<bool> {
+        Ok(comm::any(self.comm, hooks.should_stop())?)
     }
 
     /// The examples of optimizer step `step`: its rows (the epoch's seeded order), the
@@ -820,7 +884,7 @@ impl<'a> Run<'a> {
             self.order = Some((epoch, o));
         }
         let o = &self.order.as_ref().expect("set above").1;
-        let per_step = opts.batch_size * opts.grad_accum;
+        let per_step = opts.batch_size * opts.grad_accum * self.comm.size();
         let start = (step % per_epoch) * per_step;
         let idx = &o[start.min(o.len())..(start + per_step).min(o.len())];
         let (p, hard, mut rng) = draw_step(opts.curriculum, opts.seed, step, self.total, epoch);
@@ -840,8 +904,10 @@ impl<'a> Run<'a> {
         (p, hard, examples)
     }
 
-    /// The loss (weighted by micro-batch size), the token count and the summed gradients of one
-    /// optimizer step's examples.
+    /// This rank's part of one optimizer step: its micro-batches of the step's examples
+    /// ([`shard_of_step`]), each loss weighted by its share of the global batch's answer tokens
+    /// (generative loss) and rows (listwise losses), so that the parts summed over ranks are the
+    /// global batch's loss and gradients. Returns the weighted loss, the tokens and the gradients.
     fn gradients(
         &self,
         step: usize,
@@ -850,76 +916,115 @@ impl<'a> Run<'a> {
         hooks: &mut dyn Hooks,
     ) -> TResult<(f64, usize, Grads)> {
         let (model, opts, kit) = (self.model, self.opts, &self.kit);
-        let mut dropout = Dropout::new(
-            opts.lora.dropout,
-            ChaCha8Rng::seed_from_u64(stream_seed(opts.seed, "dropout", step as u64)),
+        let micros = shard_of_step(
+            examples.len(),
+            opts.batch_size,
+            opts.grad_accum,
+            self.comm.rank(),
+            self.comm.size(),
         );
         let behaviour = Behaviour {
             rec: self.rec,
             cand_emb: opts.cand_emb,
             projector: &self.t.projector,
         };
+        // Every micro-batch's inputs first: the global counts weight each one before any
+        // backward pass.
+        let inputs = micros
+            .iter()
+            .map(|r| -> TResult<Input> {
+                let micro = &examples[r.clone()];
+                Ok(if self.answer_ranks {
+                    Input::Answers(
+                        micro
+                            .iter()
+                            .map(|ex| super::listwise::candidate_answers(kit, ex, view))
+                            .collect::<Result<_, _>>()?,
+                    )
+                } else {
+                    Input::Prompts(
+                        micro
+                            .iter()
+                            .map(|ex| kit.tokenize(ex, view, opts.objective.generative()))
+                            .collect::<Result<_, _>>()?,
+                    )
+                })
+            })
+            .collect::<TResult<Vec<_>>>()?;
+        let local_rows: usize = micros.iter().map(|r| r.len()).sum();
+        let local_answer: usize = inputs.iter().map(Input::answer_tokens).sum();
+        let global = comm::sum_f32(self.comm, &[local_rows as f32, local_answer as f32])?;
+        let (all_rows, all_answer) = (global[0] as f64, (global[1] as f64).max(1.0));
         let mut grads = Grads::new();
         let (mut loss_sum, mut tokens) = (0.0, 0);
-        for micro in examples.chunks(opts.batch_size) {
-            let (loss, micro_tokens) = if self.answer_ranks {
-                // One packed pass per row: every candidate's answer log-likelihood.
-                let cands = micro
-                    .iter()
-                    .map(|ex| super::listwise::candidate_answers(kit, ex, view))
-                    .collect::<Result<Vec<_>, _>>()?;
-                let refs: Vec<_> = cands.iter().collect();
-                let prompts: Vec<_> = cands.iter().map(|c| &c.prompt).collect();
-                hooks.on_batch(step, view.uses_embeddings(), &prompts);
-                let targets: Vec<u32> = micro.iter().map(|e| e.target).collect();
-                let idx = head::target_indices(&prompts, &targets)?;
-                let s = super::listwise::answer_scores(
-                    model,
-                    &refs,
-                    &idx,
-                    view.uses_embeddings().then_some(&behaviour),
-                    (opts.lora.dropout > 0.0).then_some(&mut dropout),
-                )?;
-                let mut loss = head::listwise_loss(&s.scores, &idx)?;
-                if opts.objective.generative() {
-                    loss = (loss - s.target_mean_logp.mean_all()?)?;
+        for (range, input) in micros.iter().zip(&inputs) {
+            let micro = &examples[range.clone()];
+            // Each example's masks from its own stream (its index in the step).
+            let mut dropout = Dropout::new(
+                opts.lora.dropout,
+                ChaCha8Rng::seed_from_u64(stream_seed(opts.seed, "dropout", step as u64)),
+            )
+            .with_rows(range.clone().map(|i| i as u64).collect());
+            let row_share = micro.len() as f64 / all_rows;
+            let (loss, micro_tokens) = match input {
+                Input::Answers(cands) => {
+                    // One packed pass per row: every candidate's answer log-likelihood.
+                    let refs: Vec<_> = cands.iter().collect();
+                    let prompts: Vec<_> = cands.iter().map(|c| &c.prompt).collect();
+                    hooks.on_batch(step, view.uses_embeddings(), &prompts);
+                    let targets: Vec<u32> = micro.iter().map(|e| e.target).collect();
+                    let idx = head::target_indices(&prompts, &targets)?;
+                    let s = super::listwise::answer_scores(
+                        model,
+                        &refs,
+                        &idx,
+                        view.uses_embeddings().then_some(&behaviour),
+                        (opts.lora.dropout > 0.0).then_some(&mut dropout),
+                    )?;
+                    let mut loss = head::listwise_loss(&s.scores, &idx)?;
+                    if opts.objective.generative() {
+                        loss = (loss - s.target_mean_logp.mean_all()?)?;
+                    }
+                    ((loss * row_share)?, s.tokens)
                 }
-                (loss, s.tokens)
-            } else {
-                let toks = micro
-                    .iter()
-                    .map(|ex| kit.tokenize(ex, view, opts.objective.generative()))
-                    .collect::<Result<Vec<_>, _>>()?;
-                let refs: Vec<_> = toks.iter().collect();
-                hooks.on_batch(step, view.uses_embeddings(), &refs);
-                let (x, lengths) = embed_batch(
-                    model,
-                    &refs,
-                    |t| t.ids.len(),
-                    view.uses_embeddings().then_some(&behaviour),
-                )?;
-                let tt = x.dim(1)?;
-                let h = model.forward(
-                    &x,
-                    Step::padded(&lengths, tt),
-                    (opts.lora.dropout > 0.0).then_some(&mut dropout),
-                )?;
-                let loss = micro_loss(
-                    model,
-                    self.t.head.as_ref(),
-                    self.rec,
-                    &h,
-                    &refs,
-                    micro,
-                    view,
-                    opts,
-                )?;
-                (loss, lengths.iter().sum::<usize>())
+                Input::Prompts(toks) => {
+                    let refs: Vec<_> = toks.iter().collect();
+                    hooks.on_batch(step, view.uses_embeddings(), &refs);
+                    let (x, lengths) = embed_batch(
+                        model,
+                        &refs,
+                        |t| t.ids.len(),
+                        view.uses_embeddings().then_some(&behaviour),
+                    )?;
+                    let tt = x.dim(1)?;
+                    let h = model.forward(
+                        &x,
+                        Step::padded(&lengths, tt),
+                        (opts.lora.dropout > 0.0).then_some(&mut dropout),
+                    )?;
+                    let (gen, list) = micro_loss(
+                        model,
+                        self.t.head.as_ref(),
+                        self.rec,
+                        &h,
+                        &refs,
+                        micro,
+                        view,
+                        opts,
+                    )?;
+                    let answer_share = input.answer_tokens() as f64 / all_answer;
+                    let loss = match (gen, list) {
+                        (Some(g), Some(l)) => ((g * answer_share)? + (l * row_share)?)?,
+                        (Some(g), None) => (g * answer_share)?,
+                        (None, Some(l)) => (l * row_share)?,
+                        (None, None) => return Err(TuneError::Invalid("no loss to train".into())),
+                    };
+                    (loss, lengths.iter().sum::<usize>())
+                }
             };
             tokens += micro_tokens;
-            let share = micro.len() as f64 / examples.len() as f64;
-            loss_sum += loss.to_scalar::<f32>()? as f64 * share;
-            let g = model.backward(&(loss * share)?)?;
+            loss_sum += loss.to_scalar::<f32>()? as f64;
+            let g = model.backward(&loss)?;
             accumulate(&mut grads, &self.t.vars, &g)?;
         }
         if step < opts.projector_warmup {
@@ -943,6 +1048,14 @@ impl<'a> Run<'a> {
         };
         let started = std::time::Instant::now();
         let (loss, tokens, mut grads) = self.gradients(step, view, &examples, hooks)?;
+        // The global batch's loss, tokens and gradients, on every rank.
+        let mut extra = [loss as f32, tokens as f32];
+        comm::all_reduce_grads(self.comm, &self.t.vars, &mut grads, &mut extra)?;
+        let (loss, tokens) = if self.comm.size() > 1 {
+            (extra[0] as f64, extra[1] as usize)
+        } else {
+            (loss, tokens)
+        };
         let grad_norm = optim::clip(&mut grads, opts.max_grad_norm)?;
         let lr = optim::lr_at(step, self.total, opts.lr, opts.min_lr);
         let bad = !(loss.is_finite() && grad_norm.is_finite());
@@ -972,7 +1085,9 @@ impl<'a> Run<'a> {
             if self.state.bad_steps > opts.max_bad_steps {
                 // The step's line stays in the log (what diverged); nothing else is written.
                 entry.tokens_per_second = tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
-                self.log.write(&entry)?;
+                if let Some(log) = &mut self.log {
+                    log.write(&entry)?;
+                }
                 return Err(diverged(if loss.is_finite() {
                     "the gradient norm is not finite"
                 } else {
@@ -1012,7 +1127,9 @@ impl<'a> Run<'a> {
         self.state.hybrid_steps += usize::from(hard);
         entry.hybrid_fraction = self.state.hybrid_steps as f64 / self.state.step as f64;
         entry.tokens_per_second = tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
-        self.log.write(&entry)?;
+        if let Some(log) = &mut self.log {
+            log.write(&entry)?;
+        }
         hooks.on_step(&entry);
         Ok(())
     }
@@ -1021,8 +1138,13 @@ impl<'a> Run<'a> {
     /// leaves the previous one as it was.
     pub fn checkpoint(&mut self, hooks: &mut dyn Hooks) -> TResult<()> {
         let (model, t, name, state) = (self.model, &self.t, self.llm_name, &self.state);
-        checkpoint::save(self.dir, |p| write_weights(model, t, p, name, Some(state)))
-            .map_err(saving("checkpoint/", &self.dir.checkpoint()))?;
+        if self.writer() {
+            checkpoint::save(self.dir, |p| write_weights(model, t, p, name, Some(state)))
+                .map_err(saving("checkpoint/", &self.dir.checkpoint()))?;
+        }
+        // Every rank has the checkpoint's step behind it once it is on disk (a rank stopped
+        // after this has a resumable run).
+        self.comm.barrier()?;
         self.last_checkpoint = Some(self.state.step);
         self.last_save = std::time::Instant::now();
         self.saved = true;
@@ -1032,6 +1154,9 @@ impl<'a> Run<'a> {
 
     /// Writes `best/` from the current weights.
     fn save_best(&self) -> TResult<()> {
+        if !self.writer() {
+            return Ok(());
+        }
         let (model, t, name) = (self.model, &self.t, self.llm_name);
         let dest = self.dir.best();
         checkpoint::save_dir(&dest, |p| write_weights(model, t, p, name, None))
@@ -1051,6 +1176,7 @@ impl<'a> Run<'a> {
             batch_size: opts.eval_batch_size,
             max_new_tokens: opts.max_new_tokens,
             constrained: false,
+            shard: Shard::of(self.comm),
         };
         let behaviour = Behaviour {
             rec: self.rec,
@@ -1058,31 +1184,42 @@ impl<'a> Run<'a> {
             projector: &self.t.projector,
         };
         let behaviour = eval_opts.view.uses_embeddings().then_some(&behaviour);
+        // Each rank scores its shard of the rows; rank 0 gathers them and its metrics are
+        // everyone's.
+        let comm = self.comm;
+        let by_rank = |scored: Vec<RowScores>| -> TResult<GenMetrics> {
+            let all = gather_in_row_order(comm, valid, scored, |r| r.row)?;
+            Ok(GenMetrics::of_ranks(all.iter().map(|r| r.rank)))
+        };
         let m = match &self.t.head {
             // Head runs validate by the head's ranking (valid ratio 1).
-            Some(hd) => {
-                let scored = score_with_head(model, kit, behaviour, hd, valid, &eval_opts, |n| {
+            Some(hd) => by_rank(score_with_head(
+                model,
+                kit,
+                behaviour,
+                hd,
+                valid,
+                &eval_opts,
+                |n| hooks.on_eval_progress(n),
+            )?)?,
+            // Answer-ranking runs validate by that ranking.
+            None if self.answer_ranks => by_rank(score_candidates(
+                model,
+                kit,
+                behaviour,
+                valid,
+                &eval_opts,
+                ScoreOptions::new(ScoreMode::Sum),
+                |n| hooks.on_eval_progress(n),
+            )?)?,
+            None => {
+                let preds = evaluate(model, kit, behaviour, valid, &eval_opts, |n| {
                     hooks.on_eval_progress(n)
                 })?;
-                GenMetrics::of_ranks(scored.iter().map(|r| r.rank))
+                GenMetrics::of(&gather_in_row_order(comm, valid, preds, |p| p.row)?)
             }
-            // Answer-ranking runs validate by that ranking.
-            None if self.answer_ranks => {
-                let scored = score_candidates(
-                    model,
-                    kit,
-                    behaviour,
-                    valid,
-                    &eval_opts,
-                    ScoreOptions::new(ScoreMode::Sum),
-                    |n| hooks.on_eval_progress(n),
-                )?;
-                GenMetrics::of_ranks(scored.iter().map(|r| r.rank))
-            }
-            None => GenMetrics::of(&evaluate(model, kit, behaviour, valid, &eval_opts, |n| {
-                hooks.on_eval_progress(n)
-            })?),
         };
+        let m = comm::broadcast_json(comm, m)?;
         let better = self.state.best.as_ref().is_none_or(|b| m.hr1 > b.valid.hr1);
         let e = EvalLog {
             step: self.state.step,
@@ -1176,8 +1313,8 @@ pub fn load_weights(
     Ok((projector, head))
 }
 
-/// The loss of one micro-batch: the answer tokens' cross-entropy, the head's listwise
-/// cross-entropy over the candidates, or their sum.
+/// The losses of one micro-batch: the answer tokens' mean cross-entropy (generative objectives)
+/// and the head's mean listwise cross-entropy over the rows' candidates (listwise ones).
 #[allow(clippy::too_many_arguments)]
 fn micro_loss(
     model: &Llama,
@@ -1188,23 +1325,37 @@ fn micro_loss(
     micro: &[Example],
     view: ItemView,
     opts: &TuneOptions,
-) -> TResult<Tensor> {
+) -> TResult<(Option<Tensor>, Option<Tensor>)> {
     let tt = h.dim(1)?;
-    let mut loss: Option<Tensor> = None;
+    let mut gen = None;
     if opts.objective.generative() {
         let (pos, targets) = answer_targets(refs, tt);
-        loss = Some(model.loss_at(h, &pos, &targets)?);
+        gen = Some(model.loss_at(h, &pos, &targets)?);
     }
     if let Some(hd) = hd.filter(|_| opts.objective.listwise()) {
         let prior = hd.prior(rec, refs, view)?;
         let scores = hd.scores(h, refs, prior.as_ref())?;
         let targets: Vec<u32> = micro.iter().map(|e| e.target).collect();
         let idx = head::target_indices(refs, &targets)?;
-        let l = head::listwise_loss(&scores, &idx)?;
-        loss = Some(match loss {
-            Some(g) => (g + l)?,
-            None => l,
-        });
+        return Ok((gen, Some(head::listwise_loss(&scores, &idx)?)));
     }
-    loss.ok_or_else(|| TuneError::Invalid("no loss to train".into()))
+    Ok((gen, None))
+}
+
+/// A micro-batch's model inputs.
+enum Input {
+    /// Packed prompt + every candidate's answer (the answer ranker).
+    Answers(Vec<super::listwise::CandidateAnswers>),
+    /// Prompts with the target's answer (generative) or without (the head).
+    Prompts(Vec<super::Tokenized>),
+}
+
+impl Input {
+    /// The answer tokens the generative loss averages over.
+    fn answer_tokens(&self) -> usize {
+        match self {
+            Input::Answers(_) => 0,
+            Input::Prompts(t) => t.iter().map(|t| t.ids.len() - t.answer_start).sum(),
+        }
+    }
 }

@@ -68,7 +68,7 @@ pub fn lora_linear(
     if fused_weight(x, w) && fused(&[a, bm]) && b.is_none_or(|b| fused(&[b])) {
         let drop = match dropout {
             Some(d) if active => Some(kernels::DropMask {
-                keep: Arc::new(d.keep_flags_parallel(x.elem_count())),
+                keep: Arc::new(d.keep_flags_for(x.dims())?),
                 scale: d.scale(),
             }),
             _ => None,
