@@ -13,6 +13,7 @@ const RULES: &[(&str, &[&str])] = &[
     ("fsutil", &[]),
     ("interrupt", &[]),
     ("device", &[]),
+    ("comm", &[]),
     ("eval", &[]),
     ("data", &["fsutil"]),
     ("sr", &["kernels", "data", "eval", "fsutil", "interrupt"]),
@@ -28,6 +29,7 @@ const RULES: &[(&str, &[&str])] = &[
             "device",
             "llm",
             "sr",
+            "comm",
         ],
     ),
 ];
