@@ -344,7 +344,7 @@ fn fit_ranks(a: &mut TuneArgs, resume: bool, size: usize) -> Result<()> {
         (true, Some(n)) if n != size => {
             let global = a.batch_size * a.grad_accum * n;
             let per = a.batch_size * size;
-            if per == 0 || global % per != 0 {
+            if per == 0 || !global.is_multiple_of(per) {
                 bail!(
                     "--resume: the run's global batch is {global} examples ({} × grad-accum {} × {n} ranks); \
                      {size} ranks of batch {} cannot make it (launch a number of ranks that divides {})",
