@@ -564,7 +564,7 @@ fn ranks_that_disagree_refuse_to_start_and_one_process_commands_refuse_to_span_s
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("run");
     let base = tune_args(&run, &["--epochs", "1", "--max-train-samples", "8"]);
-    // Open MPI's MPMD form: rank 0 and rank 1 with different learning rates.
+    // Open MPI's MPMD form: rank 0 and rank 1 with different LoRA ranks.
     let mut c = Command::new("mpirun");
     c.args(["--oversubscribe", "--bind-to", "none", "-np", "1"])
         .arg(env!("CARGO_BIN_EXE_llara"))
@@ -572,7 +572,7 @@ fn ranks_that_disagree_refuse_to_start_and_one_process_commands_refuse_to_span_s
         .args([":", "-np", "1"])
         .arg(env!("CARGO_BIN_EXE_llara"))
         .args(&base)
-        .args(["--lr", "4e-3"])
+        .args(["--lora-r", "4"])
         .env("LLARA_LOG", "warn")
         .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
         .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
