@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{ok, s, snapshot};
+use common::{log_lines, ok, s, snapshot};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
@@ -153,19 +153,6 @@ fn tune_args<'a>(out: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
     ];
     v.extend_from_slice(extra);
     v
-}
-
-/// The log's lines without the wall-clock field.
-fn log_lines(run: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(run.join("train_log.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            v.as_object_mut().unwrap().remove("tokens_per_second");
-            v
-        })
-        .collect()
 }
 
 /// Every file of the run folder but the log (compared by [`log_lines`]) and the lock.

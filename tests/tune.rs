@@ -4,7 +4,7 @@
 mod common;
 
 use candle_core::Tensor;
-use common::{fails, ok};
+use common::{fails, log_lines, ok};
 use llara::data::Dataset;
 use llara::llara::batch::answer_targets;
 use llara::llara::projector::Projector;
@@ -431,19 +431,6 @@ fn tune_args<'a>(data: &'a str, sr: &'a str, out: &'a str, extra: &[&'a str]) ->
     ];
     v.extend_from_slice(extra);
     v
-}
-
-/// The log without its wall-clock field (every other float to the bit).
-fn log_lines(run: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(run.join("train_log.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            v.as_object_mut().unwrap().remove("tokens_per_second");
-            v
-        })
-        .collect()
 }
 
 #[test]

@@ -479,12 +479,11 @@ fn tune_in(mut a: TuneArgs, resume: bool, quiet: bool, comm: &dyn Communicator) 
         }
         // Rank 0 (holding the lock) picks the checkpoint, setting a damaged one aside; the
         // others read what it picked.
-        let found = if writer {
-            tune::resume_point(&run).with_context(|| format!("--resume {}", out.display()))?
-        } else {
+        if !writer {
             comm.barrier()?;
-            tune::resume_point(&run).with_context(|| format!("--resume {}", out.display()))?
-        };
+        }
+        let found =
+            tune::resume_point(&run).with_context(|| format!("--resume {}", out.display()))?;
         if writer && size > 1 {
             comm.barrier()?;
         }

@@ -104,6 +104,19 @@ pub fn candidates(path: &Path) -> Vec<Vec<u32>> {
         .collect()
 }
 
+/// The log without its wall-clock field (every other float to the bit).
+pub fn log_lines(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("train_log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v.as_object_mut().unwrap().remove("tokens_per_second");
+            v
+        })
+        .collect()
+}
+
 pub fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
